@@ -1,0 +1,2 @@
+//! `containerd-shim-kata-v2`.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Dragonball backend of the [`hypervisor`] contract.

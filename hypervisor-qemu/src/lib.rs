@@ -1,0 +1,1 @@
+//! QEMU backend of the [`hypervisor`] contract.

@@ -1,0 +1,1 @@
+//! TAP devices in pure Rust over `nix` and `libc`.
