@@ -1,1 +1,365 @@
 //! QEMU backend of the [`hypervisor`] contract.
+//!
+//! QEMU runs as a child process, in the sandbox's network namespace, holding exactly the fds
+//! this crate chose for it: TAP queues opened by [`netdev`], vhost-net fds when the host has
+//! `/dev/vhost-net`, and the listening sockets of its QMP monitor and agent channel (created
+//! here, so there is no window in which a socket path does not exist yet). QMP, spoken by
+//! [`qmp::QmpClient`], controls it: pause and resume, power-down, NIC and block hotplug into
+//! free `pcie-root-port`s on q35.
+//!
+//! This crate must never depend on Dragonball's crates (`dbs-*`), not even for tests; the
+//! workspace's boundary test enforces that.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use hypervisor::{device::NetworkConfig, Device, DeviceConfig, DeviceId, Hypervisor};
+//! use hypervisor::{HypervisorConfig, SandboxSpec};
+//! use hypervisor_qemu::{QemuHypervisor, QemuOptions};
+//!
+//! # async fn run() -> hypervisor::Result<()> {
+//! let log = slog::Logger::root(slog::Discard, slog::o!());
+//! let vm = Arc::new(QemuHypervisor::new(log, QemuOptions::default()));
+//! vm.prepare(&SandboxSpec {
+//!     id: "demo".into(),
+//!     netns: Some("/run/netns/demo".into()),
+//!     config: HypervisorConfig {
+//!         kernel: "/var/lib/guest/vmlinuz".into(),
+//!         initrd: Some("/var/lib/guest/initramfs.img".into()),
+//!         ..Default::default()
+//!     },
+//! })
+//! .await?;
+//! let nic = NetworkConfig::tap("tap0", "02:00:00:00:00:01".parse()?);
+//! vm.add_device(Device { id: DeviceId::new("net0")?, config: DeviceConfig::Network(nic) })
+//!     .await?;
+//! vm.start(Duration::from_secs(30)).await?;
+//! println!("agent at {}", vm.agent_address().await?);
+//! vm.cleanup().await
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod cmdline;
+pub mod host;
+mod hotplug;
+mod lifecycle;
+pub mod process;
+pub mod qmp;
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hypervisor::{
+    AgentAddress, Capabilities, Device, DeviceId, DeviceInfo, Error, Hypervisor, HypervisorConfig,
+    Result, SandboxSpec, SavedState, VmExit, VmState, VmmPids,
+};
+use tokio::sync::watch;
+
+use crate::cmdline::{Accel, Machine, PciPlace};
+use crate::host::HostFeatures;
+use crate::process::QemuProcess;
+use crate::qmp::QmpClient;
+
+/// The backend's name in errors and saved state.
+pub const BACKEND: &str = "qemu";
+
+/// Options of this backend that are not part of the VM's configuration.
+#[derive(Debug, Clone)]
+pub struct QemuOptions {
+    /// QEMU binary used when the configuration's `path` is unset.
+    pub default_binary: PathBuf,
+    /// Parent of the per-sandbox run directories (QMP and agent sockets, logs).
+    pub run_root: PathBuf,
+    /// Free `pcie-root-port`s created at start for hotplug (q35).
+    pub hotplug_ports: u8,
+    /// How long `stop` waits for the guest to power off before asking QEMU to quit.
+    pub stop_grace: Duration,
+    /// Time limit of a QMP command.
+    pub qmp_timeout: Duration,
+    /// How long an unplug waits for the guest to release the device.
+    pub unplug_timeout: Duration,
+}
+
+impl Default for QemuOptions {
+    fn default() -> Self {
+        QemuOptions {
+            default_binary: "/usr/bin/qemu-system-x86_64".into(),
+            run_root: "/run/kata-hypervisor/qemu".into(),
+            hotplug_ports: 4,
+            stop_grace: Duration::from_secs(1),
+            qmp_timeout: Duration::from_secs(10),
+            unplug_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Files of one sandbox under the run root.
+#[derive(Debug, Clone)]
+struct RunDir {
+    dir: PathBuf,
+}
+
+impl RunDir {
+    fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    fn agent(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+}
+
+/// A cold-plugged device waiting for start, holding what QEMU will need.
+#[derive(Debug)]
+enum ColdDevice {
+    Nic {
+        info: DeviceInfo,
+        taps: Vec<OwnedFd>,
+        vhost: Vec<OwnedFd>,
+        queue_size: Option<u16>,
+        mtu: Option<u32>,
+        place: Option<PciPlace>,
+    },
+    Block {
+        info: DeviceInfo,
+        path: PathBuf,
+        read_only: bool,
+        place: Option<PciPlace>,
+    },
+}
+
+impl ColdDevice {
+    fn info(&self) -> &DeviceInfo {
+        match self {
+            ColdDevice::Nic { info, .. } | ColdDevice::Block { info, .. } => info,
+        }
+    }
+}
+
+/// A free or used hotplug root port.
+#[derive(Debug, Clone)]
+struct RootPort {
+    id: String,
+    slot: u8,
+    used_by: Option<DeviceId>,
+}
+
+/// State shared with the task that watches QEMU exit.
+#[derive(Debug)]
+struct Shared {
+    status: Mutex<Status>,
+    exit: watch::Sender<Option<VmExit>>,
+    stopping: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Status {
+    state: VmState,
+    pids: Option<VmmPids>,
+}
+
+impl Shared {
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn state(&self) -> VmState {
+        self.status().state
+    }
+
+    fn set_state(&self, state: VmState) {
+        self.status().state = state;
+    }
+}
+
+/// Everything that changes under the operation lock.
+#[derive(Debug, Default)]
+struct Inner {
+    spec: Option<SandboxSpec>,
+    machine: Option<Machine>,
+    accel: Option<Accel>,
+    agent: Option<AgentAddress>,
+    run: Option<RunDir>,
+    cold: Vec<ColdDevice>,
+    hot: BTreeMap<DeviceId, DeviceInfo>,
+    ports: Vec<RootPort>,
+    next_root_slot: u8,
+    qmp: Option<Arc<QmpClient>>,
+    process: Option<QemuProcess>,
+}
+
+/// A QEMU VM. See the crate docs.
+#[derive(Debug)]
+pub struct QemuHypervisor {
+    log: slog::Logger,
+    opts: QemuOptions,
+    host: HostFeatures,
+    shared: Arc<Shared>,
+    inner: tokio::sync::Mutex<Inner>,
+}
+
+impl QemuHypervisor {
+    /// A backend in state `Created`, probing the host once.
+    pub fn new(log: slog::Logger, opts: QemuOptions) -> Self {
+        Self::with_host(log, opts, HostFeatures::probe())
+    }
+
+    /// Like [`new`](Self::new) with given host features (to force a configuration).
+    pub fn with_host(log: slog::Logger, opts: QemuOptions, host: HostFeatures) -> Self {
+        QemuHypervisor {
+            log: log.new(slog::o!("backend" => BACKEND)),
+            opts,
+            host,
+            shared: Arc::new(Shared {
+                status: Mutex::new(Status {
+                    state: VmState::Created,
+                    pids: None,
+                }),
+                exit: watch::channel(None).0,
+                stopping: AtomicBool::new(false),
+            }),
+            inner: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The host features this backend decided with.
+    pub fn host(&self) -> HostFeatures {
+        self.host
+    }
+
+    fn capabilities_for(&self, machine: Option<Machine>) -> Capabilities {
+        let pci = machine.unwrap_or(Machine::Q35) == Machine::Q35;
+        Capabilities {
+            network_hotplug: pci,
+            block_hotplug: pci,
+            multi_queue: true,
+            tap_fds: true,
+            pause: true,
+            vsock: self.host.vhost_vsock,
+        }
+    }
+
+    fn unsupported(operation: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::Unsupported {
+            backend: BACKEND,
+            operation: operation.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for QemuHypervisor {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn prepare(&self, spec: &SandboxSpec) -> Result<()> {
+        self.do_prepare(spec).await
+    }
+
+    async fn start(&self, timeout: Duration) -> Result<()> {
+        self.do_start(timeout).await
+    }
+
+    async fn stop(&self) -> Result<()> {
+        self.do_stop().await
+    }
+
+    async fn wait_exit(&self) -> Result<VmExit> {
+        let mut rx = self.shared.exit.subscribe();
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|e| Error::backend("Waiting for QEMU to exit", e))?;
+        Ok(exit.clone().expect("waited for Some"))
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.do_pause_resume(true).await
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.do_pause_resume(false).await
+    }
+
+    async fn add_device(&self, device: Device) -> Result<DeviceInfo> {
+        self.do_add_device(device).await
+    }
+
+    async fn remove_device(&self, id: &DeviceId) -> Result<()> {
+        self.do_remove_device(id).await
+    }
+
+    async fn state(&self) -> VmState {
+        self.shared.state()
+    }
+
+    async fn capabilities(&self) -> Capabilities {
+        let machine = self.inner.lock().await.machine;
+        self.capabilities_for(machine)
+    }
+
+    async fn pids(&self) -> Result<VmmPids> {
+        let st = self.shared.status();
+        st.pids.clone().ok_or(Error::InvalidState {
+            operation: hypervisor::Operation::Start,
+            state: st.state,
+        })
+    }
+
+    async fn agent_address(&self) -> Result<AgentAddress> {
+        self.inner
+            .lock()
+            .await
+            .agent
+            .clone()
+            .ok_or(Error::InvalidState {
+                operation: hypervisor::Operation::Prepare,
+                state: self.shared.state(),
+            })
+    }
+
+    async fn console_log(&self) -> Option<PathBuf> {
+        self.inner.lock().await.run.as_ref().map(RunDir::console)
+    }
+
+    async fn netns(&self) -> Option<PathBuf> {
+        let inner = self.inner.lock().await;
+        inner.spec.as_ref().and_then(|s| s.netns.clone())
+    }
+
+    async fn config(&self) -> Result<HypervisorConfig> {
+        let inner = self.inner.lock().await;
+        let spec = inner.spec.as_ref().ok_or(Error::InvalidState {
+            operation: hypervisor::Operation::Prepare,
+            state: self.shared.state(),
+        })?;
+        let mut config = spec.config.clone();
+        config.path = Some(self.binary(&config));
+        config.machine_type = inner.machine.map(|m| m.as_str().to_string());
+        Ok(config)
+    }
+
+    async fn save_state(&self) -> Result<SavedState> {
+        self.do_save_state().await
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        self.do_cleanup().await
+    }
+}

@@ -1,1 +1,352 @@
-//! Shared helpers of the workspace integration tests.
+//! Shared fixtures of the workspace integration tests.
+//!
+//! VM scenarios are written once, in [`scenarios`], against `Arc<dyn Hypervisor>`; each
+//! backend's test file runs them with its own [`Backend`]. Every VM test works in a network
+//! namespace it creates and removes, and checks what a user could observe: ping answers from
+//! the namespace, the guest agent's view, `/proc/PID/fd`, leftover devices and files.
+
+pub mod scenarios;
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use guest_agent::client::AgentClient;
+use hypervisor::device::{NetworkBackend, NetworkConfig};
+use hypervisor::{AgentAddress, Hypervisor, HypervisorConfig, MacAddress, SandboxSpec};
+
+/// Fails the calling test, with the reason, unless it runs as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root: it creates network namespaces and TAP devices (run `sudo make test`)"
+    );
+}
+
+/// The guest kernel and initramfs built by `make guest-assets`.
+#[derive(Debug, Clone)]
+pub struct GuestAssets {
+    /// bzImage.
+    pub kernel: PathBuf,
+    /// initramfs with busybox, modules and the agent.
+    pub initrd: PathBuf,
+}
+
+impl GuestAssets {
+    /// Finds them in `$GUEST_DIR` or the repository's `.cache/guest`; fails the test with the
+    /// command to run when they are missing.
+    pub fn find() -> GuestAssets {
+        let dir = std::env::var_os("GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/guest"));
+        let dir = dir.canonicalize().unwrap_or(dir);
+        let assets = GuestAssets {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.img"),
+        };
+        assert!(
+            assets.kernel.exists() && assets.initrd.exists(),
+            "guest assets are missing in {}: run `make guest-assets` first",
+            dir.display()
+        );
+        assets
+    }
+}
+
+/// A logger whose lines go through the test harness's capture.
+pub fn test_logger() -> slog::Logger {
+    struct Captured;
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            eprint!("{}", String::from_utf8_lossy(buf));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let decorator = slog_term::PlainSyncDecorator::new(Captured);
+    let drain = slog_term::FullFormat::new(decorator).build();
+    slog::Logger::root(std::sync::Mutex::new(drain).fuse(), slog::o!())
+}
+
+use slog::Drain as _;
+
+/// A name unique in this machine and run: `PREFIX-PID-N`, at most 15 bytes.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{}-{n}", std::process::id() % 100_000);
+    assert!(name.len() <= 15, "{name} is too long for an interface");
+    name
+}
+
+/// What a backend's test file provides to the shared scenarios.
+pub trait Backend: Send + Sync {
+    /// A fresh backend handle, with its run files under `run_root`.
+    fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor>;
+    /// A configuration that boots the test guest.
+    fn config(&self, assets: &GuestAssets) -> HypervisorConfig;
+    /// Whether the scenarios can boot a guest on this host; `Err` gives the reason.
+    fn can_boot(&self) -> Result<(), String>;
+}
+
+/// One sandbox under test: its namespace, its hypervisor, its agent.
+pub struct Sandbox {
+    /// The backend handle.
+    pub hv: Arc<dyn Hypervisor>,
+    /// The sandbox's network namespace.
+    pub ns: netdev::NetNs,
+    /// Sandbox id.
+    pub id: String,
+    /// Run directories live here.
+    pub run_root: tempfile::TempDir,
+    agent: Option<AgentClient>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id).finish()
+    }
+}
+
+/// A host-side TAP for a guest NIC, with an address in the sandbox namespace.
+#[derive(Debug, Clone)]
+pub struct TestNic {
+    /// The TAP's name.
+    pub tap: String,
+    /// Guest MAC.
+    pub mac: MacAddress,
+    /// Host address on the TAP (`10.N.0.1`).
+    pub host_ip: String,
+    /// Address the guest will get (`10.N.0.2`).
+    pub guest_ip: String,
+    config: Option<NetworkConfig>,
+}
+
+impl TestNic {
+    /// The device config to hand to the hypervisor. It carries the test's only copies of the
+    /// TAP fds, so once the hypervisor has its own, the TAP lives exactly as long as the VMM
+    /// holds it. Panics when taken twice.
+    pub fn take_config(&mut self) -> NetworkConfig {
+        self.config
+            .take()
+            .expect("the NIC config was already taken")
+    }
+}
+
+impl Sandbox {
+    /// Creates a namespace and prepares a VM in it with `config`.
+    pub async fn prepare(backend: &dyn Backend, config: HypervisorConfig) -> Result<Sandbox> {
+        require_root();
+        let id = unique_name("sb");
+        let ns = netdev::NetNs::create(&id).context("creating the sandbox namespace")?;
+        let run_root = tempfile::tempdir()?;
+        let hv = backend.create(run_root.path());
+        let spec = SandboxSpec {
+            id: id.clone(),
+            netns: Some(ns.path().to_path_buf()),
+            config,
+        };
+        hv.prepare(&spec).await.context("prepare")?;
+        Ok(Sandbox {
+            hv,
+            ns,
+            id,
+            run_root,
+            agent: None,
+        })
+    }
+
+    /// Creates a TAP with `queues` queues in the namespace, gives it `10.SUBNET.0.1/24`, and
+    /// returns the device config that hands its fds to the VM.
+    pub fn tap(&self, subnet: u8, queues: u16) -> Result<TestNic> {
+        let name = format!("tap{subnet}");
+        let tap = netdev::TapBuilder::new(&name)
+            .queues(usize::from(queues))
+            .multi_queue(queues > 1)
+            .netns(self.ns.path())
+            .up(true)
+            .create()
+            .with_context(|| format!("creating {name}"))?;
+        let host_ip = format!("10.{subnet}.0.1");
+        self.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &name])?;
+        let mac = MacAddress([0x02, 0, 0, 0, subnet, 0x02]);
+        let config = NetworkConfig {
+            backend: NetworkBackend::TapFds {
+                name: name.clone(),
+                queues: tap.into_queues().into_iter().map(Arc::new).collect(),
+            },
+            guest_mac: mac,
+            queue_pairs: queues,
+            queue_size: None,
+            mtu: None,
+        };
+        Ok(TestNic {
+            tap: name,
+            mac,
+            host_ip,
+            guest_ip: format!("10.{subnet}.0.2"),
+            config: Some(config),
+        })
+    }
+
+    /// Runs `ip -n NS ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        run("ip", &[&["-n", self.ns.name()], args].concat())
+    }
+
+    /// Boots and waits for the agent.
+    pub async fn start(&mut self) -> Result<()> {
+        self.hv
+            .start(Duration::from_secs(60))
+            .await
+            .context("start")?;
+        let mut agent = match self.hv.agent_address().await? {
+            AgentAddress::VirtioSerial { path } => AgentClient::connect_serial(&path).await?,
+            AgentAddress::Vsock { cid, port } => AgentClient::connect_vsock(cid, port).await?,
+            AgentAddress::HybridVsock { path, port } => {
+                AgentClient::connect_hybrid_vsock(&path, port).await?
+            }
+        };
+        agent
+            .wait_ready(Duration::from_secs(90))
+            .await
+            .context("waiting for the guest agent")?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// The connected agent.
+    pub fn agent(&mut self) -> &mut AgentClient {
+        self.agent.as_mut().expect("started")
+    }
+
+    /// Configures the guest NIC of `nic` through the agent.
+    pub async fn configure(&mut self, nic: &TestNic) -> Result<String> {
+        let done = self
+            .agent()
+            .configure_interface(
+                guest_agent::protocol::InterfaceConfig {
+                    mac: nic.mac.to_string(),
+                    addresses: vec![format!("{}/24", nic.guest_ip)],
+                    mtu: None,
+                    routes: vec![],
+                },
+                Duration::from_secs(20),
+            )
+            .await
+            .context("configure_interface")?;
+        Ok(done.name)
+    }
+
+    /// Pings `addr` from the namespace until it answers, at most `limit`.
+    pub async fn wait_ping(&self, addr: &str, limit: Duration) -> Result<()> {
+        let began = Instant::now();
+        loop {
+            if self.ping_once(addr).await {
+                return Ok(());
+            }
+            if began.elapsed() > limit {
+                bail!("{addr} did not answer ping within {limit:?}");
+            }
+        }
+    }
+
+    /// One ping with a one-second deadline.
+    pub async fn ping_once(&self, addr: &str) -> bool {
+        tokio::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.ns.name(),
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                addr,
+            ])
+            .output()
+            .await
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Names of TUN/TAP devices in the namespace.
+    pub fn taps(&self) -> Result<Vec<String>> {
+        let out = self.ip(&["-j", "link", "show", "type", "tun"])?;
+        let links: serde_json::Value =
+            serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })?;
+        Ok(links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str().map(String::from))
+            .collect())
+    }
+
+    /// Stops, cleans up, and checks nothing is left: no VMM process, no TAP, no run
+    /// directory. Then removes the namespace.
+    pub async fn teardown(self, pid: Option<u32>) -> Result<()> {
+        self.hv.stop().await.context("stop")?;
+        self.hv.cleanup().await.context("cleanup")?;
+        if let Some(pid) = pid {
+            ensure!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "VMM process {pid} is still alive after cleanup"
+            );
+        }
+        let run_dir = self.run_root.path().join(&self.id);
+        ensure!(!run_dir.exists(), "{} is left behind", run_dir.display());
+        // A non-persistent TAP goes away when its last fd closes.
+        let taps = self.taps()?;
+        ensure!(
+            taps.is_empty(),
+            "TAP devices left in the namespace: {taps:?}"
+        );
+        self.ns.delete().context("deleting the namespace")?;
+        Ok(())
+    }
+}
+
+/// Runs a command, returning stdout, failing with its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Targets of `/proc/PID/fd/*`.
+pub fn fd_targets(pid: u32) -> Result<Vec<(i32, String)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let n: i32 = entry.file_name().to_string_lossy().parse()?;
+        let target = std::fs::read_link(entry.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        out.push((n, target));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Keeps a fd the test opened (to check it does not leak into the VMM).
+pub fn marker_fd(dir: &Path) -> Result<OwnedFd> {
+    let f = std::fs::File::create(dir.join("marker-not-for-the-vmm"))?;
+    Ok(f.into())
+}

@@ -377,14 +377,15 @@ pub enum GuestLocation {
         /// The PCI path.
         path: String,
     },
-    /// A virtio-mmio device, announced to the guest kernel.
+    /// A virtio-mmio device.
     Mmio {
         /// Base address of the register window.
         base: u64,
         /// Size of the window.
         size: u64,
-        /// Interrupt line.
-        irq: u32,
+        /// Interrupt line, when the backend assigns it (QEMU's microvm describes it to the
+        /// guest through ACPI instead).
+        irq: Option<u32>,
     },
 }
 
@@ -393,7 +394,11 @@ impl fmt::Display for GuestLocation {
         match self {
             GuestLocation::Pci { path } => write!(f, "pci {path}"),
             GuestLocation::Mmio { base, size, irq } => {
-                write!(f, "mmio {size:#x}@{base:#x}:{irq}")
+                write!(f, "mmio {size:#x}@{base:#x}")?;
+                match irq {
+                    Some(irq) => write!(f, ":{irq}"),
+                    None => Ok(()),
+                }
             }
         }
     }

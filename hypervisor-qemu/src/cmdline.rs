@@ -1,0 +1,475 @@
+//! QEMU's command line, built from a typed description. Pure: no I/O, unit-tested.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use hypervisor::MacAddress;
+
+/// Kernel parameters every guest gets: serial console, reboot by triple fault, no hang on
+/// panic (QEMU exits instead, and `wait_exit` reports it).
+pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 reboot=t panic=-1";
+
+/// Under TCG the microvm guest's TSC calibration can hang; pinning the early TSC avoids it.
+pub const MICROVM_TCG_KERNEL_PARAMS: &str = "tsc_early_khz=2000000";
+
+/// QEMU machine types this backend supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// PCIe machine; devices on PCI, hotplug through free `pcie-root-port`s.
+    Q35,
+    /// Minimal machine; devices on virtio-mmio, no hotplug.
+    Microvm,
+}
+
+impl Machine {
+    /// Parses a Kata `machine_type` value.
+    pub fn parse(s: &str) -> Option<Machine> {
+        match s {
+            "q35" | "pc-q35" => Some(Machine::Q35),
+            "microvm" => Some(Machine::Microvm),
+            _ => None,
+        }
+    }
+
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Machine::Q35 => "q35",
+            Machine::Microvm => "microvm",
+        }
+    }
+
+    fn virtio(self, base: &str) -> String {
+        match self {
+            Machine::Q35 => format!("{base}-pci"),
+            Machine::Microvm => format!("{base}-device"),
+        }
+    }
+}
+
+/// The resolved accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Where a device sits on q35's PCI topology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PciPlace {
+    /// Directly on `pcie.0` at this slot.
+    Root(u8),
+    /// In the root port with this id, itself at `port_slot` on `pcie.0`.
+    Port {
+        /// Root port id.
+        port: String,
+        /// The root port's slot.
+        port_slot: u8,
+    },
+}
+
+impl PciPlace {
+    /// QEMU `bus=..,addr=..` properties.
+    pub fn props(&self) -> String {
+        match self {
+            PciPlace::Root(slot) => format!("bus=pcie.0,addr={slot:#x}"),
+            PciPlace::Port { port, .. } => format!("bus={port},addr=0x0"),
+        }
+    }
+
+    /// Kata-style PCI path the guest sees (`03`, or `1c/00` behind a root port).
+    pub fn pci_path(&self) -> String {
+        match self {
+            PciPlace::Root(slot) => format!("{slot:02x}"),
+            PciPlace::Port { port_slot, .. } => format!("{port_slot:02x}/00"),
+        }
+    }
+}
+
+/// A network device on the command line.
+#[derive(Debug, Clone)]
+pub struct NicArgs {
+    /// Device id; the netdev is `<id>`, the device `dev-<id>`.
+    pub id: String,
+    /// Guest MAC.
+    pub mac: MacAddress,
+    /// TAP queue fd numbers in the QEMU process.
+    pub tap_fds: Vec<i32>,
+    /// vhost-net fd numbers, one per queue, or empty for userspace virtio-net.
+    pub vhost_fds: Vec<i32>,
+    /// Virtqueue size.
+    pub queue_size: Option<u16>,
+    /// Guest MTU hint.
+    pub mtu: Option<u32>,
+    /// q35 only.
+    pub place: Option<PciPlace>,
+}
+
+/// A block device on the command line.
+#[derive(Debug, Clone)]
+pub struct BlockArgs {
+    /// Device id; the block node is `<id>`, the device `dev-<id>`.
+    pub id: String,
+    /// Host path.
+    pub path: PathBuf,
+    /// Read-only.
+    pub read_only: bool,
+    /// q35 only.
+    pub place: Option<PciPlace>,
+}
+
+/// How the agent is reached.
+#[derive(Debug, Clone)]
+pub enum AgentArgs {
+    /// virtio-serial port `agent.0` on a listening Unix socket.
+    Serial {
+        /// fd number of the listening socket in QEMU.
+        fd: i32,
+    },
+    /// vhost-vsock with this guest CID.
+    Vsock {
+        /// Guest CID.
+        cid: u32,
+    },
+}
+
+/// Everything the command line is built from.
+#[derive(Debug, Clone)]
+pub struct CmdlineSpec {
+    /// VM name (the sandbox id).
+    pub name: String,
+    /// Machine.
+    pub machine: Machine,
+    /// Accelerator.
+    pub accel: Accel,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel parameters.
+    pub kernel_params: Vec<String>,
+    /// fd number, in QEMU, of the listening Unix socket of the QMP monitor.
+    pub qmp_fd: i32,
+    /// File the serial console is written to.
+    pub console_log: PathBuf,
+    /// Agent channel.
+    pub agent: AgentArgs,
+    /// Cold-plugged NICs.
+    pub nics: Vec<NicArgs>,
+    /// Cold-plugged disks.
+    pub blocks: Vec<BlockArgs>,
+    /// Free root ports for hotplug (q35): `(id, slot)`.
+    pub root_ports: Vec<(String, u8)>,
+}
+
+impl CmdlineSpec {
+    /// The kernel command line.
+    pub fn kernel_append(&self) -> String {
+        let mut s = String::from(BASE_KERNEL_PARAMS);
+        if self.machine == Machine::Microvm && self.accel == Accel::Tcg {
+            s.push(' ');
+            s.push_str(MICROVM_TCG_KERNEL_PARAMS);
+        }
+        for p in &self.kernel_params {
+            s.push(' ');
+            s.push_str(p);
+        }
+        s
+    }
+
+    /// The argument vector, without the binary.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        let machine = match self.machine {
+            Machine::Q35 => format!("q35,accel={}", self.accel.as_str()),
+            // isa-serial for the console; ACPI describes the virtio-mmio devices to the guest.
+            Machine::Microvm => format!(
+                "microvm,accel={},isa-serial=on,rtc=on,pit=on,pic=on",
+                self.accel.as_str()
+            ),
+        };
+        push(&["-name", &format!("sandbox-{}", self.name)]);
+        push(&["-machine", &machine]);
+        if self.accel == Accel::Kvm {
+            push(&["-cpu", "host"]);
+        }
+        push(&["-m", &format!("{}M", self.memory_mib)]);
+        push(&["-smp", &self.vcpus.to_string()]);
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&["-display", "none"]);
+        push(&["-serial", &format!("file:{}", self.console_log.display())]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=qmp,fd={},server=on,wait=off", self.qmp_fd),
+        ]);
+        push(&["-mon", "chardev=qmp,mode=control"]);
+        push(&["-kernel", &self.kernel.display().to_string()]);
+        if let Some(initrd) = &self.initrd {
+            push(&["-initrd", &initrd.display().to_string()]);
+        }
+        push(&["-append", &self.kernel_append()]);
+
+        for (id, slot) in &self.root_ports {
+            push(&[
+                "-device",
+                &format!(
+                    "pcie-root-port,id={id},bus=pcie.0,addr={slot:#x},chassis={slot},slot={slot}"
+                ),
+            ]);
+        }
+
+        match &self.agent {
+            AgentArgs::Serial { fd } => {
+                push(&["-device", &self.machine.virtio("virtio-serial")]);
+                push(&[
+                    "-chardev",
+                    &format!("socket,id=agent,fd={fd},server=on,wait=off"),
+                ]);
+                push(&["-device", "virtserialport,chardev=agent,name=agent.0"]);
+            }
+            AgentArgs::Vsock { cid } => {
+                push(&[
+                    "-device",
+                    &format!("{},guest-cid={cid}", self.machine.virtio("vhost-vsock")),
+                ]);
+            }
+        }
+
+        for nic in &self.nics {
+            push(&["-netdev", &netdev_arg(nic)]);
+            push(&["-device", &self.nic_device_arg(nic)]);
+        }
+        for b in &self.blocks {
+            push(&["-blockdev", &blockdev_arg(b)]);
+            let mut dev = format!(
+                "{},id=dev-{},drive={}",
+                self.machine.virtio("virtio-blk"),
+                b.id,
+                b.id
+            );
+            if let Some(place) = &b.place {
+                let _ = write!(dev, ",{}", place.props());
+            }
+            push(&["-device", &dev]);
+        }
+        a
+    }
+
+    fn nic_device_arg(&self, nic: &NicArgs) -> String {
+        let mut dev = format!(
+            "{},id=dev-{},netdev={},mac={}",
+            self.machine.virtio("virtio-net"),
+            nic.id,
+            nic.id,
+            nic.mac
+        );
+        let _ = write!(
+            dev,
+            "{}",
+            nic_props(nic.tap_fds.len(), nic.queue_size, nic.mtu)
+        );
+        if let Some(place) = &nic.place {
+            let _ = write!(dev, ",{}", place.props());
+        }
+        dev
+    }
+}
+
+/// virtio-net properties shared by the command line and hotplug: multi-queue needs `mq=on`
+/// and `vectors=2N+2` (a vector per queue, plus config and control).
+pub fn nic_props(queues: usize, queue_size: Option<u16>, mtu: Option<u32>) -> String {
+    let mut s = String::new();
+    if queues > 1 {
+        let _ = write!(s, ",mq=on,vectors={}", 2 * queues + 2);
+    }
+    if let Some(q) = queue_size {
+        let _ = write!(s, ",rx_queue_size={q},tx_queue_size={q}");
+    }
+    if let Some(m) = mtu {
+        let _ = write!(s, ",host_mtu={m}");
+    }
+    s
+}
+
+/// `-netdev tap,...` for pre-opened fds. `fds=` is colon-separated and must not be combined
+/// with `queues=`, `fd=` or `ifname=`; `vhost=on` only with vhost fds.
+fn netdev_arg(nic: &NicArgs) -> String {
+    let join = |fds: &[i32]| {
+        fds.iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let mut s = format!("tap,id={},fds={}", nic.id, join(&nic.tap_fds));
+    if nic.vhost_fds.is_empty() {
+        s.push_str(",vhost=off");
+    } else {
+        let _ = write!(s, ",vhost=on,vhostfds={}", join(&nic.vhost_fds));
+    }
+    s
+}
+
+fn blockdev_arg(b: &BlockArgs) -> String {
+    // QEMU's option parser takes ',,' as a literal comma inside a value.
+    let path = b.path.display().to_string().replace(',', ",,");
+    format!(
+        "driver=raw,node-name={},read-only={},file.driver=file,file.filename={},file.read-only={}",
+        b.id,
+        on_off(b.read_only),
+        path,
+        on_off(b.read_only)
+    )
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> CmdlineSpec {
+        CmdlineSpec {
+            name: "s1".into(),
+            machine: Machine::Q35,
+            accel: Accel::Tcg,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/g/vmlinuz".into(),
+            initrd: Some("/g/initramfs.img".into()),
+            kernel_params: vec!["agent.port=1024".into()],
+            qmp_fd: 3,
+            console_log: "/run/s1/console.log".into(),
+            agent: AgentArgs::Serial { fd: 4 },
+            nics: vec![],
+            blocks: vec![],
+            root_ports: vec![("rp0".into(), 0x1c)],
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn q35_under_tcg_has_no_cpu_host_and_no_tsc_param() {
+        let s = spec();
+        let args = s.args();
+        assert_eq!(after(&args, "-machine"), ["q35,accel=tcg"]);
+        assert!(after(&args, "-cpu").is_empty());
+        assert_eq!(
+            s.kernel_append(),
+            "console=ttyS0 reboot=t panic=-1 agent.port=1024"
+        );
+    }
+
+    #[test]
+    fn microvm_under_tcg_pins_the_early_tsc() {
+        let mut s = spec();
+        s.machine = Machine::Microvm;
+        assert!(s.kernel_append().contains(MICROVM_TCG_KERNEL_PARAMS));
+        s.accel = Accel::Kvm;
+        assert!(!s.kernel_append().contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn multi_queue_nic_uses_fds_without_queues_and_sets_vectors() {
+        let mut s = spec();
+        s.nics.push(NicArgs {
+            id: "net0".into(),
+            mac: MacAddress([2, 0, 0, 0, 0, 1]),
+            tap_fds: vec![3, 4],
+            vhost_fds: vec![],
+            queue_size: None,
+            mtu: None,
+            place: Some(PciPlace::Root(2)),
+        });
+        let args = s.args();
+        assert_eq!(after(&args, "-netdev"), ["tap,id=net0,fds=3:4,vhost=off"]);
+        let dev = after(&args, "-device");
+        assert!(dev.contains(
+            &"virtio-net-pci,id=dev-net0,netdev=net0,mac=02:00:00:00:00:01,mq=on,vectors=6,bus=pcie.0,addr=0x2"
+        ), "{dev:?}");
+        assert!(!args.iter().any(|a| a.contains("queues=")));
+    }
+
+    #[test]
+    fn vhost_is_on_only_with_vhost_fds() {
+        let nic = NicArgs {
+            id: "net0".into(),
+            mac: MacAddress([2, 0, 0, 0, 0, 1]),
+            tap_fds: vec![3, 4],
+            vhost_fds: vec![5, 6],
+            queue_size: Some(256),
+            mtu: Some(1400),
+            place: None,
+        };
+        assert_eq!(
+            netdev_arg(&nic),
+            "tap,id=net0,fds=3:4,vhost=on,vhostfds=5:6"
+        );
+        assert_eq!(
+            nic_props(2, Some(256), Some(1400)),
+            ",mq=on,vectors=6,rx_queue_size=256,tx_queue_size=256,host_mtu=1400"
+        );
+    }
+
+    #[test]
+    fn root_ports_and_serial_agent_are_declared() {
+        let args = spec().args();
+        let dev = after(&args, "-device");
+        assert!(dev.contains(&"pcie-root-port,id=rp0,bus=pcie.0,addr=0x1c,chassis=28,slot=28"));
+        assert!(dev.contains(&"virtserialport,chardev=agent,name=agent.0"));
+        let chardevs = after(&args, "-chardev");
+        assert!(chardevs.contains(&"socket,id=qmp,fd=3,server=on,wait=off"));
+        assert!(chardevs.contains(&"socket,id=agent,fd=4,server=on,wait=off"));
+        assert_eq!(after(&args, "-mon"), ["chardev=qmp,mode=control"]);
+    }
+
+    #[test]
+    fn block_paths_with_commas_are_escaped() {
+        let b = BlockArgs {
+            id: "blk0".into(),
+            path: "/img/a,b.img".into(),
+            read_only: true,
+            place: None,
+        };
+        assert!(blockdev_arg(&b).contains("file.filename=/img/a,,b.img,"));
+    }
+
+    #[test]
+    fn pci_paths_follow_kata_form() {
+        assert_eq!(PciPlace::Root(3).pci_path(), "03");
+        let p = PciPlace::Port {
+            port: "rp0".into(),
+            port_slot: 0x1c,
+        };
+        assert_eq!(p.pci_path(), "1c/00");
+        assert_eq!(p.props(), "bus=rp0,addr=0x0");
+    }
+}

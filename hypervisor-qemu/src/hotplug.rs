@@ -1,0 +1,495 @@
+//! Adding and removing devices: cold (kept for the command line) and hot (through QMP).
+//!
+//! NIC hotplug is `getfd` for every queue fd, `netdev_add` naming them joined with `:`, then
+//! `device_add` into a free root port. Any failure undoes what was done: `closefd` for names
+//! QEMU did not consume, `netdev_del` for a netdev without its device. Removal is `device_del`,
+//! waiting for the guest to release the device (`DEVICE_DELETED`), then `netdev_del` or
+//! `blockdev-del`.
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use hypervisor::device::{BlockConfig, BlockDriver, GuestLocation, NetworkBackend, NetworkConfig};
+use hypervisor::{
+    ConfigError, Device, DeviceConfig, DeviceId, DeviceInfo, DeviceKind, Error, Operation,
+    PlugMode, Result,
+};
+use serde_json::{json, Value};
+use slog::{info, warn};
+
+use crate::cmdline::{nic_props, Machine, PciPlace};
+use crate::qmp::QmpClient;
+use crate::{ColdDevice, Inner, QemuHypervisor};
+
+/// Base of QEMU microvm's virtio-mmio transports, and the size of each.
+const MICROVM_MMIO_BASE: u64 = 0xfeb0_0000;
+const MICROVM_MMIO_SIZE: u64 = 0x200;
+/// Transports QEMU's microvm creates.
+const MICROVM_TRANSPORTS: usize = 8;
+
+impl QemuHypervisor {
+    pub(crate) async fn do_add_device(&self, device: Device) -> Result<DeviceInfo> {
+        device.config.validate()?;
+        let mut inner = self.inner.lock().await;
+        let mode = self.shared.state().plug_mode(Operation::AddDevice)?;
+        if inner.hot.contains_key(&device.id) || inner.cold.iter().any(|c| c.info().id == device.id)
+        {
+            return Err(ConfigError::new(
+                "id",
+                format!("device {} is already attached; use another id", device.id),
+            )
+            .into());
+        }
+        let machine = inner.machine.expect("prepared");
+        let kind = device.config.kind();
+        if mode == PlugMode::Hot && !self.capabilities_for(Some(machine)).can_plug(kind, mode) {
+            return Err(Self::unsupported(
+                format!("{kind} hotplug"),
+                format!(
+                    "machine type {} has no hotplug; use q35, or add the device before start",
+                    machine.as_str()
+                ),
+            ));
+        }
+        let info = match (device.config, mode) {
+            (DeviceConfig::Network(n), PlugMode::Cold) => {
+                self.cold_nic(&mut inner, device.id, n)?
+            }
+            (DeviceConfig::Network(n), PlugMode::Hot) => {
+                self.hot_nic(&mut inner, device.id, n).await?
+            }
+            (DeviceConfig::Block(b), PlugMode::Cold) => {
+                self.cold_block(&mut inner, device.id, b)?
+            }
+            (DeviceConfig::Block(b), PlugMode::Hot) => {
+                self.hot_block(&mut inner, device.id, b).await?
+            }
+            (DeviceConfig::Vsock(_), _) => {
+                return Err(Self::unsupported(
+                    "a vsock device",
+                    "the QEMU backend adds vhost-vsock itself when the agent channel is vsock",
+                ))
+            }
+        };
+        info!(self.log, "device added"; "id" => info.id.as_str(), "kind" => info.kind.to_string(),
+            "at" => info.location.to_string(), "hot" => info.hotplugged);
+        Ok(info)
+    }
+
+    pub(crate) async fn do_remove_device(&self, id: &DeviceId) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let mode = self.shared.state().plug_mode(Operation::RemoveDevice)?;
+        if let Some(pos) = inner.cold.iter().position(|c| c.info().id == *id) {
+            // Never reached QEMU: dropping it closes its fds.
+            inner.cold.remove(pos);
+            return Ok(());
+        }
+        let info = inner
+            .hot
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::DeviceNotFound(id.clone()))?;
+        let port = inner
+            .ports
+            .iter()
+            .position(|p| p.used_by.as_ref() == Some(id));
+        if mode == PlugMode::Hot && (!info.hotplugged && port.is_none()) {
+            return Err(Self::unsupported(
+                format!("unplugging cold-plugged {} device {id}", info.kind),
+                "devices on pcie.0 cannot be unplugged; only hot-plugged devices can",
+            ));
+        }
+        let qmp = inner.qmp.clone().expect("running VMs have QMP");
+        let dev_id = format!("dev-{id}");
+        let mut events = qmp.subscribe();
+        qmp.execute(
+            "device_del",
+            Some(json!({ "id": dev_id })),
+            self.opts.qmp_timeout,
+        )
+        .await
+        .map_err(|e| Error::device(id, "Unplugging", e))?;
+        qmp.wait_event(
+            &mut events,
+            "DEVICE_DELETED",
+            |d| d["device"].as_str() == Some(dev_id.as_str()),
+            self.opts.unplug_timeout,
+        )
+        .await
+        .map_err(|e| Error::device(id, "Waiting for the guest to release", e))?;
+        let (cmd, args) = match info.kind {
+            DeviceKind::Network => ("netdev_del", json!({ "id": id.as_str() })),
+            _ => ("blockdev-del", json!({ "node-name": id.as_str() })),
+        };
+        qmp.execute(cmd, Some(args), self.opts.qmp_timeout)
+            .await
+            .map_err(|e| Error::device(id, "Removing the backend of", e))?;
+        if let Some(p) = port {
+            inner.ports[p].used_by = None;
+        }
+        inner.hot.remove(id);
+        info!(self.log, "device removed"; "id" => id.as_str());
+        Ok(())
+    }
+
+    fn cold_place(&self, inner: &mut Inner) -> Result<(Option<PciPlace>, GuestLocation)> {
+        match inner.machine.expect("prepared") {
+            Machine::Q35 => {
+                let slot = self.take_root_slot(inner)?;
+                let place = PciPlace::Root(slot);
+                let path = place.pci_path();
+                Ok((Some(place), GuestLocation::Pci { path }))
+            }
+            Machine::Microvm => {
+                let index = inner.cold.len();
+                if index >= MICROVM_TRANSPORTS {
+                    return Err(Self::unsupported(
+                        "more devices",
+                        format!("microvm has {MICROVM_TRANSPORTS} virtio-mmio transports"),
+                    ));
+                }
+                Ok((
+                    None,
+                    GuestLocation::Mmio {
+                        base: MICROVM_MMIO_BASE + MICROVM_MMIO_SIZE * index as u64,
+                        size: MICROVM_MMIO_SIZE,
+                        irq: None,
+                    },
+                ))
+            }
+        }
+    }
+
+    fn cold_nic(&self, inner: &mut Inner, id: DeviceId, n: NetworkConfig) -> Result<DeviceInfo> {
+        let (taps, vhost) = self.nic_fds(inner, &id, &n)?;
+        let (place, location) = self.cold_place(inner)?;
+        let info = nic_info(id, &n, location, false);
+        inner.cold.push(ColdDevice::Nic {
+            info: info.clone(),
+            taps,
+            vhost,
+            queue_size: n.queue_size,
+            mtu: n.mtu,
+            place,
+        });
+        Ok(info)
+    }
+
+    fn cold_block(&self, inner: &mut Inner, id: DeviceId, b: BlockConfig) -> Result<DeviceInfo> {
+        check_block_file(&id, &b)?;
+        if b.driver == BlockDriver::VirtioBlkMmio && inner.machine == Some(Machine::Q35) {
+            return Err(Self::unsupported(
+                "virtio-blk on MMIO with q35",
+                "use driver virtio-blk-pci, or machine type microvm",
+            ));
+        }
+        let (place, location) = self.cold_place(inner)?;
+        let info = block_info(id, &b, location, false);
+        inner.cold.push(ColdDevice::Block {
+            info: info.clone(),
+            path: b.path,
+            read_only: b.read_only,
+            place,
+        });
+        Ok(info)
+    }
+
+    /// Opens (creating if needed) the TAP queues and, when usable, one vhost-net fd per queue.
+    fn nic_fds(
+        &self,
+        inner: &Inner,
+        id: &DeviceId,
+        n: &NetworkConfig,
+    ) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>)> {
+        let spec = inner.spec.as_ref().expect("prepared");
+        let taps = match &n.backend {
+            NetworkBackend::TapFds { queues, .. } => queues
+                .iter()
+                .map(|fd| fd.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| Error::device(id, "Duplicating the TAP fds of", e))?,
+            NetworkBackend::TapName(name) => {
+                open_tap_queues(name, n.queue_pairs, spec.netns.as_deref())
+                    .map_err(|e| Error::device(id, "Opening the TAP of", e))?
+            }
+        };
+        let mut vhost = Vec::new();
+        if self.host.vhost_net && !spec.config.disable_vhost_net {
+            for _ in 0..taps.len() {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/vhost-net")
+                    .map_err(|e| Error::device(id, "Opening /dev/vhost-net for", e))?;
+                vhost.push(OwnedFd::from(f));
+            }
+        }
+        Ok((taps, vhost))
+    }
+
+    fn free_port(&self, inner: &Inner, id: &DeviceId) -> Result<usize> {
+        inner
+            .ports
+            .iter()
+            .position(|p| p.used_by.is_none())
+            .ok_or_else(|| {
+                Self::unsupported(
+                    format!("hot-plugging {id}"),
+                    format!(
+                        "all {} hotplug root ports are in use; remove a device or raise hotplug_ports",
+                        inner.ports.len()
+                    ),
+                )
+            })
+    }
+
+    async fn hot_nic(
+        &self,
+        inner: &mut Inner,
+        id: DeviceId,
+        n: NetworkConfig,
+    ) -> Result<DeviceInfo> {
+        let port = self.free_port(inner, &id)?;
+        let (taps, vhost) = self.nic_fds(inner, &id, &n)?;
+        let qmp = inner.qmp.clone().expect("running VMs have QMP");
+        let t = self.opts.qmp_timeout;
+
+        // getfd, one name per fd; names must not start with a digit and are per connection.
+        let mut names: Vec<String> = Vec::new();
+        let result: Result<()> = async {
+            for (i, fd) in taps.iter().chain(vhost.iter()).enumerate() {
+                let name = format!("fd-{id}-{i}");
+                qmp.execute_with_fds("getfd", Some(json!({ "fdname": name })), &[fd.as_fd()], t)
+                    .await
+                    .map_err(|e| Error::device(&id, "Passing a TAP fd of", e))?;
+                names.push(name);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            close_fd_names(&qmp, &names, t).await;
+            return Err(e);
+        }
+        let (tap_names, vhost_names) = names.split_at(taps.len());
+        let mut netdev = json!({
+            "type": "tap",
+            "id": id.as_str(),
+            "fds": tap_names.join(":"),
+        });
+        if vhost_names.is_empty() {
+            netdev["vhost"] = Value::Bool(false);
+        } else {
+            netdev["vhost"] = Value::Bool(true);
+            netdev["vhostfds"] = Value::String(vhost_names.join(":"));
+        }
+        if let Err(e) = qmp.execute("netdev_add", Some(netdev), t).await {
+            close_fd_names(&qmp, &names, t).await;
+            return Err(Error::device(&id, "Adding the netdev of", e));
+        }
+        // The netdev consumed the names; our copies of the fds can close.
+        drop(taps);
+        drop(vhost);
+
+        let rp = inner.ports[port].clone();
+        let mut dev = json!({
+            "driver": "virtio-net-pci",
+            "id": format!("dev-{id}"),
+            "netdev": id.as_str(),
+            "mac": n.guest_mac.to_string(),
+            "bus": rp.id,
+            "addr": "0x0",
+        });
+        apply_props(
+            &mut dev,
+            &nic_props(usize::from(n.queue_pairs), n.queue_size, n.mtu),
+        );
+        if let Err(e) = qmp.execute("device_add", Some(dev), t).await {
+            if let Err(undo) = qmp
+                .execute("netdev_del", Some(json!({ "id": id.as_str() })), t)
+                .await
+            {
+                warn!(self.log, "could not undo netdev_add"; "id" => id.as_str(), "error" => undo.to_string());
+            }
+            return Err(Error::device(&id, "Hot-plugging network", e));
+        }
+        let place = PciPlace::Port {
+            port: rp.id,
+            port_slot: rp.slot,
+        };
+        let info = nic_info(
+            id.clone(),
+            &n,
+            GuestLocation::Pci {
+                path: place.pci_path(),
+            },
+            true,
+        );
+        inner.ports[port].used_by = Some(id.clone());
+        inner.hot.insert(id, info.clone());
+        Ok(info)
+    }
+
+    async fn hot_block(
+        &self,
+        inner: &mut Inner,
+        id: DeviceId,
+        b: BlockConfig,
+    ) -> Result<DeviceInfo> {
+        check_block_file(&id, &b)?;
+        if b.driver != BlockDriver::VirtioBlkPci {
+            return Err(Self::unsupported(
+                "hot-plugging virtio-blk on MMIO",
+                "use driver virtio-blk-pci",
+            ));
+        }
+        let port = self.free_port(inner, &id)?;
+        let qmp = inner.qmp.clone().expect("running VMs have QMP");
+        let t = self.opts.qmp_timeout;
+        let node = json!({
+            "driver": "raw",
+            "node-name": id.as_str(),
+            "read-only": b.read_only,
+            "file": {
+                "driver": "file",
+                "filename": b.path,
+                "read-only": b.read_only,
+            },
+        });
+        qmp.execute("blockdev-add", Some(node), t)
+            .await
+            .map_err(|e| Error::device(&id, "Opening the image of", e))?;
+        let rp = inner.ports[port].clone();
+        let dev = json!({
+            "driver": "virtio-blk-pci",
+            "id": format!("dev-{id}"),
+            "drive": id.as_str(),
+            "bus": rp.id,
+            "addr": "0x0",
+        });
+        if let Err(e) = qmp.execute("device_add", Some(dev), t).await {
+            if let Err(undo) = qmp
+                .execute("blockdev-del", Some(json!({ "node-name": id.as_str() })), t)
+                .await
+            {
+                warn!(self.log, "could not undo blockdev-add"; "id" => id.as_str(), "error" => undo.to_string());
+            }
+            return Err(Error::device(&id, "Hot-plugging block", e));
+        }
+        let place = PciPlace::Port {
+            port: rp.id,
+            port_slot: rp.slot,
+        };
+        let info = block_info(
+            id.clone(),
+            &b,
+            GuestLocation::Pci {
+                path: place.pci_path(),
+            },
+            true,
+        );
+        inner.ports[port].used_by = Some(id.clone());
+        inner.hot.insert(id, info.clone());
+        Ok(info)
+    }
+}
+
+fn nic_info(id: DeviceId, n: &NetworkConfig, location: GuestLocation, hot: bool) -> DeviceInfo {
+    DeviceInfo {
+        id,
+        kind: DeviceKind::Network,
+        location,
+        hotplugged: hot,
+        mac: Some(n.guest_mac),
+        queue_pairs: Some(n.queue_pairs),
+        host: Some(n.backend.tap_name().to_string()),
+    }
+}
+
+fn block_info(id: DeviceId, b: &BlockConfig, location: GuestLocation, hot: bool) -> DeviceInfo {
+    DeviceInfo {
+        id,
+        kind: DeviceKind::Block,
+        location,
+        hotplugged: hot,
+        mac: None,
+        queue_pairs: None,
+        host: Some(b.path.display().to_string()),
+    }
+}
+
+/// The image must exist and open in the requested mode, or QEMU fails later with less
+/// context.
+fn check_block_file(id: &DeviceId, b: &BlockConfig) -> Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .write(!b.read_only)
+        .open(&b.path)
+        .map(drop)
+        .map_err(|e| {
+            Error::device(
+                id,
+                format!(
+                    "Opening {} {} for block",
+                    b.path.display(),
+                    if b.read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                ),
+                e,
+            )
+        })
+}
+
+/// Turns `,mq=on,vectors=6` into JSON properties of a `device_add`.
+fn apply_props(dev: &mut Value, props: &str) {
+    for kv in props.split(',').filter(|s| !s.is_empty()) {
+        if let Some((k, v)) = kv.split_once('=') {
+            let value = match v {
+                "on" => Value::Bool(true),
+                "off" => Value::Bool(false),
+                _ => v
+                    .parse::<u64>()
+                    .map(Value::from)
+                    .unwrap_or_else(|_| Value::String(v.into())),
+            };
+            dev[k] = value;
+        }
+    }
+}
+
+async fn close_fd_names(qmp: &Arc<QmpClient>, names: &[String], t: std::time::Duration) {
+    for name in names {
+        let _ = qmp
+            .execute("closefd", Some(json!({ "fdname": name })), t)
+            .await;
+    }
+}
+
+/// Opens `queues` queues of the TAP `name` in `netns` (creating it if it does not exist),
+/// with a virtio-net header, as QEMU expects.
+fn open_tap_queues(name: &str, queues: u16, netns: Option<&Path>) -> netdev::Result<Vec<OwnedFd>> {
+    let mut b = netdev::TapBuilder::new(name)
+        .queues(usize::from(queues))
+        .multi_queue(queues > 1);
+    if let Some(ns) = netns {
+        b = b.netns(ns);
+    }
+    Ok(b.create()?.into_queues())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_properties_become_typed_json() {
+        let mut dev = json!({});
+        apply_props(&mut dev, ",mq=on,vectors=6,host_mtu=1400");
+        assert_eq!(dev, json!({"mq": true, "vectors": 6, "host_mtu": 1400}));
+    }
+}

@@ -1,0 +1,508 @@
+//! Prepare, start, pause/resume, stop, save and cleanup.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hypervisor::{
+    AgentAddress, AgentChannelKind, ConfigError, Error, ExitReason, HypervisorConfig, Operation,
+    Result, SandboxSpec, SavedState, VmExit, VmState, VmmPids,
+};
+use serde_json::json;
+use slog::{info, warn};
+
+use crate::cmdline::{AgentArgs, BlockArgs, CmdlineSpec, Machine, NicArgs};
+use crate::process::{self, QemuProcess};
+use crate::qmp::QmpClient;
+use crate::{ColdDevice, QemuHypervisor, RootPort, RunDir, Shared, BACKEND};
+
+/// First `pcie.0` slot for devices; slot 0 is the host bridge, 0x1f the ICH9 LPC/SMBus.
+pub(crate) const FIRST_ROOT_SLOT: u8 = 2;
+/// Last usable `pcie.0` slot.
+pub(crate) const LAST_ROOT_SLOT: u8 = 0x1e;
+
+impl QemuHypervisor {
+    pub(crate) fn binary(&self, config: &HypervisorConfig) -> PathBuf {
+        config
+            .path
+            .clone()
+            .unwrap_or_else(|| self.opts.default_binary.clone())
+    }
+
+    fn check(&self, op: Operation) -> Result<VmState> {
+        self.shared.state().next(op)
+    }
+
+    pub(crate) async fn do_prepare(&self, spec: &SandboxSpec) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        self.check(Operation::Prepare)?;
+        spec.validate()?;
+        let machine = match &spec.config.machine_type {
+            None => Machine::Q35,
+            Some(m) => Machine::parse(m).ok_or_else(|| {
+                ConfigError::new(
+                    "machine_type",
+                    format!(
+                        "{m:?} is not supported by the QEMU backend; use \"q35\" or \"microvm\""
+                    ),
+                )
+            })?,
+        };
+        let (accel, why) = self.host.choose_accel(spec.config.accelerator)?;
+        if let Some(ns) = &spec.netns {
+            if !ns.exists() {
+                return Err(ConfigError::new(
+                    "netns",
+                    format!(
+                        "network namespace {} does not exist; create it (ip netns add) or pass an existing one",
+                        ns.display()
+                    ),
+                )
+                .into());
+            }
+        }
+        let agent = match spec.config.agent_channel {
+            AgentChannelKind::Vsock if !self.host.vhost_vsock => {
+                return Err(Self::unsupported(
+                    "a vsock agent channel",
+                    "/dev/vhost-vsock is not available on this host; use agent_channel = \"virtio_serial\" or \"auto\"",
+                ))
+            }
+            AgentChannelKind::Vsock | AgentChannelKind::Auto if self.host.vhost_vsock => {
+                AgentAddress::Vsock {
+                    cid: guest_cid(&spec.id),
+                    port: spec.config.agent_port,
+                }
+            }
+            _ => AgentAddress::VirtioSerial {
+                path: PathBuf::new(),
+            },
+        };
+
+        let run = RunDir {
+            dir: self.opts.run_root.join(&spec.id),
+        };
+        std::fs::create_dir_all(&self.opts.run_root).map_err(|e| {
+            Error::backend(
+                format!("Creating the run root {}", self.opts.run_root.display()),
+                e,
+            )
+        })?;
+        std::fs::create_dir(&run.dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                ConfigError::new(
+                    "id",
+                    format!(
+                        "run directory {} already exists: a sandbox with this id is running or was not cleaned up",
+                        run.dir.display()
+                    ),
+                )
+                .into()
+            } else {
+                Error::backend(format!("Creating run directory {}", run.dir.display()), e)
+            }
+        })?;
+        let agent = match agent {
+            AgentAddress::VirtioSerial { .. } => AgentAddress::VirtioSerial { path: run.agent() },
+            other => other,
+        };
+        info!(self.log, "prepared";
+            "sandbox" => &spec.id, "machine" => machine.as_str(),
+            "accel" => accel.as_str(), "accel_reason" => why, "agent" => agent.to_string());
+        inner.spec = Some(spec.clone());
+        inner.machine = Some(machine);
+        inner.accel = Some(accel);
+        inner.agent = Some(agent);
+        inner.run = Some(run);
+        inner.next_root_slot = FIRST_ROOT_SLOT;
+        self.shared.set_state(VmState::Prepared);
+        Ok(())
+    }
+
+    pub(crate) async fn do_start(&self, timeout: Duration) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        self.check(Operation::Start)?;
+        let began = Instant::now();
+        let spec = inner.spec.clone().expect("prepared");
+        let run = inner.run.clone().expect("prepared");
+        let machine = inner.machine.expect("prepared");
+        let accel = inner.accel.expect("prepared");
+
+        // Listening sockets, created here and inherited by QEMU: they exist before QEMU runs,
+        // so connecting never races its start-up.
+        let bind = |path: PathBuf| {
+            let _ = std::fs::remove_file(&path);
+            UnixListener::bind(&path)
+                .map(OwnedFd::from)
+                .map_err(|e| Error::backend(format!("Binding {}", path.display()), e))
+        };
+        let mut fds = netdev::ChildFds::new();
+        let qmp_fd = fds.push(bind(run.qmp())?);
+        let agent = match inner.agent.clone().expect("prepared") {
+            AgentAddress::Vsock { cid, .. } => AgentArgs::Vsock { cid },
+            _ => AgentArgs::Serial {
+                fd: fds.push(bind(run.agent())?),
+            },
+        };
+
+        let mut nics = Vec::new();
+        let mut blocks = Vec::new();
+        let mut cold_infos = Vec::new();
+        for dev in inner.cold.drain(..) {
+            cold_infos.push(dev.info().clone());
+            match dev {
+                ColdDevice::Nic {
+                    info,
+                    taps,
+                    vhost,
+                    queue_size,
+                    mtu,
+                    place,
+                } => nics.push(NicArgs {
+                    id: info.id.to_string(),
+                    mac: info.mac.expect("NICs have a MAC"),
+                    tap_fds: fds.extend(taps),
+                    vhost_fds: fds.extend(vhost),
+                    queue_size,
+                    mtu,
+                    place,
+                }),
+                ColdDevice::Block {
+                    info,
+                    path,
+                    read_only,
+                    place,
+                } => blocks.push(BlockArgs {
+                    id: info.id.to_string(),
+                    path,
+                    read_only,
+                    place,
+                }),
+            }
+        }
+        let mut ports = Vec::new();
+        if machine == Machine::Q35 {
+            for i in 0..self.opts.hotplug_ports {
+                let slot = self.take_root_slot(&mut inner)?;
+                ports.push(RootPort {
+                    id: format!("rp{i}"),
+                    slot,
+                    used_by: None,
+                });
+            }
+        }
+        let cmd = CmdlineSpec {
+            name: spec.id.clone(),
+            machine,
+            accel,
+            vcpus: spec.config.vcpus,
+            memory_mib: spec.config.memory_mib,
+            kernel: spec.config.kernel.clone(),
+            initrd: spec.config.initrd.clone(),
+            kernel_params: spec.config.kernel_params.clone(),
+            qmp_fd,
+            console_log: run.console(),
+            agent,
+            nics,
+            blocks,
+            root_ports: ports.iter().map(|p| (p.id.clone(), p.slot)).collect(),
+        };
+        let binary = self.binary(&spec.config);
+        let args = cmd.args();
+        info!(self.log, "starting QEMU"; "sandbox" => &spec.id, "binary" => binary.display().to_string(),
+            "args" => args.join(" "));
+        let child = process::spawn(&binary, &args, fds, spec.netns.as_deref(), &run.qemu_log())
+            .map_err(|e| Error::backend(format!("Starting QEMU for sandbox {}", spec.id), e))?;
+        let pid = child.pid;
+
+        let connected = tokio::time::timeout(timeout, connect_or_exit(&run, &child)).await;
+        let qmp = match connected {
+            Ok(Ok(qmp)) => qmp,
+            Ok(Err(e)) => {
+                kill_and_reap(&child).await;
+                self.shared.set_state(VmState::Stopped);
+                return Err(e);
+            }
+            Err(_) => {
+                kill_and_reap(&child).await;
+                self.shared.set_state(VmState::Stopped);
+                return Err(Error::Timeout {
+                    what: format!("QEMU (pid {pid}) to answer on QMP"),
+                    timeout,
+                });
+            }
+        };
+        let qmp = Arc::new(qmp);
+        let vcpus = vcpu_threads(&qmp, self.opts.qmp_timeout).await;
+        {
+            let mut st = self.shared.status();
+            st.pids = Some(VmmPids {
+                vmm: pid,
+                main_thread: pid,
+                vcpus,
+            });
+            st.state = VmState::Running;
+        }
+        spawn_exit_watch(self.shared.clone(), &child, self.log.clone());
+        for info in cold_infos {
+            inner.hot.insert(info.id.clone(), info);
+        }
+        inner.ports = ports;
+        inner.qmp = Some(qmp);
+        inner.process = Some(child);
+        info!(self.log, "QEMU running"; "sandbox" => &spec.id, "pid" => pid,
+            "qemu" => inner.qmp.as_ref().map(|q| q.version.clone()).unwrap_or_default(),
+            "ms" => began.elapsed().as_millis() as u64);
+        Ok(())
+    }
+
+    pub(crate) fn take_root_slot(&self, inner: &mut crate::Inner) -> Result<u8> {
+        let slot = inner.next_root_slot;
+        if slot > LAST_ROOT_SLOT {
+            return Err(Self::unsupported(
+                "another PCI device",
+                "every slot of pcie.0 is used; lower hotplug_ports or attach fewer cold devices",
+            ));
+        }
+        inner.next_root_slot += 1;
+        Ok(slot)
+    }
+
+    pub(crate) async fn do_pause_resume(&self, pause: bool) -> Result<()> {
+        let inner = self.inner.lock().await;
+        let op = if pause {
+            Operation::Pause
+        } else {
+            Operation::Resume
+        };
+        let next = self.check(op)?;
+        let qmp = inner.qmp.clone().expect("running VMs have QMP");
+        let (cmd, event) = if pause {
+            ("stop", "STOP")
+        } else {
+            ("cont", "RESUME")
+        };
+        let mut events = qmp.subscribe();
+        qmp.execute(cmd, None, self.opts.qmp_timeout)
+            .await
+            .map_err(|e| Error::backend(format!("Asking QEMU to {op}"), e))?;
+        qmp.wait_event(&mut events, event, |_| true, self.opts.qmp_timeout)
+            .await
+            .map_err(|e| Error::backend(format!("Waiting for QEMU's {event} event"), e))?;
+        self.shared.set_state(next);
+        Ok(())
+    }
+
+    pub(crate) async fn do_stop(&self) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        self.check(Operation::Stop)?;
+        let Some(child) = inner.process.as_ref() else {
+            self.shared.set_state(VmState::Stopped);
+            return Ok(());
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let mut exited = child.exited.clone();
+        let pid = child.pid;
+        let began = Instant::now();
+        if let Some(qmp) = inner.qmp.clone() {
+            if !qmp.is_closed() {
+                // Graceful first: ACPI power button, then QEMU's own quit.
+                let _ = qmp
+                    .execute("system_powerdown", None, self.opts.qmp_timeout)
+                    .await;
+                if !wait_exited(&mut exited, self.opts.stop_grace).await {
+                    let _ = qmp.execute("quit", None, self.opts.qmp_timeout).await;
+                }
+            }
+        }
+        if !wait_exited(&mut exited, Duration::from_secs(3)).await {
+            warn!(self.log, "QEMU did not quit; killing it"; "pid" => pid);
+            kill_and_reap(inner.process.as_ref().expect("checked")).await;
+        }
+        inner.qmp = None;
+        inner.process = None;
+        self.shared.set_state(VmState::Stopped);
+        info!(self.log, "QEMU stopped"; "pid" => pid, "ms" => began.elapsed().as_millis() as u64);
+        Ok(())
+    }
+
+    pub(crate) async fn do_save_state(&self) -> Result<SavedState> {
+        let inner = self.inner.lock().await;
+        let st = self.shared.status();
+        let sandbox = inner.spec.clone().ok_or(Error::InvalidState {
+            operation: Operation::Prepare,
+            state: st.state,
+        })?;
+        let run = inner.run.as_ref().expect("prepared");
+        Ok(SavedState {
+            backend: BACKEND.into(),
+            sandbox,
+            state: st.state,
+            pids: st.pids.clone().unwrap_or_default(),
+            devices: inner.hot.values().cloned().collect(),
+            backend_data: json!({
+                "run_dir": run.dir,
+                "qmp_socket": run.qmp(),
+                "machine": inner.machine.map(Machine::as_str),
+                "ports": inner.ports.iter().map(|p| json!({
+                    "id": p.id, "slot": p.slot, "used_by": p.used_by,
+                })).collect::<Vec<_>>(),
+            }),
+        })
+    }
+
+    pub(crate) async fn do_cleanup(&self) -> Result<()> {
+        if self.shared.state().is_alive() {
+            self.do_stop().await?;
+        }
+        let mut inner = self.inner.lock().await;
+        // Devices that never reached QEMU: their fds close here, and with them the TAPs
+        // this backend created.
+        inner.cold.clear();
+        inner.hot.clear();
+        if let Some(run) = inner.run.take() {
+            match std::fs::remove_dir_all(&run.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::backend(
+                        format!("Removing run directory {}", run.dir.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        if self.shared.state() != VmState::Created {
+            self.shared.set_state(VmState::Stopped);
+        }
+        Ok(())
+    }
+}
+
+/// A guest CID derived from the sandbox id, in the unreserved range.
+fn guest_cid(id: &str) -> u32 {
+    let mac = hypervisor::MacAddress::local_from_seed(id.as_bytes()).0;
+    3 + (u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]) % 0x3fff_fff0)
+}
+
+async fn connect_or_exit(run: &RunDir, child: &QemuProcess) -> Result<QmpClient> {
+    let socket = run.qmp();
+    let mut exited = child.exited.clone();
+    let connected = tokio::select! {
+        qmp = QmpClient::connect(&socket, Duration::from_secs(3600)) => qmp,
+        _ = exited.wait_for(Option::is_some) => return Err(early_exit(child)),
+    };
+    match connected {
+        Ok(q) => Ok(q),
+        // QEMU closing the socket usually means it exited: report its own words.
+        Err(_) if wait_exited(&mut child.exited.clone(), Duration::from_secs(2)).await => {
+            Err(early_exit(child))
+        }
+        Err(e) => Err(Error::backend("Connecting to QEMU's QMP socket", e)),
+    }
+}
+
+fn early_exit(child: &QemuProcess) -> Error {
+    let status = (*child.exited.borrow()).unwrap_or_else(|| ExitStatus::from_raw(0));
+    let output = child.output.text();
+    let why = if output.trim().is_empty() {
+        "it printed nothing".to_string()
+    } else {
+        output
+    };
+    Error::VmmExited(VmExit {
+        reason: ExitReason::Crashed(format!("QEMU exited during start-up: {why}")),
+        code: status.code(),
+        signal: status.signal(),
+    })
+}
+
+async fn wait_exited(
+    exited: &mut tokio::sync::watch::Receiver<Option<ExitStatus>>,
+    limit: Duration,
+) -> bool {
+    tokio::time::timeout(limit, exited.wait_for(Option::is_some))
+        .await
+        .is_ok()
+}
+
+async fn kill_and_reap(child: &QemuProcess) {
+    if child.exited.borrow().is_none() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let mut exited = child.exited.clone();
+    let _ = exited.wait_for(Option::is_some).await;
+}
+
+async fn vcpu_threads(qmp: &QmpClient, timeout: Duration) -> Vec<u32> {
+    match qmp.execute("query-cpus-fast", None, timeout).await {
+        Ok(v) => v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["thread-id"].as_u64())
+            .map(|t| t as u32)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Watches QEMU until it exits, then records why.
+fn spawn_exit_watch(shared: Arc<Shared>, child: &QemuProcess, log: slog::Logger) {
+    let mut exited = child.exited.clone();
+    let output = child.output.clone();
+    tokio::spawn(async move {
+        let Ok(status) = exited
+            .wait_for(Option::is_some)
+            .await
+            .map(|s| s.expect("Some"))
+        else {
+            return;
+        };
+        let stopping = shared.stopping.load(Ordering::SeqCst);
+        let reason = if stopping {
+            ExitReason::Stopped
+        } else if status.signal().is_some() {
+            ExitReason::Killed
+        } else if status.code() == Some(0) {
+            ExitReason::GuestShutdown
+        } else {
+            ExitReason::Crashed(output.text())
+        };
+        let exit = VmExit {
+            reason,
+            code: status.code(),
+            signal: status.signal(),
+        };
+        info!(log, "QEMU exited"; "how" => exit.to_string());
+        shared.set_state(VmState::Stopped);
+        shared.exit.send_replace(Some(exit));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_cids_are_unreserved_and_stable() {
+        let a = guest_cid("sandbox-1");
+        assert!(a >= 3);
+        assert_eq!(a, guest_cid("sandbox-1"));
+        assert_ne!(a, guest_cid("sandbox-2"));
+    }
+
+    #[test]
+    fn unsupported_errors_name_the_backend() {
+        let e = QemuHypervisor::unsupported("x", "y");
+        assert!(e.to_string().contains(BACKEND));
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build, tests and demo need, if any is missing.
+# Idempotent and quiet when everything is present. Needs root (or sudo).
+set -euo pipefail
+
+packages=(
+    qemu-system-x86              # the QEMU backend's VMM
+    iproute2                     # ip: namespaces, links; tc
+    containernetworking-plugins  # real CNI plugins for the endpoint tests
+    kmod                         # modinfo: resolves guest kernel modules
+    cpio gzip                    # initramfs
+    file                         # checks the guest agent is static
+    iputils-ping                 # ping from test namespaces
+    util-linux                   # setpriv, nsenter
+    procps                       # pgrep, ps
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+if ! $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"; then
+    $sudo apt-get update -q
+    $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
