@@ -100,13 +100,26 @@ pub trait Backend: Send + Sync {
 pub struct Sandbox {
     /// The backend handle.
     pub hv: Arc<dyn Hypervisor>,
-    /// The sandbox's network namespace.
-    pub ns: netdev::NetNs,
+    ns: Option<netdev::NetNs>,
     /// Sandbox id.
     pub id: String,
     /// Run directories live here.
     pub run_root: tempfile::TempDir,
     agent: Option<AgentClient>,
+    vmm_pid: Option<u32>,
+}
+
+impl Drop for Sandbox {
+    /// A test that fails half-way must not leave its VMM running: kill a VMM child process
+    /// that is still alive. (The namespace and the run root remove themselves.)
+    fn drop(&mut self) {
+        if let Some(pid) = self.vmm_pid.filter(|p| *p != std::process::id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -141,6 +154,11 @@ impl TestNic {
 }
 
 impl Sandbox {
+    /// The sandbox's network namespace.
+    pub fn ns(&self) -> &netdev::NetNs {
+        self.ns.as_ref().expect("present until teardown")
+    }
+
     /// Creates a namespace and prepares a VM in it with `config`.
     pub async fn prepare(backend: &dyn Backend, config: HypervisorConfig) -> Result<Sandbox> {
         require_root();
@@ -156,10 +174,11 @@ impl Sandbox {
         hv.prepare(&spec).await.context("prepare")?;
         Ok(Sandbox {
             hv,
-            ns,
+            ns: Some(ns),
             id,
             run_root,
             agent: None,
+            vmm_pid: None,
         })
     }
 
@@ -170,7 +189,7 @@ impl Sandbox {
         let tap = netdev::TapBuilder::new(&name)
             .queues(usize::from(queues))
             .multi_queue(queues > 1)
-            .netns(self.ns.path())
+            .netns(self.ns().path())
             .up(true)
             .create()
             .with_context(|| format!("creating {name}"))?;
@@ -198,7 +217,7 @@ impl Sandbox {
 
     /// Runs `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
-        run("ip", &[&["-n", self.ns.name()], args].concat())
+        run("ip", &[&["-n", self.ns().name()], args].concat())
     }
 
     /// Boots and waits for the agent.
@@ -207,6 +226,7 @@ impl Sandbox {
             .start(Duration::from_secs(60))
             .await
             .context("start")?;
+        self.vmm_pid = self.hv.pids().await.ok().map(|p| p.vmm);
         let mut agent = match self.hv.agent_address().await? {
             AgentAddress::VirtioSerial { path } => AgentClient::connect_serial(&path).await?,
             AgentAddress::Vsock { cid, port } => AgentClient::connect_vsock(cid, port).await?,
@@ -264,7 +284,7 @@ impl Sandbox {
             .args([
                 "netns",
                 "exec",
-                self.ns.name(),
+                self.ns().name(),
                 "ping",
                 "-c",
                 "1",
@@ -293,7 +313,9 @@ impl Sandbox {
 
     /// Stops, cleans up, and checks nothing is left: no VMM process, no TAP, no run
     /// directory. Then removes the namespace.
-    pub async fn teardown(self, pid: Option<u32>) -> Result<()> {
+    pub async fn teardown(mut self, pid: Option<u32>) -> Result<()> {
+        // From here on the checks below decide; Drop must not kill a reused pid.
+        self.vmm_pid = None;
         self.hv.stop().await.context("stop")?;
         self.hv.cleanup().await.context("cleanup")?;
         if let Some(pid) = pid {
@@ -310,7 +332,9 @@ impl Sandbox {
             taps.is_empty(),
             "TAP devices left in the namespace: {taps:?}"
         );
-        self.ns.delete().context("deleting the namespace")?;
+        if let Some(ns) = self.ns.take() {
+            ns.delete().context("deleting the namespace")?;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,176 @@
+//! `configure_interface`, carried out with the `ip` tool (busybox in the guest).
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+
+use guest_agent::protocol::{parse_cidr, ConfiguredInterface, InterfaceConfig};
+
+use crate::interfaces;
+
+/// The `ip` program; `PATH` is searched.
+const IP: &str = "ip";
+
+/// Finds the interface with `config.mac` and applies `config`: MTU, then the
+/// addresses (replacing existing ones), link up, then routes.
+pub fn configure(sys_root: &Path, config: &InterfaceConfig) -> Result<ConfiguredInterface, String> {
+    let commands = plan_for_validated(config)?;
+    let name = interfaces::find_by_mac(sys_root, &config.mac)?
+        .ok_or_else(|| format!("No interface has MAC {}", config.mac))?;
+    for args in commands(&name) {
+        run_ip(&args)?;
+    }
+    Ok(ConfiguredInterface { name })
+}
+
+/// Checks `config` and returns the `ip` argument lists for an interface name.
+fn plan_for_validated(
+    config: &InterfaceConfig,
+) -> Result<impl Fn(&str) -> Vec<Vec<String>> + '_, String> {
+    for address in &config.addresses {
+        parse_cidr(address)
+            .ok_or_else(|| format!("Address {address:?} is not in CIDR notation"))?;
+    }
+    if let Some(mtu) = config.mtu {
+        if !(68..=65535).contains(&mtu) {
+            return Err(format!("MTU {mtu} is outside 68..=65535"));
+        }
+    }
+    for route in &config.routes {
+        if route.dest != "default" && parse_cidr(&route.dest).is_none() {
+            return Err(format!(
+                "Route destination {:?} is neither \"default\" nor CIDR",
+                route.dest
+            ));
+        }
+        if let Some(gateway) = &route.gateway {
+            gateway
+                .parse::<IpAddr>()
+                .map_err(|_| format!("Route gateway {gateway:?} is not an IP address"))?;
+        }
+    }
+    Ok(move |name: &str| plan(config, name))
+}
+
+/// The `ip` invocations that apply `config` to interface `name`, in order.
+fn plan(config: &InterfaceConfig, name: &str) -> Vec<Vec<String>> {
+    let words = |list: &[&str]| {
+        list.iter()
+            .map(|word| (*word).to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut commands = Vec::new();
+    if let Some(mtu) = config.mtu {
+        commands.push(words(&[
+            "link",
+            "set",
+            "dev",
+            name,
+            "mtu",
+            &mtu.to_string(),
+        ]));
+    }
+    commands.push(words(&["addr", "flush", "dev", name]));
+    for address in &config.addresses {
+        commands.push(words(&["addr", "add", address, "dev", name]));
+    }
+    commands.push(words(&["link", "set", "dev", name, "up"]));
+    for route in &config.routes {
+        let mut command = words(&["route", "replace", &route.dest]);
+        if let Some(gateway) = &route.gateway {
+            command.extend(words(&["via", gateway]));
+        }
+        command.extend(words(&["dev", name]));
+        commands.push(command);
+    }
+    commands
+}
+
+fn run_ip(args: &[String]) -> Result<(), String> {
+    let shown = format!("{IP} {}", args.join(" "));
+    let output = Command::new(IP)
+        .args(args)
+        .output()
+        .map_err(|e| format!("Running `{shown}`: {e}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`{shown}` failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_agent::protocol::RouteConfig;
+
+    fn config() -> InterfaceConfig {
+        InterfaceConfig {
+            mac: "02:00:00:00:00:10".into(),
+            addresses: vec!["10.0.0.2/24".into(), "fd00::2/64".into()],
+            mtu: Some(1400),
+            routes: vec![
+                RouteConfig {
+                    dest: "default".into(),
+                    gateway: Some("10.0.0.1".into()),
+                },
+                RouteConfig {
+                    dest: "192.168.7.0/24".into(),
+                    gateway: None,
+                },
+            ],
+        }
+    }
+
+    fn joined(commands: Vec<Vec<String>>) -> Vec<String> {
+        commands.into_iter().map(|c| c.join(" ")).collect()
+    }
+
+    #[test]
+    fn plan_sets_mtu_replaces_addresses_then_brings_up_and_routes() {
+        assert_eq!(
+            joined(plan(&config(), "eth0")),
+            [
+                "link set dev eth0 mtu 1400",
+                "addr flush dev eth0",
+                "addr add 10.0.0.2/24 dev eth0",
+                "addr add fd00::2/64 dev eth0",
+                "link set dev eth0 up",
+                "route replace default via 10.0.0.1 dev eth0",
+                "route replace 192.168.7.0/24 dev eth0",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_input_is_rejected_before_anything_runs() {
+        let mut bad = config();
+        bad.addresses.push("10.0.0.3".into());
+        assert!(plan_for_validated(&bad).err().unwrap().contains("CIDR"));
+        let mut bad = config();
+        bad.mtu = Some(20);
+        assert!(plan_for_validated(&bad).err().unwrap().contains("MTU"));
+        let mut bad = config();
+        bad.routes[0].gateway = Some("gw; reboot".into());
+        assert!(plan_for_validated(&bad).err().unwrap().contains("gateway"));
+        assert!(plan_for_validated(&config()).is_ok());
+    }
+
+    #[test]
+    fn unknown_mac_is_an_error() {
+        let sys = tempfile::tempdir().unwrap();
+        crate::interfaces::tests::fake_interface(
+            sys.path(),
+            "eth0",
+            "02:00:00:00:00:11",
+            "0x1003",
+            1500,
+            1,
+        );
+        let error = configure(sys.path(), &config()).unwrap_err();
+        assert_eq!(error, "No interface has MAC 02:00:00:00:00:10");
+    }
+}

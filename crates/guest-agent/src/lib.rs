@@ -1,0 +1,37 @@
+//! Guest agent for test and demo guests: protocol types, and a host-side client.
+//!
+//! The agent (binary `guest-agent`, built static and placed at `/sbin/guest-agent`
+//! in the initramfs by `scripts/guest-assets.sh`) serves newline-delimited JSON
+//! on the virtio-serial port `agent.0` and, when the guest has a vsock device, on
+//! AF_VSOCK port 1024 (`agent.port=` on the kernel command line changes it).
+//! It reports health, lists and configures network interfaces and runs programs;
+//! see `PROTOCOL.md` beside this crate's manifest.
+//!
+//! This crate owns the wire format and both ends of it. The library needs only
+//! serde; the binary only std, serde and nix, so it stays small and static. The
+//! optional `client` feature adds [`client::AgentClient`] on tokio. Nothing here
+//! may depend on the hypervisor crates: they depend on this one.
+//!
+//! ```
+//! use guest_agent::protocol::{to_line, HealthInfo, Request, RequestBody, Response};
+//!
+//! let line = to_line(&Request { id: 1, body: RequestBody::Health });
+//! assert_eq!(line, "{\"id\":1,\"type\":\"health\"}\n");
+//!
+//! let answer: Response = serde_json::from_str(
+//!     r#"{"id":1,"result":{"version":"0.1.0","uptime_ms":2100,"agent_uptime_ms":40}}"#,
+//! ).unwrap();
+//! let health: HealthInfo = answer.into_result().unwrap();
+//! assert_eq!(health.version, "0.1.0");
+//! ```
+#![warn(missing_docs)]
+
+pub mod protocol;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+pub use protocol::{
+    ConfiguredInterface, ExecOutput, ExecRequest, HealthInfo, InterfaceConfig, InterfaceInfo,
+    Outcome, Request, RequestBody, Response, RouteConfig,
+};

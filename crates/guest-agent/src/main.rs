@@ -1,2 +1,0 @@
-//! Guest agent.
-fn main() {}
