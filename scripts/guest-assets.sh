@@ -33,6 +33,7 @@ MODULES=(
     virtio_net virtio_blk
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
     virtio_console
+    evdev button
 )
 
 DEB_DIR=$GUEST_DIR/debs
@@ -166,6 +167,9 @@ done </lib/modules/load-order
 ip link set lo up
 hostname guest
 
+# The ACPI power button (QMP system_powerdown) powers the guest off at once.
+acpid -c /etc/acpi -l /dev/null -p /run/acpid.pid
+
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     guest.debug_shell=1) setsid cttyhack sh </dev/console >/dev/console 2>&1 & ;;
@@ -217,6 +221,9 @@ build_initramfs() {
     done
 
     write_init "$STAGING/init"
+    mkdir -p "$STAGING/etc/acpi/PWRF"
+    printf '#!/bin/sh\npoweroff -f\n' >"$STAGING/etc/acpi/PWRF/00000080"
+    chmod 0755 "$STAGING/etc/acpi/PWRF/00000080"
     echo "root:x:0:0:root:/root:/bin/sh" >"$STAGING/etc/passwd"
 
     (cd "$STAGING" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
