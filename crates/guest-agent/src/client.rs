@@ -127,8 +127,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// How long one vsock `connect` may take.
 const VSOCK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and longest wait for a `health` answer in [`AgentClient::wait_ready`].
-const READY_FIRST_ATTEMPT: Duration = Duration::from_millis(200);
-const READY_MAX_ATTEMPT: Duration = Duration::from_secs(1);
+const READY_FIRST_ATTEMPT: Duration = Duration::from_millis(50);
+const READY_MAX_ATTEMPT: Duration = Duration::from_millis(100);
 
 /// Async client of the guest agent. Calls take `&mut self`: one request at a time.
 pub struct AgentClient {
