@@ -16,7 +16,7 @@ use hypervisor::{
 use serde_json::json;
 use slog::{info, warn};
 
-use crate::cmdline::{AgentArgs, BlockArgs, CmdlineSpec, Machine, NicArgs};
+use crate::cmdline::{Accel, AgentArgs, BlockArgs, CmdlineSpec, Machine, NicArgs};
 use crate::process::{self, QemuProcess};
 use crate::qmp::QmpClient;
 use crate::{ColdDevice, QemuHypervisor, RootPort, RunDir, Shared, BACKEND};
@@ -349,11 +349,115 @@ impl QemuHypervisor {
                 "run_dir": run.dir,
                 "qmp_socket": run.qmp(),
                 "machine": inner.machine.map(Machine::as_str),
+                "accel": inner.accel.map(Accel::as_str),
+                "agent": inner.agent,
                 "ports": inner.ports.iter().map(|p| json!({
                     "id": p.id, "slot": p.slot, "used_by": p.used_by,
                 })).collect::<Vec<_>>(),
             }),
         })
+    }
+
+    /// Re-attaches to a QEMU that an earlier runtime process started, from the state that
+    /// process saved with [`save_state`](hypervisor::Hypervisor::save_state): reconnects to
+    /// its QMP socket, reads whether it runs or is paused, and watches its pid for exit.
+    pub async fn restore(
+        log: slog::Logger,
+        opts: crate::QemuOptions,
+        saved: SavedState,
+    ) -> Result<QemuHypervisor> {
+        if saved.backend != BACKEND {
+            return Err(ConfigError::new(
+                "backend",
+                format!(
+                    "saved state is for the {} backend, not {BACKEND}",
+                    saved.backend
+                ),
+            )
+            .into());
+        }
+        if !saved.state.is_alive() {
+            return Err(Error::InvalidState {
+                operation: Operation::Start,
+                state: saved.state,
+            });
+        }
+        let data = &saved.backend_data;
+        let field = |name: &str| {
+            data[name].as_str().map(String::from).ok_or_else(|| {
+                ConfigError::new(
+                    format!("backend_data.{name}"),
+                    "missing from the saved state",
+                )
+            })
+        };
+        let run = RunDir {
+            dir: PathBuf::from(field("run_dir")?),
+        };
+        let machine = Machine::parse(&field("machine")?)
+            .ok_or_else(|| ConfigError::new("backend_data.machine", "unknown machine type"))?;
+        let accel = match field("accel")?.as_str() {
+            "kvm" => Accel::Kvm,
+            _ => Accel::Tcg,
+        };
+        let agent: AgentAddress = serde_json::from_value(data["agent"].clone())
+            .map_err(|e| ConfigError::new("backend_data.agent", e))?;
+        let ports = data["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(RootPort {
+                    id: p["id"].as_str()?.to_string(),
+                    slot: u8::try_from(p["slot"].as_u64()?).ok()?,
+                    used_by: p["used_by"]
+                        .as_str()
+                        .and_then(|id| hypervisor::DeviceId::new(id).ok()),
+                })
+            })
+            .collect();
+
+        let pid = saved.pids.vmm;
+        let child = process::watch_pid(pid)
+            .map_err(|e| Error::backend(format!("Watching QEMU pid {pid}"), e))?;
+        let qmp = QmpClient::connect(&run.qmp(), opts.qmp_timeout)
+            .await
+            .map_err(|e| Error::backend(format!("Re-attaching to QEMU pid {pid}"), e))?;
+        let status = qmp
+            .execute("query-status", None, opts.qmp_timeout)
+            .await
+            .map_err(|e| Error::backend("Querying QEMU's run state", e))?;
+        let state = if status["running"].as_bool() == Some(true) {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+
+        let hv = QemuHypervisor::new(log, opts);
+        {
+            let mut st = hv.shared.status();
+            st.state = state;
+            st.pids = Some(saved.pids.clone());
+        }
+        spawn_exit_watch(hv.shared.clone(), &child, hv.log.clone());
+        {
+            let mut inner = hv.inner.lock().await;
+            inner.spec = Some(saved.sandbox.clone());
+            inner.machine = Some(machine);
+            inner.accel = Some(accel);
+            inner.agent = Some(agent);
+            inner.run = Some(run);
+            inner.hot = saved
+                .devices
+                .iter()
+                .map(|d| (d.id.clone(), d.clone()))
+                .collect();
+            inner.ports = ports;
+            inner.qmp = Some(Arc::new(qmp));
+            inner.process = Some(child);
+        }
+        info!(hv.log, "re-attached"; "sandbox" => &saved.sandbox.id, "pid" => pid, "state" => state.to_string());
+        Ok(hv)
     }
 
     pub(crate) async fn do_cleanup(&self) -> Result<()> {
@@ -459,6 +563,7 @@ async fn vcpu_threads(qmp: &QmpClient, timeout: Duration) -> Vec<u32> {
 fn spawn_exit_watch(shared: Arc<Shared>, child: &QemuProcess, log: slog::Logger) {
     let mut exited = child.exited.clone();
     let output = child.output.clone();
+    let status_known = child.status_known;
     tokio::spawn(async move {
         let Ok(status) = exited
             .wait_for(Option::is_some)
@@ -470,6 +575,11 @@ fn spawn_exit_watch(shared: Arc<Shared>, child: &QemuProcess, log: slog::Logger)
         let stopping = shared.stopping.load(Ordering::SeqCst);
         let reason = if stopping {
             ExitReason::Stopped
+        } else if !status_known {
+            ExitReason::Crashed(
+                "QEMU exited while re-attached; only its original parent can read its status"
+                    .into(),
+            )
         } else if status.signal().is_some() {
             ExitReason::Killed
         } else if status.code() == Some(0) {
@@ -479,8 +589,8 @@ fn spawn_exit_watch(shared: Arc<Shared>, child: &QemuProcess, log: slog::Logger)
         };
         let exit = VmExit {
             reason,
-            code: status.code(),
-            signal: status.signal(),
+            code: status.code().filter(|_| status_known),
+            signal: status.signal().filter(|_| status_known),
         };
         info!(log, "QEMU exited"; "how" => exit.to_string());
         shared.set_state(VmState::Stopped);

@@ -78,6 +78,9 @@ impl OutputTail {
 pub struct QemuProcess {
     /// Its pid.
     pub pid: u32,
+    /// Whether `exited` carries QEMU's real status: false for a QEMU this process did not
+    /// spawn (re-attached after a runtime restart), whose status only its parent can read.
+    pub status_known: bool,
     /// Set once it exited, with the status, after its output was fully read.
     pub exited: watch::Receiver<Option<ExitStatus>>,
     /// Its last output lines.
@@ -163,6 +166,7 @@ impl Pending {
         });
         QemuProcess {
             pid: self.pid,
+            status_known: true,
             exited,
             output: self.output,
             _reaper: reaper,
@@ -197,4 +201,35 @@ async fn copy_lines(stream: impl AsyncRead + Unpin, log: Arc<Mutex<File>>, tail:
         }
         tail.push(line);
     }
+}
+
+/// Watches a QEMU this process did not spawn (re-attached after a runtime restart) through a
+/// pidfd, which becomes readable when the process exits.
+pub fn watch_pid(pid: u32) -> std::io::Result<QemuProcess> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1; no
+    // memory is shared with the kernel.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor the kernel just created for us and nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    // SAFETY: the AsyncFd owns `fd`, so the descriptor stays open while it is registered.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)?;
+    let (tx, exited) = watch::channel(None);
+    let reaper = tokio::spawn(async move {
+        let _ = fd.readable().await;
+        tx.send_replace(Some(ExitStatus::from_raw(0)));
+    });
+    Ok(QemuProcess {
+        pid,
+        status_known: false,
+        exited,
+        output: OutputTail::default(),
+        _reaper: reaper,
+    })
 }

@@ -231,3 +231,49 @@ async fn an_unknown_machine_type_is_rejected() {
     assert_eq!(c.field, "machine_type");
     assert!(c.problem.contains("q35"), "{c}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_runtime_reattaches_from_saved_state() {
+    let assets = GuestAssets::find();
+    let mut sb = Sandbox::prepare(&QEMU, QEMU.config(&assets)).await.unwrap();
+    let mut nic = sb.tap(1, 1).unwrap();
+    sb.hv
+        .add_device(Device {
+            id: DeviceId::new("net0").unwrap(),
+            config: DeviceConfig::Network(nic.take_config()),
+        })
+        .await
+        .unwrap();
+    sb.start().await.unwrap();
+    sb.configure(&nic).await.unwrap();
+    sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // The runtime "restarts": its state goes through JSON, the old handle is dropped.
+    let saved = sb.hv.save_state().await.unwrap();
+    let json = serde_json::to_string(&saved).unwrap();
+    let saved: hypervisor::SavedState = serde_json::from_str(&json).unwrap();
+    let pid = saved.pids.vmm;
+    sb.hv = QEMU.create(sb.run_root.path());
+    let restored: Arc<dyn Hypervisor> = Arc::new(
+        QemuHypervisor::restore(test_logger(), Qemu::options(sb.run_root.path()), saved)
+            .await
+            .unwrap(),
+    );
+    sb.hv = restored;
+    assert_eq!(sb.hv.state().await, hypervisor::VmState::Running);
+    assert_eq!(sb.hv.pids().await.unwrap().vmm, pid);
+
+    // The re-attached handle controls the same QEMU.
+    sb.hv.pause().await.unwrap();
+    assert!(
+        !sb.ping_once(&nic.guest_ip).await,
+        "a paused guest answered"
+    );
+    sb.hv.resume().await.unwrap();
+    sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
+        .await
+        .unwrap();
+    sb.teardown(Some(pid)).await.unwrap();
+}
