@@ -11,6 +11,7 @@ packages=(
     cpio gzip                    # initramfs
     file                         # checks the guest agent is static
     iputils-ping                 # ping from test namespaces
+    ethtool                      # offload checks in the netdev tests
     util-linux                   # setpriv, nsenter
     procps                       # pgrep, ps
 )
