@@ -5,6 +5,7 @@
 //! namespace it creates and removes, and checks what a user could observe: ping answers from
 //! the namespace, the guest agent's view, `/proc/PID/fd`, leftover devices and files.
 
+pub mod cni;
 pub mod scenarios;
 
 use std::io::Write;
@@ -164,6 +165,17 @@ impl Sandbox {
         require_root();
         let id = unique_name("sb");
         let ns = netdev::NetNs::create(&id).context("creating the sandbox namespace")?;
+        Self::prepare_in(backend, config, id, ns).await
+    }
+
+    /// Prepares a VM with `config` in an existing namespace, which the sandbox then owns.
+    pub async fn prepare_in(
+        backend: &dyn Backend,
+        config: HypervisorConfig,
+        id: String,
+        ns: netdev::NetNs,
+    ) -> Result<Sandbox> {
+        require_root();
         let run_root = tempfile::tempdir()?;
         let hv = backend.create(run_root.path());
         let spec = SandboxSpec {

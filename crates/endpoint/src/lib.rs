@@ -1,0 +1,291 @@
+//! Network endpoints of a sandbox.
+//!
+//! In a real deployment nobody hands the runtime a TAP: containerd runs a CNI plugin, which
+//! leaves a network namespace holding an interface (usually a veth) with an address, a MAC and
+//! routes. This crate turns each such interface into something a VM can use, the way Kata's
+//! "tcfilter" model does:
+//!
+//! 1. [`scan`] reads the namespace over route netlink (interfaces, addresses, routes);
+//! 2. [`attach_all`] creates a TAP per interface with [`netdev`] (MTU copied, multi-queue when
+//!    asked), adds an ingress qdisc on both and a `mirred` redirect filter in each direction,
+//!    so every frame arriving on the interface leaves through the TAP and the other way round;
+//! 3. the hypervisor gets the TAP's queue fds with the interface's MAC as the guest MAC, and
+//!    the guest agent gives the guest NIC the interface's addresses and the namespace's routes
+//!    ([`GuestInterface`]);
+//! 4. [`Endpoint::detach`] removes exactly what attach added (the qdiscs, with their filters,
+//!    and the TAP); the interface and the namespace belong to CNI and are left as they were.
+//!
+//! Attach is all or nothing: a failure half-way undoes the steps done.
+//!
+//! Supported kinds: veth, macvlan and ipvlan (a redirect works on any of them). Other kinds
+//! are reported as unsupported instead of being skipped.
+//!
+//! This crate depends on no VMM: it produces [`hypervisor::device::NetworkConfig`]s.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn run() -> endpoint::Result<()> {
+//! use std::path::Path;
+//! let ns = endpoint::NetnsHandle::connect(Path::new("/run/netns/pod1")).await?;
+//! let endpoints = endpoint::attach_all(&ns, &endpoint::AttachOptions::default()).await?;
+//! for ep in &endpoints {
+//!     println!("{} -> {} for guest MAC {}", ep.interface.name, ep.tap_name, ep.guest.mac);
+//!     // hand ep.network to Hypervisor::add_device, ep.guest to the agent
+//! }
+//! for ep in endpoints {
+//!     ep.detach(&ns).await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod netlink;
+mod scan;
+mod tc;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hypervisor::device::{NetworkBackend, NetworkConfig};
+use hypervisor::MacAddress;
+
+pub use netlink::NetnsHandle;
+pub use scan::{scan, Interface, InterfaceKind, IpNet, NetnsSnapshot, Route};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The namespace path does not exist.
+    #[error("network namespace {} does not exist; pass the path CNI prepared (/run/netns/NAME or /proc/PID/ns/net)", .0.display())]
+    NetnsNotFound(PathBuf),
+    /// Entering the namespace failed.
+    #[error("entering network namespace {}", netns.display())]
+    Namespace {
+        /// The namespace.
+        netns: PathBuf,
+        /// The cause.
+        #[source]
+        source: netdev::Error,
+    },
+    /// The namespace holds no interface to connect.
+    #[error("network namespace {} has no interface besides lo; run the CNI plugin (ADD) first", .0.display())]
+    NoInterfaces(PathBuf),
+    /// An interface kind this crate cannot connect.
+    #[error("interface {name} is a {kind}, which cannot be connected to a VM; supported: veth, macvlan, ipvlan")]
+    Unsupported {
+        /// Interface name.
+        name: String,
+        /// Its kind.
+        kind: String,
+    },
+    /// The interface already has an ingress qdisc that is not ours.
+    #[error("interface {0} already has an ingress qdisc; another tool owns its ingress, so it cannot be redirected")]
+    IngressBusy(String),
+    /// The interface disappeared during attach.
+    #[error("interface {0} disappeared while it was being attached")]
+    Vanished(String),
+    /// A netlink request failed.
+    #[error("{step}: {message}")]
+    Netlink {
+        /// What was being done.
+        step: String,
+        /// The kernel's or the library's message.
+        message: String,
+    },
+    /// Creating the TAP failed.
+    #[error("creating the TAP for {interface}")]
+    Tap {
+        /// The interface the TAP is for.
+        interface: String,
+        /// The cause.
+        #[source]
+        source: netdev::Error,
+    },
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How to attach.
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    /// Queue pairs of each TAP (and guest NIC).
+    pub queues: u16,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions { queues: 1 }
+    }
+}
+
+/// What the guest agent must configure on the NIC with `mac`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInterface {
+    /// The guest NIC's MAC: the interface's own.
+    pub mac: MacAddress,
+    /// Addresses with prefix length, as `10.1.0.5/24`.
+    pub addresses: Vec<String>,
+    /// MTU.
+    pub mtu: u32,
+    /// Routes through this interface: destination (`default` or a CIDR) and gateway.
+    pub routes: Vec<(String, Option<String>)>,
+}
+
+/// One attached interface.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The CNI-created interface.
+    pub interface: Interface,
+    /// The TAP connected to it.
+    pub tap_name: String,
+    tap_index: u32,
+    /// The device to give the hypervisor (TAP queue fds, guest MAC, queues, MTU).
+    pub network: NetworkConfig,
+    /// What the guest should configure.
+    pub guest: GuestInterface,
+}
+
+/// Scans the namespace and attaches every interface in it. All or nothing.
+pub async fn attach_all(ns: &NetnsHandle, opts: &AttachOptions) -> Result<Vec<Endpoint>> {
+    let snapshot = scan(ns).await?;
+    let candidates: Vec<&Interface> = snapshot
+        .interfaces
+        .iter()
+        .filter(|i| !matches!(i.kind, InterfaceKind::Loopback | InterfaceKind::Tap))
+        .collect();
+    if candidates.is_empty() {
+        return Err(Error::NoInterfaces(ns.netns.clone()));
+    }
+    if let Some(bad) = candidates.iter().find(|i| !i.kind.is_connectable()) {
+        return Err(Error::Unsupported {
+            name: bad.name.clone(),
+            kind: bad.kind.to_string(),
+        });
+    }
+    let mut done: Vec<Endpoint> = Vec::new();
+    for (n, iface) in candidates.into_iter().enumerate() {
+        match attach_one(ns, iface, &snapshot, n, opts).await {
+            Ok(ep) => done.push(ep),
+            Err(e) => {
+                for ep in done {
+                    let _ = ep.detach(ns).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+async fn attach_one(
+    ns: &NetnsHandle,
+    iface: &Interface,
+    snapshot: &NetnsSnapshot,
+    n: usize,
+    opts: &AttachOptions,
+) -> Result<Endpoint> {
+    let mac = iface.mac.ok_or_else(|| Error::Unsupported {
+        name: iface.name.clone(),
+        kind: format!("{} without a MAC address", iface.kind),
+    })?;
+    let tap_name = format!("tap{n}_kata");
+    let (netns, name, queues, mtu) = (ns.netns.clone(), tap_name.clone(), opts.queues, iface.mtu);
+    let tap = tokio::task::spawn_blocking(move || {
+        netdev::TapBuilder::new(name)
+            .queues(usize::from(queues))
+            .multi_queue(queues > 1)
+            .mtu(mtu)
+            .up(true)
+            .must_create(true)
+            .netns(netns)
+            .create()
+    })
+    .await
+    .map_err(|e| Error::Netlink {
+        step: "Creating a TAP".into(),
+        message: e.to_string(),
+    })?
+    .map_err(|source| Error::Tap {
+        interface: iface.name.clone(),
+        source,
+    })?;
+    let tap_index = tap.ifindex();
+
+    // From here, `tap` closing on an error path removes the TAP; qdiscs are undone below.
+    let mut added: Vec<u32> = Vec::new();
+    let wired = async {
+        tc::add_ingress(ns, iface.index, &iface.name).await?;
+        added.push(iface.index);
+        tc::add_ingress(ns, tap_index, &tap_name).await?;
+        added.push(tap_index);
+        tc::redirect(ns, iface.index, tap_index, &iface.name).await?;
+        tc::redirect(ns, tap_index, iface.index, &tap_name).await
+    }
+    .await;
+    if let Err(e) = wired {
+        for index in added {
+            let _ = tc::del_ingress(ns, index).await;
+        }
+        // The interface may have gone away under us: say so rather than the netlink errno.
+        if !scan(ns)
+            .await?
+            .interfaces
+            .iter()
+            .any(|i| i.index == iface.index)
+        {
+            return Err(Error::Vanished(iface.name.clone()));
+        }
+        return Err(e);
+    }
+
+    let routes = snapshot
+        .routes
+        .iter()
+        .filter(|r| r.oif == Some(iface.index))
+        .map(|r| {
+            (
+                r.dest
+                    .map_or_else(|| "default".to_string(), |d| d.to_string()),
+                r.gateway.map(|g| g.to_string()),
+            )
+        })
+        .collect();
+    let queues = tap.into_queues().into_iter().map(Arc::new).collect();
+    Ok(Endpoint {
+        interface: iface.clone(),
+        tap_name: tap_name.clone(),
+        tap_index,
+        network: NetworkConfig {
+            backend: NetworkBackend::TapFds {
+                name: tap_name,
+                queues,
+            },
+            guest_mac: mac,
+            queue_pairs: opts.queues,
+            queue_size: None,
+            mtu: Some(iface.mtu),
+        },
+        guest: GuestInterface {
+            mac,
+            addresses: iface.addresses.iter().map(ToString::to_string).collect(),
+            mtu: iface.mtu,
+            routes,
+        },
+    })
+}
+
+impl Endpoint {
+    /// Removes what attach added: the ingress qdiscs (with their filters) of the interface
+    /// and of the TAP, and this endpoint's TAP fds. The TAP itself disappears once the VMM's
+    /// copies are closed too; the interface is left as CNI made it.
+    pub async fn detach(self, ns: &NetnsHandle) -> Result<()> {
+        let first = tc::del_ingress(ns, self.interface.index).await;
+        // The TAP may already be gone (the VMM exited): its qdisc went with it.
+        let _ = tc::del_ingress(ns, self.tap_index).await;
+        drop(self.network);
+        first
+    }
+}

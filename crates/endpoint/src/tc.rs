@@ -1,0 +1,83 @@
+//! Ingress qdiscs and `mirred` redirect filters over route netlink.
+
+use std::time::Duration;
+
+use crate::{Error, NetnsHandle, Result};
+
+/// `ETH_P_ALL` in network byte order, as tc filters expect their protocol.
+const ALL_PROTOCOLS: u16 = (libc::ETH_P_ALL as u16).to_be();
+/// Filter priority of our redirects.
+const PRIORITY: u16 = 49152;
+/// Creating an ingress qdisc right after a device appears can fail with EBUSY while the
+/// kernel is still setting the device up; a few short retries get past it.
+const EBUSY_RETRIES: usize = 20;
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// Adds an ingress qdisc to `index`. An existing one is not ours to reuse.
+pub(crate) async fn add_ingress(ns: &NetnsHandle, index: u32, name: &str) -> Result<()> {
+    for attempt in 0.. {
+        match ns
+            .handle
+            .qdisc()
+            .add(index as i32)
+            .ingress()
+            .execute()
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if errno(&e) == Some(libc::EBUSY) && attempt < EBUSY_RETRIES => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                return Err(Error::IngressBusy(name.to_string()))
+            }
+            Err(e) => {
+                return Err(Error::Netlink {
+                    step: format!("Adding an ingress qdisc to {name}"),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Redirects every frame arriving on `from` out of `to`.
+pub(crate) async fn redirect(ns: &NetnsHandle, from: u32, to: u32, name: &str) -> Result<()> {
+    let step = || format!("Adding a redirect filter on {name}");
+    ns.handle
+        .traffic_filter(from as i32)
+        .add()
+        .ingress()
+        .priority(PRIORITY)
+        .protocol(ALL_PROTOCOLS)
+        .redirect(to)
+        .map_err(|e| Error::Netlink {
+            step: step(),
+            message: e.to_string(),
+        })?
+        .execute()
+        .await
+        .map_err(|e| Error::Netlink {
+            step: step(),
+            message: e.to_string(),
+        })
+}
+
+/// Deletes the ingress qdisc of `index`, and with it every filter attached to it.
+pub(crate) async fn del_ingress(ns: &NetnsHandle, index: u32) -> Result<()> {
+    let mut req = ns.handle.qdisc().del(index as i32);
+    let msg = req.message_mut();
+    msg.header.parent = netlink_packet_route::tc::TcHandle::INGRESS;
+    msg.header.handle = netlink_packet_route::tc::TcHandle::from(0xffff_0000);
+    req.execute().await.map_err(|e| Error::Netlink {
+        step: format!("Removing the ingress qdisc of interface {index}"),
+        message: e.to_string(),
+    })
+}
