@@ -282,10 +282,27 @@ impl Endpoint {
     /// and of the TAP, and this endpoint's TAP fds. The TAP itself disappears once the VMM's
     /// copies are closed too; the interface is left as CNI made it.
     pub async fn detach(self, ns: &NetnsHandle) -> Result<()> {
+        self.detach_with(ns, None).await
+    }
+
+    /// Like [`detach`](Self::detach), but the TAP fds are closed by `reaper` on its own
+    /// thread: the kernel's device teardown (an RCU grace period, ~16 ms) stays off the
+    /// caller's path, and the reaper's `flush` (or drop) waits for it, so nothing leaks.
+    pub async fn detach_with(
+        self,
+        ns: &NetnsHandle,
+        reaper: Option<&netdev::Reaper>,
+    ) -> Result<()> {
         let first = tc::del_ingress(ns, self.interface.index).await;
         // The TAP may already be gone (the VMM exited): its qdisc went with it.
         let _ = tc::del_ingress(ns, self.tap_index).await;
-        drop(self.network);
+        if let (Some(reaper), NetworkBackend::TapFds { queues, .. }) =
+            (reaper, self.network.backend)
+        {
+            // Fds still shared with someone else close when they drop theirs.
+            let owned = queues.into_iter().filter_map(|q| Arc::try_unwrap(q).ok());
+            reaper.close_fds(owned.collect());
+        }
         first
     }
 }
