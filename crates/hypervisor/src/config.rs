@@ -184,7 +184,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        let cases: [(&str, fn(&mut HypervisorConfig)); 5] = [
+        type Mutation = fn(&mut HypervisorConfig);
+        let cases: [(&str, Mutation); 5] = [
             ("vcpus", |c| c.vcpus = 0),
             ("memory_mib", |c| c.memory_mib = 8),
             ("initrd", |c| c.initrd = Some("initrd.img".into())),
