@@ -21,7 +21,7 @@ SHIM_FEATSETS := "" "--features qemu" "--features dragonball" "--features qemu,d
 
 export GUEST_DIR
 
-.PHONY: help build test check demo bench footprint guest-assets deps clean
+.PHONY: help build test check demo bench footprint guest-assets test-guest deps clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,7 +37,10 @@ deps: ## Install the Debian packages the tests and demo need
 guest-assets: deps ## Build the guest kernel + initramfs (with the agent) into .cache/guest
 	@scripts/guest-assets.sh
 
-test: deps guest-assets ## Run every test: unit, privileged (root), boundaries, VMs
+test-guest: deps ## Build the freestanding test guest into .cache/testguest (Dragonball VM tests)
+	$(MAKE) -C guest/testguest OUT=$(CURDIR)/.cache/testguest
+
+test: deps guest-assets test-guest ## Run every test: unit, privileged (root), boundaries, VMs
 	$(CARGO) test --workspace --all-features --no-fail-fast
 
 check: ## fmt, clippy -D warnings on every feature combination, docs -D warnings
@@ -55,6 +58,9 @@ check: ## fmt, clippy -D warnings on every feature combination, docs -D warnings
 
 demo: deps guest-assets ## Boot a sandbox, ping it, hotplug a NIC, tear down
 	@scripts/demo.sh
+
+footprint: ## Shim size, crate count, clean build time per backend set -> BENCHMARKS.md
+	@scripts/footprint.sh
 
 bench: deps guest-assets ## Run the benchmarks (results go in BENCHMARKS.md by hand)
 	$(CARGO) bench --workspace --all-features

@@ -14,6 +14,7 @@ packages=(
     ethtool                      # offload checks in the netdev tests
     util-linux                   # setpriv, nsenter
     procps                       # pgrep, ps
+    gcc binutils                 # the freestanding test guest (make test-guest)
 )
 
 missing=()

@@ -1,0 +1,212 @@
+//! The VMM's devices and their I/O dispatch.
+//!
+//! Legacy devices come from `dbs-legacy-devices`: a 16550 UART on COM1 (port 0x3f8, IRQ 4)
+//! whose output goes to the console log, and the i8042 controller, whose reset command
+//! (`out 0x64, 0xfe`) ends the VM as a guest shutdown. Guest port and MMIO accesses are
+//! routed by `dbs-device`'s [`IoManager`]; accesses nobody claims read as all-ones and
+//! writes are dropped, as on a PC bus with nothing behind it.
+//!
+//! virtio-mmio devices get a window and an interrupt line from [`MmioAllocator`]; the
+//! windows are announced to the guest on its command line (see [`crate::boot`]).
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use dbs_device::device_manager::IoManager;
+use dbs_device::resources::Resource;
+use dbs_device::DeviceIo;
+use dbs_legacy_devices::{
+    ConsoleHandler, EventFdTrigger, I8042Device, I8042DeviceMetrics, SerialDevice,
+};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::MmioWindow;
+use crate::error::{Error, Result};
+use crate::memory::MMIO_HOLE_START;
+
+/// COM1's I/O ports.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+/// The i8042 controller's ports, 0x60 (data) to 0x64 (command/status).
+pub const I8042_PORT: u16 = 0x60;
+/// Size of one virtio-mmio register window.
+pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
+/// First interrupt line for virtio-mmio devices (below are the PIT, keyboard, serial ports).
+pub const FIRST_DEVICE_IRQ: u32 = dbs_boot::layout::IRQ_BASE;
+/// Last interrupt line the IOAPIC routes for legacy devices.
+pub const LAST_DEVICE_IRQ: u32 = dbs_boot::layout::IRQ_MAX;
+
+/// Hands out virtio-mmio windows from the start of the 32-bit MMIO hole, one IRQ each.
+#[derive(Debug, Clone)]
+pub struct MmioAllocator {
+    next_base: u64,
+    next_irq: u32,
+}
+
+impl Default for MmioAllocator {
+    fn default() -> Self {
+        MmioAllocator {
+            next_base: MMIO_HOLE_START,
+            next_irq: FIRST_DEVICE_IRQ,
+        }
+    }
+}
+
+impl MmioAllocator {
+    /// The next free window, or an error when the interrupt lines are used up.
+    pub fn allocate(&mut self) -> Result<MmioWindow> {
+        if self.next_irq > LAST_DEVICE_IRQ {
+            return Err(Error::Device(format!(
+                "no interrupt line is left for another virtio-mmio device (lines {FIRST_DEVICE_IRQ}-{LAST_DEVICE_IRQ} are used)"
+            )));
+        }
+        let w = MmioWindow {
+            base: self.next_base,
+            size: VIRTIO_MMIO_WINDOW,
+            irq: self.next_irq,
+        };
+        self.next_base += VIRTIO_MMIO_WINDOW;
+        self.next_irq += 1;
+        Ok(w)
+    }
+}
+
+/// The devices of a running VM.
+pub struct Devices {
+    /// Port and MMIO dispatch, shared read-only with the vCPU threads.
+    pub io: Arc<IoManager>,
+    /// Written by the i8042 when the guest asks for a reset.
+    pub reset: EventFd,
+    /// COM1, kept to detach its output on teardown.
+    serial: Arc<Mutex<SerialDevice>>,
+    /// COM1's interrupt, registered with KVM as an irqfd.
+    _serial_irq: EventFd,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices").finish_non_exhaustive()
+    }
+}
+
+fn eventfd(what: &str) -> Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK)
+        .map_err(|e| Error::Device(format!("Creating the {what} eventfd: {e}")))
+}
+
+impl Devices {
+    /// Creates COM1 (writing to `console`) and the i8042, wired to `vm`'s interrupt lines.
+    pub fn new(vm: &VmFd, console: File) -> Result<Devices> {
+        let mut io = IoManager::new();
+
+        let serial_irq = eventfd("COM1 interrupt")?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| Error::kvm("Registering COM1's interrupt as an irqfd", e))?;
+        let irq_for_serial = serial_irq
+            .try_clone()
+            .map_err(|e| Error::Device(format!("Duplicating COM1's interrupt eventfd: {e}")))?;
+        let mut serial = SerialDevice::new(irq_for_serial);
+        serial.set_output_stream(Some(Box::new(console)));
+        let serial = Arc::new(Mutex::new(serial));
+        register(&mut io, "COM1", serial.clone(), COM1_PORT, 8)?;
+
+        let reset = eventfd("i8042 reset")?;
+        let reset_for_i8042 = reset
+            .try_clone()
+            .map_err(|e| Error::Device(format!("Duplicating the i8042 reset eventfd: {e}")))?;
+        let i8042 = I8042Device::new(
+            EventFdTrigger::new(reset_for_i8042),
+            Arc::new(I8042DeviceMetrics::default()),
+        );
+        register(&mut io, "i8042", Arc::new(Mutex::new(i8042)), I8042_PORT, 5)?;
+
+        Ok(Devices {
+            io: Arc::new(io),
+            reset,
+            serial,
+            _serial_irq: serial_irq,
+        })
+    }
+
+    /// Stops console output (closing the log file).
+    pub fn close_console(&self) {
+        if let Ok(mut s) = self.serial.lock() {
+            s.set_output_stream(None);
+        }
+    }
+}
+
+fn register(
+    io: &mut IoManager,
+    name: &str,
+    dev: Arc<dyn DeviceIo>,
+    base: u16,
+    size: u16,
+) -> Result<()> {
+    io.register_device_io(dev, &[Resource::PioAddressRange { base, size }])
+        .map_err(|e| {
+            Error::Device(format!(
+                "Registering {name} at ports {base:#x}+{size}: {e:?}"
+            ))
+        })
+}
+
+/// Handles a guest port read: the device's answer, or all-ones when nothing is there.
+pub fn pio_read(io: &IoManager, port: u16, data: &mut [u8]) {
+    if io.pio_read(port, data).is_err() {
+        data.fill(0xff);
+    }
+}
+
+/// Handles a guest port write; writes to unclaimed ports (such as POST code port 0x80) are
+/// dropped.
+pub fn pio_write(io: &IoManager, port: u16, data: &[u8]) {
+    let _ = io.pio_write(port, data);
+}
+
+/// Handles a guest MMIO read; unclaimed addresses read as all-ones.
+pub fn mmio_read(io: &IoManager, addr: u64, data: &mut [u8]) {
+    if io.mmio_read(addr, data).is_err() {
+        data.fill(0xff);
+    }
+}
+
+/// Handles a guest MMIO write; writes to unclaimed addresses are dropped.
+pub fn mmio_write(io: &IoManager, addr: u64, data: &[u8]) {
+    let _ = io.mmio_write(addr, data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmio_windows_are_consecutive_pages_with_their_own_irq() {
+        let mut a = MmioAllocator::default();
+        let w0 = a.allocate().unwrap();
+        let w1 = a.allocate().unwrap();
+        assert_eq!((w0.base, w0.size, w0.irq), (0xc000_0000, 0x1000, 5));
+        assert_eq!((w1.base, w1.irq), (0xc000_1000, 6));
+    }
+
+    #[test]
+    fn mmio_allocation_fails_when_irq_lines_run_out() {
+        let mut a = MmioAllocator::default();
+        for _ in FIRST_DEVICE_IRQ..=LAST_DEVICE_IRQ {
+            a.allocate().unwrap();
+        }
+        assert!(matches!(a.allocate(), Err(Error::Device(_))));
+    }
+
+    #[test]
+    fn unclaimed_ports_read_as_all_ones() {
+        let io = IoManager::new();
+        let mut b = [0u8; 2];
+        pio_read(&io, 0x2f8, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+        mmio_read(&io, 0xd000_0000, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+    }
+}
