@@ -284,5 +284,35 @@ async fn a_restarted_runtime_reattaches_from_saved_state() {
         .next()
         .and_then(|rest| rest.split_whitespace().next())
         .is_some_and(|s| s != "Z" && s != "X");
-    assert!(!running, "QEMU {pid} still runs after stop and cleanup: {state}");
+    assert!(
+        !running,
+        "QEMU {pid} still runs after stop and cleanup: {state}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_qemu_binary_is_named_and_leaves_nothing() {
+    let run_root = tempfile::tempdir().unwrap();
+    let hv = QEMU.create(run_root.path());
+    let id = workspace_tests::unique_name("bad");
+    hv.prepare(&SandboxSpec {
+        id: id.clone(),
+        netns: None,
+        config: HypervisorConfig {
+            path: Some("/nonexistent/qemu-system-x86_64".into()),
+            kernel: "/k".into(),
+            ..Default::default()
+        },
+    })
+    .await
+    .unwrap();
+    let err = hv.start(Duration::from_secs(10)).await.unwrap_err();
+    let chain = format!("{:#}", anyhow::Error::new(err));
+    assert!(chain.contains("/nonexistent/qemu-system-x86_64"), "{chain}");
+    assert_eq!(hv.state().await, hypervisor::VmState::Stopped);
+    hv.cleanup().await.unwrap();
+    assert!(
+        !run_root.path().join(&id).exists(),
+        "run directory left behind"
+    );
 }
