@@ -1,2 +1,289 @@
-//! `containerd-shim-kata-v2`.
-fn main() {}
+//! `containerd-shim-kata-v2`: the runtime shim, with its hypervisor backends chosen by cargo
+//! features.
+//!
+//! This binary owns the choice of backends (features `qemu`, the default, and `dragonball`;
+//! `make build HYPERVISOR=qemu|dragonball|all`), reading Kata's `configuration.toml` (the
+//! subset in `CONFIG.md`), and operator commands:
+//!
+//! - `sandbox run --config FILE [--netns PATH] [--id ID]` boots a sandbox VM with a TAP NIC,
+//!   gives the guest an address through its agent, prints the facts, and removes everything
+//!   it created on SIGINT or SIGTERM;
+//! - `sandbox hotplug-nic --id ID` hot-plugs one more NIC into a running sandbox;
+//! - `sandbox check [--config FILE]` says whether this host can run one.
+//!
+//! The containerd shim v2 protocol (`start`, `delete`, ttrpc) is not part of this build.
+//!
+//! Backend `cfg`s live only in [`backend`], the factory. Libraries below this binary return
+//! typed errors; `anyhow` is used here, at the edge.
+//!
+//! ```text
+//! $ containerd-shim-kata-v2 --version
+//! containerd-shim-kata-v2 0.1.0
+//! backends: qemu
+//! $ containerd-shim-kata-v2 sandbox run --config configs/configuration-qemu.toml
+//! ```
+
+mod backend;
+mod check;
+mod config;
+mod facts;
+mod logging;
+mod net;
+mod sandbox;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::facts::{ControlRequest, ControlResponse};
+use crate::logging::{LogFormat, LogLevel};
+
+/// Default parent of run directories.
+const DEFAULT_RUN_ROOT: &str = "/run/containerd-shim-kata-v2";
+
+/// The containerd shim v2 runtime for VM sandboxes (operator commands only in this build).
+#[derive(Debug, Parser)]
+#[command(name = "containerd-shim-kata-v2")]
+struct Cli {
+    /// Log record format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Lowest log level written.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info, global = true)]
+    log_level: LogLevel,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Operate one sandbox VM from the command line.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// containerd entry point: not implemented in this build.
+    Start,
+    /// containerd entry point: not implemented in this build.
+    Delete,
+}
+
+#[derive(Debug, Subcommand)]
+enum SandboxCommand {
+    /// Boot a sandbox, print its facts, stay until SIGINT/SIGTERM, then remove it.
+    Run(RunArgs),
+    /// Hot-plug one more NIC into a running sandbox and give the guest an address on it.
+    HotplugNic(TargetArgs),
+    /// Print the facts of a running sandbox.
+    Facts(TargetArgs),
+    /// Check that this host can run a sandbox (with this configuration).
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Kata configuration file (see CONFIG.md).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Existing network namespace (path or name under /run/netns). Without it the shim
+    /// creates `kata-ID` and deletes it at exit.
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// Sandbox id (default: sandbox-PID).
+    #[arg(long)]
+    id: Option<String>,
+    /// First /24 to try for the NICs: the TAP gets .1, the guest .2; the next NIC the next
+    /// free /24.
+    #[arg(long, default_value = "10.200.0.0/24")]
+    subnet: String,
+    /// Print the facts as one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Write the facts (JSON) to this file once the sandbox is up; removed at exit.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Seconds the VMM may take to come up.
+    #[arg(long, default_value_t = 60)]
+    boot_timeout: u64,
+    /// Seconds the guest agent may take to answer.
+    #[arg(long, default_value_t = 120)]
+    agent_timeout: u64,
+    #[command(flatten)]
+    root: RunRoot,
+}
+
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// Id of the running sandbox.
+    #[arg(long)]
+    id: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    root: RunRoot,
+}
+
+#[derive(Debug, Args)]
+struct RunRoot {
+    /// Parent of the run directories (sockets, logs, facts).
+    #[arg(long, default_value = DEFAULT_RUN_ROOT)]
+    run_root: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Kata configuration file: also check its backend and guest assets.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+/// `--version`: the crate version and the compiled-in backends.
+fn version_text() -> String {
+    let backends: Vec<String> = backend::compiled()
+        .into_iter()
+        .map(|b| {
+            if b.boots_vms() {
+                b.to_string()
+            } else {
+                format!("{b} (cannot boot VMs yet)")
+            }
+        })
+        .collect();
+    format!(
+        "{}\nbackends: {}",
+        env!("CARGO_PKG_VERSION"),
+        if backends.is_empty() {
+            "none (built with --no-default-features)".to_string()
+        } else {
+            backends.join(", ")
+        }
+    )
+}
+
+const NOT_IMPLEMENTED: &str = "the containerd shim v2 protocol is not implemented in this build: use `containerd-shim-kata-v2 sandbox run --config FILE`";
+
+/// containerd runs shims as `containerd-shim-kata-v2 -namespace NS -address A ... start`,
+/// with Go-style single-dash flags clap does not parse.
+fn is_containerd_invocation(args: &[String]) -> bool {
+    args.iter().skip(1).any(|a| {
+        a.len() > 2
+            && a.starts_with('-')
+            && !a.starts_with("--")
+            && a[1..].chars().all(|c| c.is_ascii_alphabetic() || c == '-')
+    })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if is_containerd_invocation(&args) {
+        eprintln!("containerd-shim-kata-v2: {NOT_IMPLEMENTED}");
+        return ExitCode::from(2);
+    }
+    let version = version_text();
+    let matches = Cli::command()
+        .version(version.clone().leak() as &str)
+        .get_matches_from(&args);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let (log, guard) = logging::init(cli.log_format, cli.log_level);
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(dispatch(&log, cli.command)));
+    let code = match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // JSON consumers get the error as a record; people get one plain line.
+            if cli.log_format == LogFormat::Json {
+                slog::error!(log, "failed"; "error" => format!("{e:#}"));
+            }
+            drop(log);
+            drop(guard);
+            if cli.log_format == LogFormat::Text {
+                eprintln!("containerd-shim-kata-v2: error: {e:#}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    drop(log);
+    drop(guard);
+    code
+}
+
+async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
+    match command {
+        Command::Start | Command::Delete => bail!(NOT_IMPLEMENTED),
+        Command::Sandbox(SandboxCommand::Run(a)) => {
+            let opts = sandbox::RunOptions {
+                config: a.config,
+                netns: a.netns,
+                id: a.id,
+                subnet: net::Subnet24::parse(&a.subnet)?,
+                json: a.json,
+                ready_file: a.ready_file,
+                run_root: a.root.run_root,
+                boot_timeout: Duration::from_secs(a.boot_timeout),
+                agent_timeout: Duration::from_secs(a.agent_timeout),
+            };
+            sandbox::run(log, opts).await
+        }
+        Command::Sandbox(SandboxCommand::HotplugNic(t)) => {
+            match sandbox::request(&t.root.run_root, &t.id, ControlRequest::HotplugNic).await? {
+                ControlResponse::Nic(n) if t.json => println!("{}", serde_json::to_string(&n)?),
+                ControlResponse::Nic(n) => println!("{} {}", n.id, n.human()),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Sandbox(SandboxCommand::Facts(t)) => {
+            match sandbox::request(&t.root.run_root, &t.id, ControlRequest::Facts).await? {
+                ControlResponse::Facts(f) if t.json => println!("{}", serde_json::to_string(&f)?),
+                ControlResponse::Facts(f) => println!("{}", f.human()),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Sandbox(SandboxCommand::Check(c)) => {
+            let lines = check::run(c.config.as_deref());
+            for l in &lines {
+                println!("{l}");
+            }
+            let failed = lines
+                .iter()
+                .filter(|l| l.status == check::Status::Fail)
+                .count();
+            if failed > 0 {
+                bail!("{failed} required check(s) failed");
+            }
+            println!("ok: this host can run a sandbox");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containerd_style_flags_are_recognized() {
+        let argv = |s: &str| -> Vec<String> { s.split(' ').map(String::from).collect() };
+        assert!(is_containerd_invocation(&argv(
+            "shim -namespace k8s.io -address /run/c.sock -id x start"
+        )));
+        assert!(!is_containerd_invocation(&argv(
+            "shim sandbox run -c f.toml"
+        )));
+        assert!(!is_containerd_invocation(&argv("shim --version")));
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

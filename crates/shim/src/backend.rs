@@ -1,0 +1,231 @@
+//! The backend factory: the one place that knows which backends this build contains.
+//!
+//! Every `#[cfg(feature = ...)]` that picks a hypervisor backend lives in this file and
+//! nowhere else. The rest of the shim asks [`compiled`], [`create`] and [`probe_host`], and
+//! gets a [`BackendError`] naming the cargo feature and the `make` knob when it asks for a
+//! backend this build does not carry.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hypervisor::{Accelerator, Hypervisor};
+
+/// A hypervisor backend, compiled in or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// QEMU as a child process (`hypervisor-qemu`).
+    Qemu,
+    /// The in-process Dragonball VMM (`hypervisor-dragonball`).
+    Dragonball,
+}
+
+impl BackendKind {
+    /// Every backend the shim knows of, compiled in or not.
+    pub const ALL: [BackendKind; 2] = [BackendKind::Qemu, BackendKind::Dragonball];
+
+    /// The name used in configuration files (`[hypervisor.NAME]`) and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Qemu => "qemu",
+            BackendKind::Dragonball => "dragonball",
+        }
+    }
+
+    /// The cargo feature of this crate that compiles the backend in.
+    pub fn feature(self) -> &'static str {
+        self.name()
+    }
+
+    /// Parses a configuration name.
+    pub fn parse(name: &str) -> Option<BackendKind> {
+        Self::ALL.into_iter().find(|b| b.name() == name)
+    }
+
+    /// Whether the backend, when compiled in, can boot VMs in this build.
+    pub fn boots_vms(self) -> bool {
+        match self {
+            BackendKind::Qemu => true,
+            BackendKind::Dragonball => false,
+        }
+    }
+
+    /// Whether this build contains the backend.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            BackendKind::Qemu => cfg!(feature = "qemu"),
+            BackendKind::Dragonball => cfg!(feature = "dragonball"),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The backends compiled into this build, in [`BackendKind::ALL`] order.
+pub fn compiled() -> Vec<BackendKind> {
+    BackendKind::ALL
+        .into_iter()
+        .filter(|b| b.is_compiled())
+        .collect()
+}
+
+/// Why a backend cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend exists but this build does not contain it.
+    #[error(
+        "the {:?} hypervisor is not compiled into this shim; rebuild with --features {} (make build HYPERVISOR={} or all)",
+        backend.name(), backend.feature(), backend.name()
+    )]
+    NotCompiled {
+        /// The backend asked for.
+        backend: BackendKind,
+    },
+    /// The backend is compiled in but cannot boot VMs in this build.
+    #[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
+    #[error("the {:?} backend cannot boot VMs yet in this build: {reason}", backend.name())]
+    NotBootable {
+        /// The backend asked for.
+        backend: BackendKind,
+        /// What is missing.
+        reason: &'static str,
+    },
+}
+
+/// Where a backend keeps its per-sandbox run directories.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Parent of the per-sandbox run directories.
+    pub run_root: PathBuf,
+}
+
+/// A backend handle in state `Created`.
+pub fn create(
+    kind: BackendKind,
+    log: &slog::Logger,
+    opts: &BackendOptions,
+) -> Result<Arc<dyn Hypervisor>, BackendError> {
+    match kind {
+        #[cfg(feature = "qemu")]
+        BackendKind::Qemu => {
+            let qemu_opts = hypervisor_qemu::QemuOptions {
+                run_root: opts.run_root.clone(),
+                ..Default::default()
+            };
+            Ok(Arc::new(hypervisor_qemu::QemuHypervisor::new(
+                log.clone(),
+                qemu_opts,
+            )))
+        }
+        #[cfg(feature = "dragonball")]
+        BackendKind::Dragonball => {
+            // `hypervisor-dragonball` does not implement the `Hypervisor` trait yet.
+            let _ = (log, &opts.run_root);
+            Err(BackendError::NotBootable {
+                backend: kind,
+                reason: DRAGONBALL_NOT_READY,
+            })
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            let _ = (log, &opts.run_root);
+            Err(BackendError::NotCompiled { backend: other })
+        }
+    }
+}
+
+#[cfg(feature = "dragonball")]
+const DRAGONBALL_NOT_READY: &str =
+    "hypervisor-dragonball does not implement the Hypervisor trait yet; use [hypervisor.qemu]";
+
+/// What a backend sees on this host.
+#[derive(Debug, Clone)]
+pub struct HostProbe {
+    /// The accelerator the backend would use and why, or why it cannot run.
+    pub accelerator: Result<(String, String), String>,
+    /// The VMM binary the backend runs, for backends that run one.
+    pub vmm_binary: Option<PathBuf>,
+    /// Whether `/dev/vhost-net` is usable, when the backend cares.
+    pub vhost_net: Option<bool>,
+    /// Whether `/dev/vhost-vsock` is usable, when the backend cares.
+    pub vhost_vsock: Option<bool>,
+}
+
+/// Probes the host as `kind` would, for `wanted` and the configured VMM `binary`.
+pub fn probe_host(
+    kind: BackendKind,
+    wanted: Accelerator,
+    binary: Option<&Path>,
+) -> Result<HostProbe, BackendError> {
+    match kind {
+        #[cfg(feature = "qemu")]
+        BackendKind::Qemu => {
+            let host = hypervisor_qemu::host::HostFeatures::probe();
+            Ok(HostProbe {
+                accelerator: host
+                    .choose_accel(wanted)
+                    .map(|(a, why)| (a.as_str().to_string(), why))
+                    .map_err(|e| e.to_string()),
+                vmm_binary: Some(
+                    binary
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| hypervisor_qemu::QemuOptions::default().default_binary),
+                ),
+                vhost_net: Some(host.vhost_net),
+                vhost_vsock: Some(host.vhost_vsock),
+            })
+        }
+        #[cfg(feature = "dragonball")]
+        BackendKind::Dragonball => {
+            let _ = (wanted, binary);
+            Err(BackendError::NotBootable {
+                backend: kind,
+                reason: DRAGONBALL_NOT_READY,
+            })
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            let _ = (wanted, binary);
+            Err(BackendError::NotCompiled { backend: other })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for b in BackendKind::ALL {
+            assert_eq!(BackendKind::parse(b.name()), Some(b));
+        }
+        assert_eq!(BackendKind::parse("firecracker"), None);
+    }
+
+    #[test]
+    fn a_backend_left_out_names_its_feature_and_make_knob() {
+        let err = BackendError::NotCompiled {
+            backend: BackendKind::Dragonball,
+        }
+        .to_string();
+        assert!(err.contains("--features dragonball"), "{err}");
+        assert!(
+            err.contains("make build HYPERVISOR=dragonball or all"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn compiled_matches_the_features() {
+        let got = compiled();
+        assert_eq!(got.contains(&BackendKind::Qemu), cfg!(feature = "qemu"));
+        assert_eq!(
+            got.contains(&BackendKind::Dragonball),
+            cfg!(feature = "dragonball")
+        );
+    }
+}

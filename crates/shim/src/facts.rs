@@ -1,0 +1,181 @@
+//! What `sandbox run` tells the operator: the sandbox's facts, printed for people or as
+//! JSON, and the control socket's small line protocol.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Keys of [`SandboxFacts::timings_ms`], in the order the steps run.
+pub const TIMING_ORDER: [&str; 5] = [
+    "prepare",
+    "vmm_start",
+    "agent_ready",
+    "guest_network",
+    "total",
+];
+
+/// One guest NIC and its host side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NicFacts {
+    /// Device id in the sandbox (`net0`).
+    pub id: String,
+    /// Host TAP name.
+    pub tap: String,
+    /// Host address on the TAP, with prefix.
+    pub host_address: String,
+    /// Guest address, with prefix.
+    pub guest_address: String,
+    /// Guest address alone, to ping.
+    pub guest_ip: String,
+    /// Guest MAC.
+    pub mac: String,
+    /// Interface name in the guest, as the agent reported it.
+    pub guest_interface: String,
+    /// Where the guest finds the device.
+    pub location: String,
+    /// Whether it was hot-plugged.
+    pub hotplugged: bool,
+    /// Milliseconds from asking to the guest having its address.
+    pub setup_ms: u64,
+}
+
+/// A running sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxFacts {
+    /// Sandbox id.
+    pub id: String,
+    /// Backend name.
+    pub backend: String,
+    /// Machine type in effect.
+    pub machine_type: Option<String>,
+    /// Accelerator in use (`kvm`, `tcg`), when the backend says.
+    pub accelerator: Option<String>,
+    /// The shim's pid (send SIGTERM here to stop the sandbox).
+    pub shim_pid: u32,
+    /// The VMM's pid.
+    pub vmm_pid: u32,
+    /// vCPU thread ids.
+    pub vcpu_threads: Vec<u32>,
+    /// Network namespace path.
+    pub netns: PathBuf,
+    /// Its name under `/run/netns`, when it has one (for `ip netns exec`).
+    pub netns_name: Option<String>,
+    /// Whether the shim created it (and deletes it at exit).
+    pub netns_owned: bool,
+    /// NICs, in the order they were added.
+    pub nics: Vec<NicFacts>,
+    /// Where the agent listens.
+    pub agent: String,
+    /// Guest console log.
+    pub console_log: Option<PathBuf>,
+    /// The control socket (`sandbox hotplug-nic`).
+    pub control_socket: PathBuf,
+    /// Step durations in milliseconds.
+    pub timings_ms: BTreeMap<String, u64>,
+}
+
+impl SandboxFacts {
+    /// The facts for people, several lines.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "sandbox {} is running (backend {}, machine {}, accelerator {})",
+            self.id,
+            self.backend,
+            self.machine_type.as_deref().unwrap_or("default"),
+            self.accelerator.as_deref().unwrap_or("unknown"),
+        );
+        let _ = writeln!(
+            s,
+            "  vmm pid       {} (vcpu threads: {})",
+            self.vmm_pid,
+            join(&self.vcpu_threads)
+        );
+        let _ = writeln!(
+            s,
+            "  netns         {} ({})",
+            self.netns.display(),
+            if self.netns_owned {
+                "created by the shim, deleted at exit"
+            } else {
+                "given, kept at exit"
+            }
+        );
+        for n in &self.nics {
+            let _ = writeln!(s, "  {:<13} {}", n.id, n.human());
+        }
+        let _ = writeln!(s, "  agent         {}", self.agent);
+        if let Some(c) = &self.console_log {
+            let _ = writeln!(s, "  console log   {}", c.display());
+        }
+        let _ = writeln!(s, "  control       {}", self.control_socket.display());
+        let timings: Vec<String> = TIMING_ORDER
+            .iter()
+            .filter_map(|k| self.timings_ms.get(*k).map(|v| format!("{k} {v} ms")))
+            .collect();
+        let _ = writeln!(s, "  timings       {}", timings.join(", "));
+        if let (Some(ns), Some(nic)) = (&self.netns_name, self.nics.first()) {
+            let _ = writeln!(
+                s,
+                "  try           ip netns exec {ns} ping -c 3 {}",
+                nic.guest_ip
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  hotplug       containerd-shim-kata-v2 sandbox hotplug-nic --id {}",
+            self.id
+        );
+        let _ = write!(s, "stop it with Ctrl-C or `kill -TERM {}`", self.shim_pid);
+        s
+    }
+}
+
+impl NicFacts {
+    /// One line for people.
+    pub fn human(&self) -> String {
+        format!(
+            "{} {} -> guest {} {} (mac {}, {}{}, {} ms)",
+            self.tap,
+            self.host_address,
+            self.guest_interface,
+            self.guest_address,
+            self.mac,
+            self.location,
+            if self.hotplugged { ", hot-plugged" } else { "" },
+            self.setup_ms
+        )
+    }
+}
+
+fn join(v: &[u32]) -> String {
+    if v.is_empty() {
+        return "unknown".into();
+    }
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// A request on the control socket: one JSON object per line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// The sandbox's facts.
+    Facts,
+    /// Create a TAP, hot-plug a NIC on it and give the guest an address.
+    HotplugNic,
+}
+
+/// The answer to a [`ControlRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlResponse {
+    /// Facts.
+    Facts(Box<SandboxFacts>),
+    /// The new NIC.
+    Nic(NicFacts),
+    /// The request failed; the text says why.
+    Error(String),
+}

@@ -1,0 +1,203 @@
+//! Host side of a sandbox's NICs: TAPs from `netdev`, one free /24 per NIC, addresses set
+//! with `ip` run inside the sandbox's namespace.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use hypervisor::device::{NetworkBackend, NetworkConfig};
+use hypervisor::MacAddress;
+
+/// A /24 that one NIC uses: the host is `.1` on the TAP, the guest `.2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet24(pub [u8; 3]);
+
+impl Subnet24 {
+    /// Parses `A.B.C.0/24` (or `A.B.C.D/24`, or `A.B.C.D`).
+    pub fn parse(text: &str) -> Result<Subnet24> {
+        let (addr, prefix) = text.split_once('/').unwrap_or((text, "24"));
+        ensure!(
+            prefix == "24",
+            "--subnet {text}: only /24 subnets are supported (host .1, guest .2)"
+        );
+        let ip: Ipv4Addr = addr
+            .parse()
+            .with_context(|| format!("--subnet {text}: {addr:?} is not an IPv4 address"))?;
+        let o = ip.octets();
+        Ok(Subnet24([o[0], o[1], o[2]]))
+    }
+
+    /// The `n`th /24 after this one (the third octet counts up), if it exists.
+    pub fn nth(self, n: u8) -> Option<Subnet24> {
+        let [a, b, c] = self.0;
+        c.checked_add(n).map(|c| Subnet24([a, b, c]))
+    }
+
+    /// The address `.last` in it.
+    pub fn host(self, last: u8) -> Ipv4Addr {
+        let [a, b, c] = self.0;
+        Ipv4Addr::new(a, b, c, last)
+    }
+
+    /// Whether it overlaps the network `addr/prefix`.
+    pub fn overlaps(self, addr: Ipv4Addr, prefix: u8) -> bool {
+        let prefix = u32::from(prefix.min(32)).min(24);
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
+        (u32::from(self.host(0)) & mask) == (u32::from(addr) & mask)
+    }
+}
+
+/// Runs `ip ARGS` inside the namespace `netns` and returns its stdout.
+pub fn ip_in(netns: &Path, args: &[&str]) -> Result<String> {
+    let owned: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = netdev::run_in(netns, move || Command::new("ip").args(&owned).output())
+        .with_context(|| format!("Entering network namespace {}", netns.display()))?
+        .with_context(|| "Running ip (install iproute2)".to_string())?;
+    ensure!(
+        out.status.success(),
+        "ip {} in {} failed: {}",
+        args.join(" "),
+        netns.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// IPv4 networks in use in `netns`, as (address, prefix length).
+pub fn used_networks(netns: &Path) -> Result<Vec<(Ipv4Addr, u8)>> {
+    let out = ip_in(netns, &["-j", "-4", "addr", "show"])?;
+    let links: serde_json::Value =
+        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
+            .context("Parsing `ip -j addr` output")?;
+    let mut used = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            let (Some(local), Some(prefix)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else {
+                continue;
+            };
+            if let Ok(ip) = local.parse() {
+                used.push((ip, prefix.min(32) as u8));
+            }
+        }
+    }
+    Ok(used)
+}
+
+/// The first /24 from `base` upwards that overlaps nothing in `used` or `taken`.
+pub fn free_subnet(
+    base: Subnet24,
+    used: &[(Ipv4Addr, u8)],
+    taken: &[Subnet24],
+) -> Result<Subnet24> {
+    for n in 0..=u8::MAX {
+        let Some(s) = base.nth(n) else { break };
+        if taken.contains(&s) || used.iter().any(|(a, p)| s.overlaps(*a, *p)) {
+            continue;
+        }
+        return Ok(s);
+    }
+    bail!(
+        "no free /24 from {}.0/24 upwards in the namespace; pass another --subnet",
+        base.host(0)
+    )
+}
+
+/// A TAP created for the guest, its addressing, and the device config handing its fds over.
+#[derive(Debug)]
+pub struct HostNic {
+    /// Interface name the kernel gave the TAP.
+    pub tap: String,
+    /// Its /24.
+    pub subnet: Subnet24,
+    /// The guest NIC's MAC.
+    pub mac: MacAddress,
+    /// The config with the only copies of the TAP fds; once the VMM holds its own, the TAP
+    /// lives as long as the VMM.
+    pub config: NetworkConfig,
+}
+
+/// Creates a TAP (`tap%d`) with `queues` queue pairs in `netns`, up, with `.1/24` of
+/// `subnet` on it.
+pub fn create_tap(netns: &Path, subnet: Subnet24, queues: u16, mac: MacAddress) -> Result<HostNic> {
+    let tap = netdev::TapBuilder::new("tap%d")
+        .queues(usize::from(queues))
+        .multi_queue(queues > 1)
+        .netns(netns)
+        .up(true)
+        .create()
+        .with_context(|| format!("Creating a TAP in {}", netns.display()))?;
+    let name = tap.name().to_string();
+    let host = format!("{}/24", subnet.host(1));
+    ip_in(netns, &["addr", "add", &host, "dev", &name])
+        .with_context(|| format!("Giving TAP {name} the address {host}"))?;
+    Ok(HostNic {
+        subnet,
+        mac,
+        config: NetworkConfig {
+            backend: NetworkBackend::TapFds {
+                name: name.clone(),
+                queues: tap.into_queues().into_iter().map(Arc::new).collect(),
+            },
+            guest_mac: mac,
+            queue_pairs: queues,
+            queue_size: None,
+            mtu: None,
+        },
+        tap: name,
+    })
+}
+
+/// Names of the TUN/TAP devices in `netns`.
+pub fn taps_in(netns: &Path) -> Result<Vec<String>> {
+    let out = ip_in(netns, &["-j", "link", "show", "type", "tun"])?;
+    let links: serde_json::Value =
+        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
+            .context("Parsing `ip -j link` output")?;
+    Ok(links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str().map(String::from))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets_parse_and_count_up() {
+        let s = Subnet24::parse("10.200.0.0/24").unwrap();
+        assert_eq!(s.host(2), Ipv4Addr::new(10, 200, 0, 2));
+        assert_eq!(s.nth(3), Some(Subnet24([10, 200, 3])));
+        assert_eq!(Subnet24([10, 200, 255]).nth(1), None);
+        assert!(Subnet24::parse("10.200.0.0/16").is_err());
+        assert!(Subnet24::parse("nope").is_err());
+    }
+
+    #[test]
+    fn a_used_network_is_skipped() {
+        let base = Subnet24([10, 200, 0]);
+        let used = [(Ipv4Addr::new(10, 200, 0, 7), 24)];
+        assert_eq!(
+            free_subnet(base, &used, &[]).unwrap(),
+            Subnet24([10, 200, 1])
+        );
+        // A wider network covers several /24s.
+        let wide = [(Ipv4Addr::new(10, 200, 0, 1), 22)];
+        assert_eq!(
+            free_subnet(base, &wide, &[]).unwrap(),
+            Subnet24([10, 200, 4])
+        );
+        assert_eq!(
+            free_subnet(base, &[], &[base]).unwrap(),
+            Subnet24([10, 200, 1])
+        );
+    }
+}

@@ -1,0 +1,353 @@
+//! `sandbox run` end to end with real QEMU guests (TCG where KVM is not usable), and
+//! `sandbox check` on this host. These need root and the guest assets of
+//! `make guest-assets`; without them they fail with the reason.
+#![cfg(feature = "qemu")]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kata-v2");
+const READY_LIMIT: Duration = Duration::from_secs(240);
+const EXIT_LIMIT: Duration = Duration::from_secs(60);
+
+fn require_root() {
+    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    assert_eq!(
+        uid.ok(),
+        Some(0),
+        "this test needs root: it creates network namespaces and TAP devices (run `sudo make test`)"
+    );
+}
+
+fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest"));
+    let dir = dir.canonicalize().unwrap_or(dir);
+    assert!(
+        dir.join("vmlinuz").exists() && dir.join("initramfs.img").exists(),
+        "guest assets are missing in {}: run `make guest-assets` first",
+        dir.display()
+    );
+    dir
+}
+
+fn config(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs")
+        .join(name)
+}
+
+fn shim() -> Command {
+    let mut c = Command::new(SHIM);
+    c.env("GUEST_DIR", guest_dir());
+    c
+}
+
+/// A `sandbox run` child, killed if the test fails half-way.
+struct Running {
+    child: Child,
+    facts: serde_json::Value,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts `sandbox run --json` and waits for its facts line.
+fn start(id: &str, run_root: &Path, extra: &[&str]) -> Running {
+    let mut child = shim()
+        .args(["sandbox", "run", "--json", "--config"])
+        .arg(config("configuration-qemu.toml"))
+        .args(["--id", id, "--run-root"])
+        .arg(run_root)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning the shim");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let mut running = Running {
+        child,
+        facts: serde_json::Value::Null,
+    };
+    let line = rx
+        .recv_timeout(READY_LIMIT)
+        .unwrap_or_else(|_| panic!("sandbox {id} was not ready within {READY_LIMIT:?}"));
+    running.facts = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("the shim printed no facts ({e}): {line:?}; see its log above"));
+    running
+}
+
+fn ping(netns: &str, ip: &str) -> bool {
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(30) {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", netns, "ping", "-c", "1", "-W", "1", ip])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return true;
+        }
+    }
+    false
+}
+
+/// Sends SIGTERM and waits for a clean exit.
+fn stop(mut r: Running) {
+    let pid = r.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let began = Instant::now();
+    let status = loop {
+        if let Some(s) = r.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            began.elapsed() < EXIT_LIMIT,
+            "the shim did not exit within {EXIT_LIMIT:?} of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "the shim exited with {status} after SIGTERM"
+    );
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", std::process::id())
+}
+
+fn taps_in(netns: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-j", "link", "show", "type", "tun"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text }).unwrap();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn sandbox_run_boots_pings_hotplugs_and_leaves_nothing_behind_on_sigterm() {
+    require_root();
+    let id = unique("own");
+    let run_root = tempfile::tempdir().unwrap();
+    let ready = run_root.path().join("ready.json");
+    let r = start(
+        &id,
+        run_root.path(),
+        &["--ready-file", ready.to_str().unwrap()],
+    );
+    let f = r.facts.clone();
+    assert!(ready.exists(), "no ready file");
+    let ns = f["netns_name"]
+        .as_str()
+        .expect("a named namespace")
+        .to_string();
+    assert_eq!(ns, format!("kata-{id}"));
+    assert_eq!(f["netns_owned"], true);
+    let vmm = f["vmm_pid"].as_u64().unwrap();
+    assert!(Path::new(&format!("/proc/{vmm}")).exists());
+    let guest = f["nics"][0]["guest_ip"].as_str().unwrap().to_string();
+    assert!(
+        ping(&ns, &guest),
+        "the guest did not answer ping at {guest}"
+    );
+    assert_eq!(taps_in(&ns), [f["nics"][0]["tap"].as_str().unwrap()]);
+
+    let out = shim()
+        .args([
+            "sandbox",
+            "hotplug-nic",
+            "--json",
+            "--id",
+            &id,
+            "--run-root",
+        ])
+        .arg(run_root.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nic: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nic["hotplugged"], true);
+    let second = nic["guest_ip"].as_str().unwrap();
+    assert_ne!(second, guest);
+    assert!(
+        ping(&ns, second),
+        "the hot-plugged NIC did not answer ping at {second}"
+    );
+    assert_eq!(taps_in(&ns).len(), 2);
+
+    stop(r);
+    assert!(
+        !Path::new(&format!("/proc/{vmm}")).exists(),
+        "QEMU {vmm} is still alive"
+    );
+    assert!(
+        !Path::new("/run/netns").join(&ns).exists(),
+        "namespace {ns} is left"
+    );
+    assert!(
+        !run_root.path().join("sandboxes").join(&id).exists(),
+        "the shim's run dir is left"
+    );
+    assert!(
+        !run_root.path().join("vm").join(&id).exists(),
+        "the VM's run dir is left"
+    );
+    assert!(!ready.exists(), "the ready file is left");
+}
+
+#[test]
+fn sandbox_run_in_a_given_namespace_keeps_it_and_removes_its_taps() {
+    require_root();
+    let ns = unique("given");
+    let status = Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    struct DeleteNs(String);
+    impl Drop for DeleteNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _cleanup = DeleteNs(ns.clone());
+    // An address already in 10.200.0.0/24 (on a veth: this host has no dummy module) makes
+    // the shim pick the next /24.
+    let ok = Command::new("ip")
+        .args([
+            "-n", &ns, "link", "add", "used0", "type", "veth", "peer", "name", "used1",
+        ])
+        .status()
+        .unwrap()
+        .success()
+        && Command::new("ip")
+            .args(["-n", &ns, "addr", "add", "10.200.0.1/24", "dev", "used0"])
+            .status()
+            .unwrap()
+            .success();
+    assert!(ok, "setting up the namespace");
+
+    let id = unique("given");
+    let run_root = tempfile::tempdir().unwrap();
+    let r = start(&id, run_root.path(), &["--netns", &ns]);
+    let f = r.facts.clone();
+    assert_eq!(f["netns_owned"], false);
+    let guest = f["nics"][0]["guest_ip"].as_str().unwrap().to_string();
+    assert_eq!(guest, "10.200.1.2", "the used /24 was not skipped");
+    assert!(
+        ping(&ns, &guest),
+        "the guest did not answer ping at {guest}"
+    );
+    let vmm = f["vmm_pid"].as_u64().unwrap();
+
+    stop(r);
+    assert!(
+        !Path::new(&format!("/proc/{vmm}")).exists(),
+        "QEMU {vmm} is still alive"
+    );
+    assert!(
+        Path::new("/run/netns").join(&ns).exists(),
+        "the given namespace was deleted"
+    );
+    assert_eq!(taps_in(&ns), Vec::<String>::new(), "TAPs left in {ns}");
+    assert!(!run_root.path().join("sandboxes").join(&id).exists());
+    assert!(!run_root.path().join("vm").join(&id).exists());
+}
+
+#[test]
+fn sandbox_check_reports_each_host_fact_on_its_own_line() {
+    require_root();
+    guest_dir();
+    let out = shim()
+        .args(["sandbox", "check", "--config"])
+        .arg(config("configuration-qemu.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} line in:\n{stdout}"))
+            .to_string()
+    };
+    for name in [
+        "root", "tun", "iproute2", "config", "backend", "vmm", "kernel", "initrd",
+    ] {
+        assert!(line(name).starts_with("PASS"), "{}", line(name));
+    }
+    let kvm = line("kvm");
+    assert!(
+        kvm.starts_with("PASS  kvm          usable")
+            || (kvm.starts_with("WARN") && kvm.contains("tcg instead")),
+        "{kvm}"
+    );
+    assert!(
+        line("vmm").contains("QEMU emulator version"),
+        "{}",
+        line("vmm")
+    );
+    assert!(stdout.contains("ok: this host can run a sandbox"));
+}
+
+#[test]
+fn sandbox_check_fails_on_missing_guest_assets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[hypervisor.qemu]\nkernel = \"${CONFIG_DIR}/no-such-vmlinuz\"\n",
+    )
+    .unwrap();
+    let out = Command::new(SHIM)
+        .args(["sandbox", "check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL  kernel") && l.contains("make guest-assets")),
+        "{stdout}"
+    );
+}
