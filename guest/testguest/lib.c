@@ -72,3 +72,18 @@ uint64_t parse_u64(const char *s, size_t n, uint64_t def)
         v = v * 10 + (uint64_t)(s[i] - '0');
     return v;
 }
+
+char *utohex(uint64_t v, char *buf)
+{
+    static const char digits[] = "0123456789abcdef";
+    char tmp[17];
+    int i = 0, j = 0;
+    do {
+        tmp[i++] = digits[v & 0xf];
+        v >>= 4;
+    } while (v);
+    while (i)
+        buf[j++] = tmp[--i];
+    buf[j] = 0;
+    return buf;
+}

@@ -14,6 +14,8 @@ size_t strlen(const char *s);
 
 /* Writes v in decimal into buf (at least 21 bytes); returns buf. */
 char *utoa(uint64_t v, char *buf);
+/* Writes v in lowercase hex (no prefix) into buf (at least 17 bytes); returns buf. */
+char *utohex(uint64_t v, char *buf);
 /* Parses a decimal prefix of s (length n); returns def if there is none. */
 uint64_t parse_u64(const char *s, size_t n, uint64_t def);
 

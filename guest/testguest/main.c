@@ -4,8 +4,10 @@
 #include <stdint.h>
 
 #include "bootparams.h"
+#include "devices.h"
 #include "io.h"
 #include "lib.h"
+#include "paging.h"
 #include "serial.h"
 
 #define I8042_COMMAND 0x64
@@ -58,6 +60,7 @@ void tg_main(const uint8_t *boot_params)
     const char *v;
     size_t n;
 
+    paging_init();
     serial_init();
     say("hello from the test guest");
     serial_puts("testguest: cmdline=");
@@ -83,6 +86,12 @@ void tg_main(const uint8_t *boot_params)
             count = parse_u64(v, n, count);
         say("action=tick");
         tick(loops, count);
+    } else if (cmdline_is(cmdline, "testguest.action", "net_echo")) {
+        say("action=net_echo");
+        say(net_echo(cmdline) == 0 ? "net_echo done" : "net_echo failed");
+    } else if (cmdline_is(cmdline, "testguest.action", "blk")) {
+        say("action=blk");
+        say(blk_test(cmdline) == 0 ? "blk done" : "blk failed");
     } else if (cmdline_is(cmdline, "testguest.action", "reset")) {
         say("action=reset");
     } else {

@@ -7,7 +7,10 @@
 //! writes are dropped, as on a PC bus with nothing behind it.
 //!
 //! virtio-mmio devices get a window and an interrupt line from [`MmioAllocator`]; the
-//! windows are announced to the guest on its command line (see [`crate::boot`]).
+//! windows are announced to the guest on its command line (see [`crate::boot`]). Each one
+//! is a [`VirtioSlot`]: its register window in the [`IoManager`], an irqfd on its line, and
+//! one KVM ioeventfd per queue on its `QueueNotify` register (datamatch: the queue index),
+//! which the event thread polls.
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -18,12 +21,14 @@ use dbs_device::DeviceIo;
 use dbs_legacy_devices::{
     ConsoleHandler, EventFdTrigger, I8042Device, I8042DeviceMetrics, SerialDevice,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::MmioWindow;
 use crate::error::{Error, Result};
-use crate::memory::MMIO_HOLE_START;
+use crate::memory::{GuestMem, MMIO_HOLE_START};
+use crate::virtio::mmio::{reg, MmioTransport, VirtioCore};
+use crate::virtio::{Interrupt, VirtioDevice};
 
 /// COM1's I/O ports.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -73,6 +78,24 @@ impl MmioAllocator {
     }
 }
 
+/// A virtio device as the VMM holds it: the transport state and the queue eventfds.
+#[derive(Debug)]
+pub struct VirtioSlot {
+    /// Where the guest finds it.
+    pub window: MmioWindow,
+    /// The transport and device, shared with the vCPUs' MMIO exits.
+    pub core: Arc<Mutex<VirtioCore>>,
+    /// One ioeventfd per queue, signalled by KVM on `QueueNotify`.
+    pub notify: Vec<EventFd>,
+}
+
+impl VirtioSlot {
+    /// Locks the device.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, VirtioCore> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The devices of a running VM.
 pub struct Devices {
     /// Port and MMIO dispatch, shared read-only with the vCPU threads.
@@ -83,6 +106,8 @@ pub struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
     /// COM1's interrupt, registered with KVM as an irqfd.
     _serial_irq: EventFd,
+    /// The virtio-mmio devices.
+    pub virtio: Vec<VirtioSlot>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -97,8 +122,15 @@ fn eventfd(what: &str) -> Result<EventFd> {
 }
 
 impl Devices {
-    /// Creates COM1 (writing to `console`) and the i8042, wired to `vm`'s interrupt lines.
-    pub fn new(vm: &VmFd, console: File) -> Result<Devices> {
+    /// Creates COM1 (writing to `console`), the i8042 and the virtio-mmio `virtio` devices,
+    /// wired to `vm`'s interrupt lines; virtio queues live in `mem`.
+    pub fn new(
+        vm: &VmFd,
+        console: File,
+        mem: &Arc<GuestMem>,
+        virtio: Vec<(MmioWindow, Box<dyn VirtioDevice>)>,
+        log: &slog::Logger,
+    ) -> Result<Devices> {
         let mut io = IoManager::new();
 
         let serial_irq = eventfd("COM1 interrupt")?;
@@ -122,11 +154,17 @@ impl Devices {
         );
         register(&mut io, "i8042", Arc::new(Mutex::new(i8042)), I8042_PORT, 5)?;
 
+        let mut slots = Vec::new();
+        for (window, device) in virtio {
+            slots.push(virtio_slot(vm, &mut io, mem, window, device, log)?);
+        }
+
         Ok(Devices {
             io: Arc::new(io),
             reset,
             serial,
             _serial_irq: serial_irq,
+            virtio: slots,
         })
     }
 
@@ -136,6 +174,58 @@ impl Devices {
             s.set_output_stream(None);
         }
     }
+}
+
+fn virtio_slot(
+    vm: &VmFd,
+    io: &mut IoManager,
+    mem: &Arc<GuestMem>,
+    window: MmioWindow,
+    device: Box<dyn VirtioDevice>,
+    log: &slog::Logger,
+) -> Result<VirtioSlot> {
+    let at = format!(
+        "virtio-mmio device at {:#x} (IRQ {})",
+        window.base, window.irq
+    );
+    let irqfd = eventfd("virtio interrupt")?;
+    vm.register_irqfd(&irqfd, window.irq).map_err(|e| {
+        Error::kvm(
+            format!("Registering the interrupt of the {at} as an irqfd"),
+            e,
+        )
+    })?;
+    let queues = device.queue_max_sizes().len();
+    let core = Arc::new(Mutex::new(VirtioCore::new(
+        device,
+        mem.clone(),
+        Arc::new(Interrupt::new(irqfd)),
+        log.new(slog::o!("mmio" => format!("{:#x}", window.base))),
+    )));
+    let mut notify = Vec::new();
+    for q in 0..queues {
+        let fd = eventfd("virtio queue notification")?;
+        vm.register_ioevent(
+            &fd,
+            &IoEventAddress::Mmio(window.base + reg::QUEUE_NOTIFY),
+            q as u32,
+        )
+        .map_err(|e| Error::kvm(format!("Registering queue {q}'s ioeventfd of the {at}"), e))?;
+        notify.push(fd);
+    }
+    io.register_device_io(
+        Arc::new(MmioTransport::new(core.clone())),
+        &[Resource::MmioAddressRange {
+            base: window.base,
+            size: window.size,
+        }],
+    )
+    .map_err(|e| Error::Device(format!("Registering the {at}: {e:?}")))?;
+    Ok(VirtioSlot {
+        window,
+        core,
+        notify,
+    })
 }
 
 fn register(

@@ -13,6 +13,11 @@
 //!   (`dbs-legacy-devices`), I/O dispatch (`dbs-device`), virtio-mmio window allocation.
 //! - [`vcpu`]: one `db-vcpuN` thread per vCPU on `KVM_RUN`, kicked by a real-time signal
 //!   for pause and stop.
+//! - [`virtio`]: virtio-mmio (version 2) transport, our split virtqueue, and the devices:
+//!   virtio-net on an existing TAP opened by name with `dbs-utils`, virtio-blk on a host
+//!   file, virtio-vsock with a hybrid-vsock Unix socket (the agent's channel). Queue kicks
+//!   are KVM ioeventfds, interrupts KVM irqfds; the event thread serves them. Devices are
+//!   cold-plugged only (`add_device` in `Prepared`); hotplug is a typed "unsupported".
 //! - [`vmm`]: the `db-vmm` event thread, which enters the sandbox's network namespace, owns
 //!   the VM, and turns a guest reset, a vCPU failure or a stop request into the [`VmExit`]
 //!   that [`Hypervisor::wait_exit`] returns.
@@ -52,6 +57,7 @@
 
 #![warn(missing_docs)]
 
+mod attach;
 pub mod boot;
 pub mod devices;
 pub mod error;
@@ -59,6 +65,7 @@ pub mod kvm;
 mod lifecycle;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vmm;
 
 use std::path::PathBuf;
@@ -148,9 +155,17 @@ impl Shared {
 struct Inner {
     spec: Option<SandboxSpec>,
     run_dir: Option<PathBuf>,
+    /// Hands out the windows of cold-plugged devices.
+    mmio: devices::MmioAllocator,
     /// virtio-mmio windows of cold-plugged devices (from a [`devices::MmioAllocator`]),
     /// announced on the command line at start.
     mmio_windows: Vec<MmioWindow>,
+    /// The cold-plugged devices, moved into the VM at start.
+    virtio: Vec<(MmioWindow, Box<dyn virtio::VirtioDevice>)>,
+    /// What `add_device` returned, per device.
+    attached: Vec<DeviceInfo>,
+    /// The hybrid vsock address, once a vsock device is added.
+    agent: Option<AgentAddress>,
     running: Option<RunningVm>,
 }
 
@@ -195,7 +210,7 @@ impl DragonballHypervisor {
             multi_queue: false,
             tap_fds: false,
             pause: true,
-            vsock: false,
+            vsock: true,
         }
     }
 
@@ -243,16 +258,13 @@ impl Hypervisor for DragonballHypervisor {
     }
 
     async fn add_device(&self, device: Device) -> Result<DeviceInfo> {
-        let _inner = self.inner.lock().await;
+        let mut inner = self.inner.lock().await;
         match self.shared.state().plug_mode(Operation::AddDevice)? {
             hypervisor::PlugMode::Hot => Err(Self::unsupported(
                 format!("hot-plugging {} device {}", device.config.kind(), device.id),
                 "the Dragonball backend has no hotplug; add devices before start",
             )),
-            hypervisor::PlugMode::Cold => Err(Self::unsupported(
-                format!("{} device {}", device.config.kind(), device.id),
-                "virtio devices are not implemented in the Dragonball backend yet",
-            )),
+            hypervisor::PlugMode::Cold => self.cold_plug(&mut inner, device),
         }
     }
 
@@ -279,10 +291,13 @@ impl Hypervisor for DragonballHypervisor {
     }
 
     async fn agent_address(&self) -> Result<AgentAddress> {
-        Err(Self::unsupported(
-            "an agent channel",
-            "the Dragonball backend has no vsock or virtio-serial device yet",
-        ))
+        let inner = self.inner.lock().await;
+        inner.agent.clone().ok_or_else(|| {
+            Self::unsupported(
+                "an agent channel without a vsock device",
+                "add a DeviceConfig::Vsock before start; the agent is reached over hybrid vsock",
+            )
+        })
     }
 
     async fn console_log(&self) -> Option<PathBuf> {

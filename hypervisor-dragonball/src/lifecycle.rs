@@ -100,12 +100,14 @@ impl DragonballHypervisor {
             mem_bytes: u64::from(spec.config.memory_mib) << 20,
             console: run_dir.join("console.log"),
         };
+        let virtio = std::mem::take(&mut inner.virtio);
         info!(self.log, "starting the VM"; "sandbox" => &spec.id,
             "kernel" => plan.kernel.display().to_string(), "cmdline" => &plan.cmdline,
             "vcpus" => plan.vcpus, "memory_mib" => spec.config.memory_mib);
 
         let starting = async {
-            let built = tokio::task::spawn_blocking(move || vmm::build(&plan))
+            let log = self.log.clone();
+            let built = tokio::task::spawn_blocking(move || vmm::build(&plan, virtio, &log))
                 .await
                 .map_err(|e| Error::backend("Building the Dragonball VM", e))??;
             vmm::launch(
@@ -254,6 +256,10 @@ impl DragonballHypervisor {
             backend_data: json!({
                 "run_dir": inner.run_dir,
                 "in_process": true,
+                "devices": inner.attached.iter().map(|d| json!({
+                    "id": d.id.as_str(), "kind": d.kind, "location": d.location.to_string(),
+                    "host": d.host,
+                })).collect::<Vec<_>>(),
                 "mmio_windows": inner.mmio_windows.iter().map(|w| json!({
                     "base": w.base, "size": w.size, "irq": w.irq,
                 })).collect::<Vec<_>>(),
@@ -340,21 +346,121 @@ mod tests {
         assert!(vm.pids().await.is_err());
     }
 
+    fn nic(id: &str, mac: &str, queue_pairs: u16) -> hypervisor::Device {
+        let mut nic =
+            hypervisor::device::NetworkConfig::tap(id.replace("net", "tap"), mac.parse().unwrap());
+        nic.queue_pairs = queue_pairs;
+        hypervisor::Device {
+            id: hypervisor::DeviceId::new(id).unwrap(),
+            config: hypervisor::DeviceConfig::Network(nic),
+        }
+    }
+
     #[tokio::test]
-    async fn cold_devices_are_unsupported_until_virtio_devices_exist() {
+    async fn cold_devices_get_consecutive_mmio_windows_and_are_on_the_cmdline() {
         let dir = tempfile::tempdir().unwrap();
         let vm = backend(dir.path());
         vm.prepare(&spec("dev")).await.unwrap();
-        let nic =
-            hypervisor::device::NetworkConfig::tap("tap0", "02:00:00:00:00:01".parse().unwrap());
+        let a = vm
+            .add_device(nic("net0", "02:00:00:00:00:01", 1))
+            .await
+            .unwrap();
+        let b = vm
+            .add_device(nic("net1", "02:00:00:00:00:02", 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            a.location,
+            hypervisor::device::GuestLocation::Mmio {
+                base: 0xc000_0000,
+                size: 0x1000,
+                irq: Some(5)
+            }
+        );
+        assert_eq!(
+            b.location,
+            hypervisor::device::GuestLocation::Mmio {
+                base: 0xc000_1000,
+                size: 0x1000,
+                irq: Some(6)
+            }
+        );
+        assert_eq!((a.queue_pairs, a.host.as_deref()), (Some(1), Some("tap0")));
+        let windows = vm.inner.lock().await.mmio_windows.clone();
+        assert_eq!(
+            windows[0].cmdline_param(),
+            "virtio_mmio.device=4K@0xc0000000:5"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_nic_with_the_same_mac_or_id_is_refused_and_takes_no_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = backend(dir.path());
+        vm.prepare(&spec("mac")).await.unwrap();
+        vm.add_device(nic("net0", "02:00:00:00:00:01", 1))
+            .await
+            .unwrap();
         let err = vm
-            .add_device(hypervisor::Device {
-                id: hypervisor::DeviceId::new("net0").unwrap(),
-                config: hypervisor::DeviceConfig::Network(nic),
-            })
+            .add_device(nic("net1", "02:00:00:00:00:01", 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidConfig(c) if c.field == "network.guest_mac"),
+            "{err:?}"
+        );
+        let err = vm
+            .add_device(nic("net0", "02:00:00:00:00:03", 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidConfig(c) if c.field == "id"),
+            "{err:?}"
+        );
+        let b = vm
+            .add_device(nic("net2", "02:00:00:00:00:02", 1))
+            .await
+            .unwrap();
+        assert!(matches!(
+            b.location,
+            hypervisor::device::GuestLocation::Mmio {
+                base: 0xc000_1000,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn multi_queue_pci_block_and_missing_images_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = backend(dir.path());
+        vm.prepare(&spec("bad")).await.unwrap();
+        let err = vm
+            .add_device(nic("net0", "02:00:00:00:00:01", 2))
             .await
             .unwrap_err();
         assert!(err.is_unsupported(), "{err}");
+        let blk = |path: &str, driver| hypervisor::Device {
+            id: hypervisor::DeviceId::new("blk0").unwrap(),
+            config: hypervisor::DeviceConfig::Block(hypervisor::device::BlockConfig {
+                path: path.into(),
+                read_only: true,
+                driver,
+            }),
+        };
+        use hypervisor::device::BlockDriver;
+        let err = vm
+            .add_device(blk("/etc/hostname", BlockDriver::VirtioBlkPci))
+            .await
+            .unwrap_err();
+        assert!(err.is_unsupported(), "{err}");
+        let err = vm
+            .add_device(blk("/nonexistent/disk.img", BlockDriver::VirtioBlkMmio))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Device { .. }), "{err:?}");
+        let chain = format!("{:?}", std::error::Error::source(&err));
+        assert!(chain.contains("/nonexistent/disk.img"), "{chain}");
     }
 
     #[tokio::test]

@@ -4,9 +4,10 @@
 //! Threads of one VM:
 //!
 //! - `db-vmm` (the event thread) owns the KVM VM fd, guest memory and devices. It enters
-//!   the sandbox's network namespace first, then waits (epoll) on the i8042 reset eventfd
-//!   and on a wake eventfd paired with a channel of [`VmmEvent`]s (a stop request, a vCPU
-//!   that returned). The first of these decides the [`ExitReason`]; the thread then stops
+//!   the sandbox's network namespace first and opens the virtio devices' host backends
+//!   there (TAPs), then waits (epoll) on the i8042 reset eventfd, on a wake eventfd paired
+//!   with a channel of [`VmmEvent`]s (a stop request, a vCPU that returned), and on every
+//!   virtio queue's ioeventfd and host backend fd, which it serves. The first of these decides the [`ExitReason`]; the thread then stops
 //!   and joins the vCPUs, drops memory and fds, and publishes the [`VmExit`].
 //! - `db-vcpuN`, one per vCPU, each owning its vCPU fd (see [`crate::vcpu`]).
 //!
@@ -70,15 +71,22 @@ impl std::fmt::Debug for Built {
     }
 }
 
-/// Builds the VM: KVM, memory, devices, kernel and boot structures, configured vCPUs.
-/// Blocking (file reads, ioctls); run it on a blocking thread.
-pub fn build(plan: &BootPlan) -> Result<Built> {
+/// Builds the VM: KVM, memory, devices (`virtio` in their windows), kernel and boot
+/// structures, configured vCPUs. Blocking (file reads, ioctls); run it on a blocking thread.
+pub fn build(
+    plan: &BootPlan,
+    virtio: Vec<(
+        crate::boot::MmioWindow,
+        Box<dyn crate::virtio::VirtioDevice>,
+    )>,
+    log: &slog::Logger,
+) -> Result<Built> {
     let kvm = kvm::open(&plan.kvm_path)?;
     let vm = kvm::create_vm(&kvm, plan.vcpus)?;
     let ram = GuestRam::new(plan.mem_bytes)?;
     ram.register(&vm)?;
     let console = open_console(&plan.console)?;
-    let devices = Devices::new(&vm, console)?;
+    let devices = Devices::new(&vm, console, &ram.mem, virtio, log)?;
     let info = boot::load(
         &ram.mem,
         &plan.kernel,
@@ -317,6 +325,22 @@ async fn join(t: JoinHandle<()>) {
 
 const TOKEN_RESET: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
+/// Set in the epoll token of every virtio event: `1 << 32 | slot << 16 | kind << 12 | index`.
+const TOKEN_VIRTIO: u64 = 1 << 32;
+const KIND_QUEUE: u64 = 0;
+const KIND_BACKEND: u64 = 1;
+
+fn token(slot: usize, kind: u64, index: usize) -> u64 {
+    TOKEN_VIRTIO | (slot as u64) << 16 | kind << 12 | (index as u64 & 0xfff)
+}
+
+fn decode_token(token: u64) -> (usize, u64, usize) {
+    (
+        ((token >> 16) & 0xffff) as usize,
+        (token >> 12) & 0xf,
+        (token & 0xfff) as usize,
+    )
+}
 
 /// The event thread's state.
 struct EventLoop {
@@ -335,6 +359,12 @@ impl EventLoop {
     fn run(self, netns: Option<PathBuf>, ready: oneshot::Sender<Result<u32>>) {
         if let Some(ns) = &netns {
             if let Err(e) = enter_netns(ns) {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        }
+        for slot in &self.devices.virtio {
+            if let Err(e) = slot.lock().device_mut().open_backend() {
                 let _ = ready.send(Err(e));
                 return;
             }
@@ -373,7 +403,7 @@ impl EventLoop {
             Ok(e) => e,
             Err(e) => return ExitReason::Crashed(format!("VMM event loop: {e}")),
         };
-        let mut events = [EpollEvent::default(); 4];
+        let mut events = [EpollEvent::default(); 32];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -387,6 +417,7 @@ impl EventLoop {
                         info!(self.log, "the guest reset the i8042 controller");
                         return ExitReason::GuestShutdown;
                     }
+                    token if token & TOKEN_VIRTIO != 0 => self.virtio_event(token),
                     _ => {
                         let _ = self.wake.read();
                         while let Ok(ev) = self.rx.try_recv() {
@@ -416,6 +447,22 @@ impl EventLoop {
         }
     }
 
+    /// Serves a virtio queue notification or backend readiness.
+    fn virtio_event(&self, token: u64) {
+        let (slot, kind, index) = decode_token(token);
+        let Some(slot) = self.devices.virtio.get(slot) else {
+            return;
+        };
+        if kind == KIND_QUEUE {
+            // Drain the counter first: a kick arriving while the queue is served then
+            // wakes us again, so none is lost.
+            let _ = slot.notify[index].read();
+            slot.lock().queue_event(index);
+        } else {
+            slot.lock().backend_event(index);
+        }
+    }
+
     fn epoll(&self) -> std::io::Result<Epoll> {
         use std::os::fd::AsRawFd;
         let epoll = Epoll::new()?;
@@ -429,6 +476,23 @@ impl EventLoop {
             self.wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_WAKE),
         )?;
+        for (n, slot) in self.devices.virtio.iter().enumerate() {
+            for (q, fd) in slot.notify.iter().enumerate() {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    fd.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token(n, KIND_QUEUE, q)),
+                )?;
+            }
+            let backend = slot.lock().device().backend_fds();
+            for (i, (fd, set)) in backend.into_iter().enumerate() {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(set, token(n, KIND_BACKEND, i)),
+                )?;
+            }
+        }
         Ok(epoll)
     }
 }
