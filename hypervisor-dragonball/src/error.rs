@@ -98,17 +98,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-
-    /// A vCPU stopped the VM: unhandled exit, KVM internal error, emulation failure.
-    #[error("vCPU {index}: {reason} at RIP {rip:#x}")]
-    VcpuCrashed {
-        /// vCPU index.
-        index: u8,
-        /// The exit, as KVM names it, with its details.
-        reason: String,
-        /// The guest instruction pointer when it happened (0 when unreadable).
-        rip: u64,
-    },
 }
 
 impl Error {
@@ -129,19 +118,6 @@ impl From<Error> for hypervisor::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_vcpu_crash_names_the_vcpu_exit_and_rip() {
-        let e = Error::VcpuCrashed {
-            index: 0,
-            reason: "KVM_EXIT_INTERNAL_ERROR (emulation failure)".into(),
-            rip: 0x20_0010,
-        };
-        assert_eq!(
-            e.to_string(),
-            "vCPU 0: KVM_EXIT_INTERNAL_ERROR (emulation failure) at RIP 0x200010"
-        );
-    }
 
     #[test]
     fn backend_errors_can_be_downcast_to_the_cause() {

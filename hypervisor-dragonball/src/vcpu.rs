@@ -8,8 +8,9 @@
 //! its channel, out of `KVM_RUN`, until `Resume` or `Stop`.
 //!
 //! An exit the VMM cannot handle (triple fault, KVM internal or emulation error, failed
-//! entry) ends the thread with [`Error::VcpuCrashed`] carrying the guest RIP; the event
-//! thread then stops the whole VM. Nothing here panics on guest behaviour.
+//! entry) ends the thread with a [`VcpuFault`] naming the exit and carrying the guest RIP;
+//! the event thread then stops the whole VM and reports it as [`hypervisor::ExitReason::VcpuFault`].
+//! Nothing here panics on guest behaviour.
 
 use std::cell::Cell;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -18,6 +19,7 @@ use std::thread::JoinHandle;
 
 use dbs_arch::cpuid::{process_cpuid, VmSpec, VpmuFeatureLevel};
 use dbs_device::device_manager::IoManager;
+use hypervisor::{VcpuFault, VcpuFaultKind};
 use kvm_bindings::{kvm_run, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -61,7 +63,7 @@ pub enum VcpuOutcome {
     /// The guest asked KVM for a shutdown or reset (`KVM_EXIT_SYSTEM_EVENT`).
     GuestShutdown,
     /// An exit the VMM cannot handle.
-    Crashed(Error),
+    Crashed(VcpuFault),
 }
 
 /// Sent to the event thread when a vCPU thread returns.
@@ -220,7 +222,7 @@ enum Step {
     Interrupted,
     Exit(VcpuOutcome),
     InternalError,
-    Crash(String),
+    Crash(VcpuFaultKind, String),
 }
 
 impl Vcpu {
@@ -280,23 +282,28 @@ fn run_loop(
         let step = match fd.run() {
             Ok(exit) => handle_exit(io, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Interrupted,
-            Err(e) => Step::Crash(format!("KVM_RUN failed: {e}")),
+            Err(e) => Step::Crash(VcpuFaultKind::RunFailed, format!("KVM_RUN failed: {e}")),
         };
         match step {
             Step::Continue => {}
             Step::Interrupted => fd.set_kvm_immediate_exit(0),
             Step::Exit(outcome) => return outcome,
             Step::InternalError => {
-                return crashed(index, fd, internal_error_text(page));
+                let (kind, detail) = internal_error(page);
+                return crashed(index, fd, kind, detail);
             }
-            Step::Crash(reason) => return crashed(index, fd, reason),
+            Step::Crash(kind, detail) => return crashed(index, fd, kind, detail),
         }
     }
 }
 
-fn crashed(index: u8, fd: &VcpuFd, reason: String) -> VcpuOutcome {
-    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
-    VcpuOutcome::Crashed(Error::VcpuCrashed { index, reason, rip })
+fn crashed(index: u8, fd: &VcpuFd, kind: VcpuFaultKind, detail: String) -> VcpuOutcome {
+    VcpuOutcome::Crashed(VcpuFault {
+        vcpu: u32::from(index),
+        kind,
+        detail,
+        rip: fd.get_regs().ok().map(|r| r.rip),
+    })
 }
 
 fn handle_exit(io: &IoManager, exit: VcpuExit<'_>) -> Step {
@@ -311,28 +318,53 @@ fn handle_exit(io: &IoManager, exit: VcpuExit<'_>) -> Step {
             return Step::Exit(VcpuOutcome::GuestShutdown)
         }
         VcpuExit::SystemEvent(SYSTEM_EVENT_CRASH, _) => {
-            return Step::Crash("KVM_EXIT_SYSTEM_EVENT (guest crash)".into())
+            return Step::Crash(
+                VcpuFaultKind::GuestCrash,
+                "KVM_EXIT_SYSTEM_EVENT (guest crash)".into(),
+            )
         }
         VcpuExit::SystemEvent(ty, flags) => {
-            return Step::Crash(format!("KVM_EXIT_SYSTEM_EVENT type {ty} flags {flags:#x}"))
+            return Step::Crash(
+                VcpuFaultKind::UnhandledExit,
+                format!("KVM_EXIT_SYSTEM_EVENT type {ty} flags {flags:#x}"),
+            )
         }
-        VcpuExit::Shutdown => return Step::Crash("KVM_EXIT_SHUTDOWN (triple fault)".into()),
+        VcpuExit::Shutdown => {
+            return Step::Crash(
+                VcpuFaultKind::TripleFault,
+                "KVM_EXIT_SHUTDOWN (triple fault)".into(),
+            )
+        }
         VcpuExit::InternalError => return Step::InternalError,
         VcpuExit::FailEntry(reason, cpu) => {
-            return Step::Crash(format!(
-                "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x} on host CPU {cpu})"
-            ))
+            return Step::Crash(
+                VcpuFaultKind::EntryFailure,
+                format!("KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x} on host CPU {cpu})"),
+            )
         }
         VcpuExit::Hlt => {
-            return Step::Crash("KVM_EXIT_HLT (unexpected with the in-kernel LAPIC)".into())
+            return Step::Crash(
+                VcpuFaultKind::UnhandledExit,
+                "KVM_EXIT_HLT (unexpected with the in-kernel LAPIC)".into(),
+            )
         }
-        VcpuExit::Unsupported(n) => return Step::Crash(format!("unsupported KVM exit {n}")),
-        other => return Step::Crash(format!("unhandled KVM exit {other:?}")),
+        VcpuExit::Unsupported(n) => {
+            return Step::Crash(
+                VcpuFaultKind::UnhandledExit,
+                format!("unsupported KVM exit {n}"),
+            )
+        }
+        other => {
+            return Step::Crash(
+                VcpuFaultKind::UnhandledExit,
+                format!("unhandled KVM exit {other:?}"),
+            )
+        }
     }
     Step::Continue
 }
 
-fn internal_error_text(page: *const kvm_run) -> String {
+fn internal_error(page: *const kvm_run) -> (VcpuFaultKind, String) {
     // SAFETY: `page` is the kvm_run mapping of the vCPU whose `KVM_RUN` just returned
     // KVM_EXIT_INTERNAL_ERROR on this thread, so it is mapped and the kernel filled the
     // `internal` member of the exit union, which is plain old data copied out here.
@@ -347,10 +379,16 @@ fn internal_error_text(page: *const kvm_run) -> String {
     };
     let n = (ndata as usize).min(data.len());
     let data: Vec<String> = data[..n].iter().map(|d| format!("{d:#x}")).collect();
-    format!(
+    let kind = if suberror == INTERNAL_ERROR_EMULATION {
+        VcpuFaultKind::EmulationFailure
+    } else {
+        VcpuFaultKind::InternalError
+    };
+    let detail = format!(
         "KVM_EXIT_INTERNAL_ERROR ({what}, suberror {suberror}, data [{}])",
         data.join(", ")
-    )
+    );
+    (kind, detail)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use hypervisor::{ExitReason, VmExit};
+use hypervisor::{ExitReason, VcpuFault, VcpuFaultKind, VmExit};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use slog::{info, warn};
 use tokio::sync::oneshot;
@@ -276,10 +276,11 @@ pub async fn launch(
                 // A bug in this thread must end the VM, not leave it half-running.
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()))
                     .unwrap_or_else(|_| {
-                        VcpuOutcome::Crashed(Error::VcpuCrashed {
-                            index,
-                            reason: "the vCPU thread panicked".into(),
-                            rip: 0,
+                        VcpuOutcome::Crashed(VcpuFault {
+                            vcpu: u32::from(index),
+                            kind: VcpuFaultKind::VmmFailure,
+                            detail: "the vCPU thread panicked".into(),
+                            rip: None,
                         })
                     });
                 events.send(VmmEvent::Vcpu(VcpuExited { index, outcome }));
@@ -436,9 +437,9 @@ impl EventLoop {
             VmmEvent::Stop => Some(ExitReason::Stopped),
             VmmEvent::Vcpu(VcpuExited { index, outcome }) => match outcome {
                 VcpuOutcome::GuestShutdown => Some(ExitReason::GuestShutdown),
-                VcpuOutcome::Crashed(e) => {
-                    warn!(self.log, "vCPU failed"; "vcpu" => index, "error" => %e);
-                    Some(ExitReason::Crashed(e.to_string()))
+                VcpuOutcome::Crashed(fault) => {
+                    warn!(self.log, "vCPU failed"; "vcpu" => index, "error" => %fault);
+                    Some(ExitReason::VcpuFault(fault))
                 }
                 VcpuOutcome::Stopped => Some(ExitReason::Crashed(format!(
                     "vCPU {index}: its thread returned without being asked"

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use hypervisor::device::NetworkConfig;
 use hypervisor::{
     Device, DeviceConfig, DeviceId, Error, ExitReason, Hypervisor, HypervisorConfig, SandboxSpec,
-    VmExit, VmState,
+    VcpuFaultKind, VmExit, VmState,
 };
 use hypervisor_dragonball::{DragonballError, DragonballHypervisor, DragonballOptions};
 use workspace_tests::{run, test_logger, unique_name, GuestAssets};
@@ -270,20 +270,20 @@ async fn a_crashing_guest_ends_the_vm_with_the_exit_reason_and_rip() {
     t.boot_test_guest(1, &["testguest.action=crash"], None)
         .await;
     let exit = t.wait_exit().await;
-    let ExitReason::Crashed(why) = &exit.reason else {
+    let ExitReason::VcpuFault(fault) = &exit.reason else {
         panic!(
-            "expected a crash, got {exit}; console:\n{}",
+            "expected a vCPU fault, got {exit}; console:\n{}",
             t.console().await
         );
     };
-    assert!(why.starts_with("vCPU 0: KVM_EXIT_"), "{why}");
-    let rip = why
-        .rsplit_once("at RIP 0x")
-        .and_then(|(_, hex)| u64::from_str_radix(hex, 16).ok())
-        .unwrap_or_else(|| panic!("no RIP in {why:?}"));
+    // `ud2` with no usable IDT: #UD, then #DF, then a triple fault.
+    assert_eq!(fault.vcpu, 0, "{fault}");
+    assert_eq!(fault.kind, VcpuFaultKind::TripleFault, "{fault}");
+    assert!(fault.detail.starts_with("KVM_EXIT_SHUTDOWN"), "{fault}");
+    let rip = fault.rip.unwrap_or_else(|| panic!("no RIP in {fault}"));
     assert!(
         (0x20_0000..0x21_0000).contains(&rip),
-        "RIP {rip:#x} is not in the test guest's code: {why}"
+        "RIP {rip:#x} is not in the test guest's code: {fault}"
     );
     assert_eq!(t.vm.state().await, VmState::Stopped);
     // The pids of a VM that ended stay readable; its threads are gone.

@@ -177,8 +177,59 @@ pub enum ExitReason {
     GuestShutdown,
     /// The VMM was killed by a signal it did not expect.
     Killed,
-    /// The VMM or a vCPU failed; the text says how.
+    /// The VMM failed; the text says how.
     Crashed(String),
+    /// A vCPU met an exit its VMM could not handle (an in-process VMM reports this instead of
+    /// a crash text).
+    VcpuFault(VcpuFault),
+}
+
+/// A vCPU exit that ended the VM: which vCPU, what kind of exit, and where the guest was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuFault {
+    /// vCPU index.
+    pub vcpu: u32,
+    /// The kind of exit.
+    pub kind: VcpuFaultKind,
+    /// The exit as the accelerator names it, with its details (e.g.
+    /// `KVM_EXIT_INTERNAL_ERROR (emulation failure, suberror 1, data [0x2])`).
+    pub detail: String,
+    /// The guest instruction pointer when it happened; `None` when it could not be read.
+    pub rip: Option<u64>,
+}
+
+impl fmt::Display for VcpuFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vCPU {}: {}", self.vcpu, self.detail)?;
+        match self.rip {
+            Some(rip) => write!(f, " at RIP {rip:#x}"),
+            None => f.write_str(" (RIP unreadable)"),
+        }
+    }
+}
+
+/// Kinds of vCPU exits a VMM cannot handle, named independently of the accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum VcpuFaultKind {
+    /// The accelerator could not emulate a guest instruction (KVM: `KVM_EXIT_INTERNAL_ERROR`
+    /// with suberror `KVM_INTERNAL_ERROR_EMULATION`).
+    EmulationFailure,
+    /// Any other internal error of the accelerator (KVM: `KVM_EXIT_INTERNAL_ERROR`).
+    InternalError,
+    /// The guest triple-faulted (KVM: `KVM_EXIT_SHUTDOWN`).
+    TripleFault,
+    /// The hardware refused to enter the guest (KVM: `KVM_EXIT_FAIL_ENTRY`).
+    EntryFailure,
+    /// The guest reported a crash (KVM: `KVM_EXIT_SYSTEM_EVENT` of type crash).
+    GuestCrash,
+    /// An exit the VMM does not handle.
+    UnhandledExit,
+    /// Running the vCPU failed (KVM: the `KVM_RUN` ioctl returned an error).
+    RunFailed,
+    /// The VMM's vCPU thread failed by itself (a bug, not the guest).
+    VmmFailure,
 }
 
 /// How a VM ended: what [`Hypervisor::wait_exit`] returns.
@@ -199,6 +250,7 @@ impl fmt::Display for VmExit {
             ExitReason::GuestShutdown => f.write_str("the guest shut down")?,
             ExitReason::Killed => f.write_str("killed")?,
             ExitReason::Crashed(why) => write!(f, "crashed: {why}")?,
+            ExitReason::VcpuFault(fault) => write!(f, "crashed: {fault}")?,
         }
         if let Some(c) = self.code {
             write!(f, " (exit code {c})")?;
@@ -305,4 +357,39 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Releases everything the backend created on the host: stops the VM if needed, then
     /// removes sockets, run directories and devices it owns. Idempotent.
     async fn cleanup(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(rip: Option<u64>) -> VmExit {
+        VmExit {
+            reason: ExitReason::VcpuFault(VcpuFault {
+                vcpu: 1,
+                kind: VcpuFaultKind::EmulationFailure,
+                detail: "KVM_EXIT_INTERNAL_ERROR (emulation failure)".into(),
+                rip,
+            }),
+            code: None,
+            signal: None,
+        }
+    }
+
+    #[test]
+    fn a_vcpu_fault_names_the_vcpu_the_exit_and_the_rip() {
+        assert_eq!(
+            fault(Some(0x20_0010)).to_string(),
+            "crashed: vCPU 1: KVM_EXIT_INTERNAL_ERROR (emulation failure) at RIP 0x200010"
+        );
+        assert!(fault(None).to_string().ends_with("(RIP unreadable)"));
+    }
+
+    #[test]
+    fn a_vcpu_fault_survives_a_json_round_trip() {
+        let exit = fault(Some(0xffff_ffff_8100_0000));
+        let json = serde_json::to_value(&exit).unwrap();
+        assert_eq!(json["reason"]["vcpu_fault"]["kind"], "emulation_failure");
+        assert_eq!(serde_json::from_value::<VmExit>(json).unwrap(), exit);
+    }
 }
