@@ -751,13 +751,25 @@ impl Tap {
     ///
     /// The interface disappears now if these were its last fds, or when the last
     /// copy (for example one held by a VMM) closes.
+    ///
+    /// If persistence cannot be cleared through this handle's own queues (it holds
+    /// none any more, or the ioctl fails), the device is opened again by name and
+    /// cleared from there, so a persistent TAP is never left behind silently: the
+    /// error returned is the first one, and only when the retry fails too.
     pub fn delete(self) -> Result<()> {
-        if self.flags.persist() {
-            let first = self.first_queue("Deleting")?;
-            sys::tun_set_persist(first, false).map_err(|e| self.target().error("Deleting", e))?;
+        if !self.flags.persist() {
+            drop(self);
+            return Ok(());
         }
+        let target = self.target();
+        let cleared = self.first_queue("Deleting").and_then(|first| {
+            sys::tun_set_persist(first, false).map_err(|e| target.error("Deleting", e))
+        });
         drop(self);
-        Ok(())
+        match cleared {
+            Ok(()) => Ok(()),
+            Err(first) => delete_tap(&target.name, target.netns.as_deref()).map_err(|_| first),
+        }
     }
 }
 

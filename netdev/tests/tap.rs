@@ -608,3 +608,144 @@ fn a_process_without_cap_net_admin_gets_permission_denied() {
     delete_tap("other0", Some(t.path())).unwrap();
     t.finish();
 }
+
+/// The lowest `n` fd numbers not open in this process.
+fn free_fd_numbers(n: usize) -> Vec<i32> {
+    (0..)
+        .filter(|&fd| {
+            // SAFETY: F_GETFD on any number only reads the fd table; EBADF means free.
+            unsafe { libc::fcntl(fd, libc::F_GETFD) == -1 }
+        })
+        .take(n)
+        .collect()
+}
+
+fn set_nofile_soft_limit(limit: libc::rlim_t) -> libc::rlim_t {
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) };
+    assert_eq!(got, 0);
+    let old = current.rlim_cur;
+    current.rlim_cur = limit;
+    // SAFETY: setrlimit reads the struct we own; lowering the soft limit is allowed.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &current) }, 0);
+    old
+}
+
+#[test]
+fn failure_opening_the_third_of_four_queues_leaves_no_device_and_no_fd() {
+    let t = TestNs::new();
+    let fds = fd_count();
+    // Inside the namespace on this thread, so that the only fds creation opens are
+    // its queues: with the soft fd limit at the third free number, queues 0 and 1
+    // open and queue 2 fails with EMFILE. Tests in this binary run one at a time.
+    let err = netdev::run_in(t.path(), || {
+        let free = free_fd_numbers(3);
+        let old = set_nofile_soft_limit(free[2] as libc::rlim_t);
+        let result = TapBuilder::new("mq3of4")
+            .multi_queue(true)
+            .queues(4)
+            .persist(true)
+            .create();
+        set_nofile_soft_limit(old);
+        result.map(|_| ()).unwrap_err()
+    })
+    .unwrap();
+    assert!(
+        err.to_string()
+            .starts_with("Opening queue 2 of TAP \"mq3of4\""),
+        "{err}"
+    );
+    assert_eq!(
+        err.os_error().and_then(|e| e.raw_os_error()),
+        Some(libc::EMFILE),
+        "{err:?}"
+    );
+    assert!(t.links().is_empty(), "a persistent device was left behind");
+    assert_eq!(fd_count(), fds);
+    t.finish();
+}
+
+#[test]
+fn tokio_workers_create_taps_in_a_process_namespace_without_moving() {
+    use std::os::unix::fs::MetadataExt;
+
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // tokio's signal driver keeps a process-wide socket pair from the first runtime on.
+    let t = TestNs::with_warmup(|| drop(runtime()));
+    // A process living in the test namespace; its /proc/PID/ns/net names it.
+    let mut sleeper = std::process::Command::new("ip")
+        .args(["netns", "exec", t.name(), "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let ns_path = std::path::PathBuf::from(format!("/proc/{}/ns/net", sleeper.id()));
+    let target_inode = std::fs::metadata(t.path()).unwrap().ino();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(&ns_path).map(|m| m.ino()).ok() != Some(target_inode) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sleeper never entered the namespace"
+        );
+        std::thread::yield_now();
+    }
+
+    let process_inode = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    let runtime = runtime();
+    let taps = runtime.block_on(async {
+        let tasks: Vec<_> = (0..4)
+            .map(|i| {
+                let ns = ns_path.clone();
+                tokio::spawn(async move {
+                    let tap = TapBuilder::new(format!("tok{i}"))
+                        .netns(&ns)
+                        .up(true)
+                        .create()
+                        .unwrap();
+                    // Still this worker's own namespace, on the same thread.
+                    (tap, thread_netns_inode())
+                })
+            })
+            .collect();
+        let mut taps = Vec::new();
+        for task in tasks {
+            let (tap, inode) = task.await.unwrap();
+            assert_eq!(inode, process_inode, "a tokio worker changed namespace");
+            taps.push(tap);
+        }
+        taps
+    });
+    // Every thread of the process (workers included) is still in its namespace.
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let ns = task.unwrap().path().join("ns/net");
+        if let Ok(meta) = std::fs::metadata(&ns) {
+            assert_eq!(meta.ino(), process_inode, "{} moved", ns.display());
+        }
+    }
+    let mut names = t.links();
+    names.sort();
+    assert_eq!(names, ["tok0", "tok1", "tok2", "tok3"]);
+    // The fds stay usable after creation: the kernel counts a written frame.
+    // A zeroed 12-byte vnet header, then a broadcast Ethernet frame.
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x88, 0xb5]);
+    frame.resize(12 + 60, 0);
+    let written = nix::unistd::write(&taps[0].queues()[0], &frame).unwrap();
+    assert_eq!(written, frame.len());
+    assert_eq!(t.stat("tok0", "rx_packets"), 1);
+
+    drop(taps);
+    drop(runtime);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    t.finish();
+}
