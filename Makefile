@@ -16,7 +16,7 @@ endif
 SHIM_FEATURES := --no-default-features --features $(FEATURES)
 
 # Feature sets `make check` lints: each library alone, and every shim combination.
-LIB_CRATES    := hypervisor netdev hypervisor-qemu hypervisor-dragonball guest-agent workspace-tests
+LIB_CRATES    := hypervisor netdev endpoint hypervisor-qemu hypervisor-dragonball guest-agent workspace-tests
 SHIM_FEATSETS := "" "--features qemu" "--features dragonball" "--features qemu,dragonball"
 
 export GUEST_DIR
@@ -42,6 +42,9 @@ test-guest: deps ## Build the freestanding test guest into .cache/testguest (Dra
 
 test: deps guest-assets test-guest ## Run every test: unit, privileged (root), boundaries, VMs
 	$(CARGO) test --workspace --all-features --no-fail-fast
+	@echo "== dependency graphs (crates per root):"
+	@$(CARGO) test -q -p workspace-tests --all-features --test dependency_boundaries -- --show-output \
+		| grep -E '^[a-z].*: [0-9]+ crates$$'
 
 check: ## fmt, clippy -D warnings on every feature combination, docs -D warnings
 	$(CARGO) fmt --all -- --check

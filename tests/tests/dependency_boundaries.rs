@@ -42,6 +42,11 @@ fn dragonball_crates(g: &BTreeSet<String>) -> Vec<&String> {
 fn assert_free_of_dragonball(what: &str, args: &[&str]) {
     let g = graph(args);
     println!("{what}: {} crates", g.len());
+    let root = what.split(' ').next().unwrap_or(what);
+    assert!(
+        g.iter().any(|p| p.split(' ').next() == Some(root)),
+        "the graph of {what} does not contain {root} itself: cargo tree printed {g:?}"
+    );
     let bad = dragonball_crates(&g);
     assert!(
         bad.is_empty(),
@@ -57,6 +62,11 @@ fn contract_crate_reaches_no_dragonball_crate() {
 #[test]
 fn netdev_reaches_no_dragonball_crate() {
     assert_free_of_dragonball("netdev", &["-p", "netdev", "--all-features"]);
+}
+
+#[test]
+fn endpoint_crate_reaches_no_dragonball_crate() {
+    assert_free_of_dragonball("endpoint", &["-p", "endpoint", "--all-features"]);
 }
 
 #[test]
@@ -99,6 +109,37 @@ fn dragonball_shim_brings_dbs_utils() {
 }
 
 #[test]
+fn dragonball_backend_has_one_version_of_each_rust_vmm_crate() {
+    let g = graph(&["-p", "hypervisor-dragonball", "--all-features"]);
+    println!("hypervisor-dragonball: {} crates", g.len());
+    for krate in [
+        "kvm-bindings",
+        "kvm-ioctls",
+        "vm-memory",
+        "vmm-sys-util",
+        "linux-loader",
+        "vm-fdt",
+        "vm-superio",
+        "event-manager",
+        "virtio-bindings",
+        "virtio-queue",
+    ] {
+        let versions: Vec<&String> = g
+            .iter()
+            .filter(|p| p.split(' ').next() == Some(krate))
+            .collect();
+        assert!(
+            versions.len() <= 1,
+            "hypervisor-dragonball's graph holds {krate} more than once: {versions:?}; pin one version in [workspace.dependencies]"
+        );
+    }
+    assert!(
+        g.iter().any(|p| p.starts_with("kvm-ioctls ")),
+        "hypervisor-dragonball should be built on kvm-ioctls"
+    );
+}
+
+#[test]
 fn only_the_dragonball_backend_depends_on_dragonball_crates() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -117,6 +158,7 @@ fn only_the_dragonball_backend_depends_on_dragonball_crates() {
         "hypervisor-qemu",
         "hypervisor-dragonball",
         "containerd-shim-kata-v2",
+        "endpoint",
         "guest-agent",
         "workspace-tests",
     ] {
