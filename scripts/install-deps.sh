@@ -15,6 +15,7 @@ packages=(
     util-linux                   # setpriv, nsenter
     procps                       # pgrep, ps
     gcc binutils                 # the freestanding test guest (make test-guest)
+    libc6-dev                    # static link of the guest agent (crt-static)
 )
 
 missing=()
