@@ -42,6 +42,8 @@ test-guest: deps ## Build the freestanding test guest into .cache/testguest (Dra
 
 test: deps guest-assets test-guest ## Run every test: unit, privileged (root), boundaries, VMs
 	$(CARGO) test --workspace --all-features --no-fail-fast
+	$(CARGO) test -p containerd-shim-kata-v2 --no-default-features --features qemu --test cli
+	$(CARGO) test -p containerd-shim-kata-v2 --no-default-features --features dragonball --test cli
 	@echo "== dependency graphs (crates per root):"
 	@$(CARGO) test -q -p workspace-tests --all-features --test dependency_boundaries -- --show-output \
 		| grep -E '^[a-z].*: [0-9]+ crates$$'
