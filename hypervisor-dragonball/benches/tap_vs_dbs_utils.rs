@@ -203,9 +203,28 @@ fn sh(args: &[&str]) {
     assert!(st.success(), "{args:?}");
 }
 
-fn ip_create_up(iters: usize) -> (Vec<Duration>, Vec<Duration>) {
-    let (mut create, mut del) = (Vec::new(), Vec::new());
+/// Waits until `name` is unregistered in the calling thread's namespace.
+fn wait_gone(name: &str) {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+    while unsafe { libc::if_nametoindex(c.as_ptr()) } != 0 {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// `ip` against netdev under the same conditions: `ip link del` returns once the
+/// device is unregistered, so each netdev creation here also starts with no
+/// unregistration in flight (the netdev device is closed and waited for, untimed).
+/// Iterations alternate.
+fn ip_create_up(iters: usize) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
+    let (mut create, mut del, mut nd) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..iters {
+        let t = Instant::now();
+        let tap = netdev_create("bipn0", 1, None);
+        nd.push(t.elapsed());
+        drop(tap);
+        wait_gone("bipn0");
+
         let t = Instant::now();
         sh(&[
             "ip", "tuntap", "add", "dev", "bip0", "mode", "tap", "vnet_hdr",
@@ -216,7 +235,7 @@ fn ip_create_up(iters: usize) -> (Vec<Duration>, Vec<Duration>) {
         sh(&["ip", "link", "del", "dev", "bip0"]);
         del.push(t.elapsed());
     }
-    (create, del)
+    (create, del, nd)
 }
 
 fn machine() -> String {
@@ -326,9 +345,15 @@ fn main() {
         ));
         rows.push(Row::new("64 parallel creations: wall time per round", wall));
 
-        let (create, del) = ip_create_up(scale(50));
+        let (create, del, nd) = ip_create_up(scale(50));
         let ip = Row::new("ip tuntap add + ip link set up", create);
         let ip_p50 = ip.p50;
+        let nd = Row::new(
+            "netdev, create + vnet_hdr + offloads + up, 1 queue, no unregistration in flight (alternating with the ip rows)",
+            nd,
+        );
+        ratios.push(("1 queue, no unregistration in flight", nd.p50, Duration::ZERO));
+        rows.push(nd);
         rows.push(ip);
         rows.push(Row::new("ip link del", del));
         (rows, ratios, ip_p50)
@@ -353,10 +378,12 @@ fn main() {
     }
     println!();
     for (what, nd, dbs) in ratios {
-        println!(
-            "ratio netdev/dbs-utils, {what} (p50): {:.2}",
-            nd.as_secs_f64() / dbs.as_secs_f64()
-        );
+        if !dbs.is_zero() {
+            println!(
+                "ratio netdev/dbs-utils, {what} (p50): {:.2}",
+                nd.as_secs_f64() / dbs.as_secs_f64()
+            );
+        }
         if what.starts_with("1 queue") {
             println!(
                 "ratio ip/netdev, create + up, {what} (p50): {:.0}x",
