@@ -6,22 +6,31 @@
 //! routed by `dbs-device`'s [`IoManager`]; accesses nobody claims read as all-ones and
 //! writes are dropped, as on a PC bus with nothing behind it.
 //!
+//! Interrupt lines are `dbs-interrupt` legacy source groups of one [`KvmIrqManager`], as in
+//! Dragonball: the manager installs the PIC/IOAPIC GSI routing, and each line's group is a
+//! KVM irqfd on its pin, enabled here. COM1's UART writes its group's eventfd.
+//!
 //! virtio-mmio devices get a window and an interrupt line from [`MmioAllocator`]; the
 //! windows are announced to the guest on its command line (see [`crate::boot`]). Each one
-//! is a [`VirtioSlot`]: its register window in the [`IoManager`], an irqfd on its line, and
-//! one KVM ioeventfd per queue on its `QueueNotify` register (datamatch: the queue index),
-//! which the event thread polls.
+//! is a [`VirtioSlot`]: its register window in the [`IoManager`], a legacy interrupt group
+//! on its line, and one KVM ioeventfd per queue on its `QueueNotify` register (datamatch:
+//! the queue index), which the event thread polls.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
 use std::sync::{Arc, Mutex};
 
 use dbs_device::device_manager::IoManager;
 use dbs_device::resources::Resource;
 use dbs_device::DeviceIo;
+use dbs_interrupt::{
+    InterruptManager, InterruptSourceConfig, InterruptSourceGroup, InterruptSourceType,
+    KvmIrqManager, LegacyIrqSourceConfig,
+};
 use dbs_legacy_devices::{
     ConsoleHandler, EventFdTrigger, I8042Device, I8042DeviceMetrics, SerialDevice,
 };
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::MmioWindow;
@@ -104,8 +113,10 @@ pub struct Devices {
     pub reset: EventFd,
     /// COM1, kept to detach its output on teardown.
     serial: Arc<Mutex<SerialDevice>>,
-    /// COM1's interrupt, registered with KVM as an irqfd.
-    _serial_irq: EventFd,
+    /// Owns the GSI routing and every line's irqfd (on its own duplicate of the VM fd).
+    _irqs: Arc<KvmIrqManager>,
+    /// COM1's interrupt line.
+    _serial_irq: Arc<Box<dyn InterruptSourceGroup>>,
     /// The virtio-mmio devices.
     pub virtio: Vec<VirtioSlot>,
 }
@@ -121,10 +132,48 @@ fn eventfd(what: &str) -> Result<EventFd> {
         .map_err(|e| Error::Device(format!("Creating the {what} eventfd: {e}")))
 }
 
+/// The VM's interrupt manager, on a duplicate of `vm`'s fd (the manager wants to share
+/// ownership of its VM fd; the caller keeps its own), with the legacy GSI routing installed.
+fn irq_manager(kvm: &Kvm, vm: &VmFd) -> Result<Arc<KvmIrqManager>> {
+    // SAFETY: `vm` owns this fd and outlives the borrow, which only duplicates it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+    let dup = borrowed
+        .try_clone_to_owned()
+        .map_err(|e| Error::Device(format!("Duplicating the KVM VM fd: {e}")))?;
+    // SAFETY: `dup` is a fresh fd of the same KVM VM, owned by nothing else; the VmFd
+    // takes ownership of it.
+    let vm = unsafe { kvm.create_vmfd_from_rawfd(dup.into_raw_fd()) }
+        .map_err(|e| Error::kvm("Wrapping the duplicate KVM VM fd", e))?;
+    let irqs = Arc::new(KvmIrqManager::new(Arc::new(vm)));
+    irqs.initialize()
+        .map_err(|e| Error::Device(format!("Installing the legacy interrupt routing: {e}")))?;
+    Ok(irqs)
+}
+
+/// Line `irq` as an enabled legacy source group (its irqfd registered with KVM).
+fn legacy_line(
+    irqs: &KvmIrqManager,
+    irq: u32,
+    what: &str,
+) -> Result<Arc<Box<dyn InterruptSourceGroup>>> {
+    let group = irqs
+        .create_group(InterruptSourceType::LegacyIrq, irq, 1)
+        .map_err(|e| Error::Device(format!("Creating interrupt line {irq} of {what}: {e}")))?;
+    group
+        .enable(&[InterruptSourceConfig::LegacyIrq(LegacyIrqSourceConfig {})])
+        .map_err(|e| {
+            Error::Device(format!(
+                "Registering interrupt line {irq} of {what} as a KVM irqfd: {e}"
+            ))
+        })?;
+    Ok(group)
+}
+
 impl Devices {
     /// Creates COM1 (writing to `console`), the i8042 and the virtio-mmio `virtio` devices,
     /// wired to `vm`'s interrupt lines; virtio queues live in `mem`.
     pub fn new(
+        kvm: &Kvm,
         vm: &VmFd,
         console: File,
         mem: &Arc<GuestMem>,
@@ -132,11 +181,12 @@ impl Devices {
         log: &slog::Logger,
     ) -> Result<Devices> {
         let mut io = IoManager::new();
+        let irqs = irq_manager(kvm, vm)?;
 
-        let serial_irq = eventfd("COM1 interrupt")?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(|e| Error::kvm("Registering COM1's interrupt as an irqfd", e))?;
+        let serial_irq = legacy_line(&irqs, COM1_IRQ, "COM1")?;
         let irq_for_serial = serial_irq
+            .notifier(0)
+            .ok_or_else(|| Error::Device("COM1's interrupt line has no eventfd".into()))?
             .try_clone()
             .map_err(|e| Error::Device(format!("Duplicating COM1's interrupt eventfd: {e}")))?;
         let mut serial = SerialDevice::new(irq_for_serial);
@@ -156,13 +206,14 @@ impl Devices {
 
         let mut slots = Vec::new();
         for (window, device) in virtio {
-            slots.push(virtio_slot(vm, &mut io, mem, window, device, log)?);
+            slots.push(virtio_slot(vm, &irqs, &mut io, mem, window, device, log)?);
         }
 
         Ok(Devices {
             io: Arc::new(io),
             reset,
             serial,
+            _irqs: irqs,
             _serial_irq: serial_irq,
             virtio: slots,
         })
@@ -178,6 +229,7 @@ impl Devices {
 
 fn virtio_slot(
     vm: &VmFd,
+    irqs: &KvmIrqManager,
     io: &mut IoManager,
     mem: &Arc<GuestMem>,
     window: MmioWindow,
@@ -188,18 +240,12 @@ fn virtio_slot(
         "virtio-mmio device at {:#x} (IRQ {})",
         window.base, window.irq
     );
-    let irqfd = eventfd("virtio interrupt")?;
-    vm.register_irqfd(&irqfd, window.irq).map_err(|e| {
-        Error::kvm(
-            format!("Registering the interrupt of the {at} as an irqfd"),
-            e,
-        )
-    })?;
+    let line = legacy_line(irqs, window.irq, &format!("the {at}"))?;
     let queues = device.queue_max_sizes().len();
     let core = Arc::new(Mutex::new(VirtioCore::new(
         device,
         mem.clone(),
-        Arc::new(Interrupt::new(irqfd)),
+        Arc::new(Interrupt::new(line)),
         log.new(slog::o!("mmio" => format!("{:#x}", window.base))),
     )));
     let mut notify = Vec::new();

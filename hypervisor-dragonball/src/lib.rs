@@ -10,13 +10,15 @@
 //!   line with `virtio_mmio.device=` entries, zero page, MP table, identity page tables and
 //!   GDT) with `linux-loader`, `dbs-boot` and `dbs-arch`.
 //! - [`devices`]: COM1 to the console log and the i8042 whose reset ends the VM
-//!   (`dbs-legacy-devices`), I/O dispatch (`dbs-device`), virtio-mmio window allocation.
+//!   (`dbs-legacy-devices`), I/O dispatch (`dbs-device`), interrupt lines (`dbs-interrupt`),
+//!   virtio-mmio window allocation.
 //! - [`vcpu`]: one `db-vcpuN` thread per vCPU on `KVM_RUN`, kicked by a real-time signal
 //!   for pause and stop.
 //! - [`virtio`]: virtio-mmio (version 2) transport, our split virtqueue, and the devices:
 //!   virtio-net on an existing TAP opened by name with `dbs-utils`, virtio-blk on a host
 //!   file, virtio-vsock with a hybrid-vsock Unix socket (the agent's channel). Queue kicks
-//!   are KVM ioeventfds, interrupts KVM irqfds; the event thread serves them. Devices are
+//!   are KVM ioeventfds; interrupts are legacy lines of `dbs-interrupt`'s KVM manager
+//!   (irqfds on IOAPIC pins); the event thread serves them. Devices are
 //!   cold-plugged only (`add_device` in `Prepared`); hotplug is a typed "unsupported".
 //! - [`vmm`]: the `db-vmm` event thread, which enters the sandbox's network namespace, owns
 //!   the VM, and turns a guest reset, a vCPU failure or a stop request into the [`VmExit`]

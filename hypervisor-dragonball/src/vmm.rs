@@ -86,7 +86,7 @@ pub fn build(
     let ram = GuestRam::new(plan.mem_bytes)?;
     ram.register(&vm)?;
     let console = open_console(&plan.console)?;
-    let devices = Devices::new(&vm, console, &ram.mem, virtio, log)?;
+    let devices = Devices::new(&kvm, &vm, console, &ram.mem, virtio, log)?;
     let info = boot::load(
         &ram.mem,
         &plan.kernel,

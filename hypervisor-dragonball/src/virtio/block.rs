@@ -262,7 +262,6 @@ mod tests {
     use crate::virtio::queue::testing::*;
     use crate::virtio::queue::{VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as W};
     use crate::virtio::Interrupt;
-    use vmm_sys_util::eventfd::EventFd;
 
     fn image(read_only: bool) -> (tempfile::NamedTempFile, BlockDevice) {
         let f = tempfile::NamedTempFile::new().unwrap();
@@ -287,7 +286,7 @@ mod tests {
         set_desc(mem, 2, 0xa000, 1, W, 0);
         mem.write_obj(0xffu8, GuestAddress(0xa000)).unwrap();
         publish(mem, 8, &[0]);
-        let irq = Interrupt::new(EventFd::new(0).unwrap());
+        let irq = Interrupt::unwired();
         let mut queues = vec![queue(8)];
         // Skip what earlier requests used.
         let prev: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();

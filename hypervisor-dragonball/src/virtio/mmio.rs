@@ -390,7 +390,6 @@ impl DeviceIo for MmioTransport {
 mod tests {
     use super::*;
     use crate::virtio::queue::testing;
-    use vmm_sys_util::eventfd::EventFd;
 
     #[derive(Debug, Default)]
     struct Dummy {
@@ -422,7 +421,7 @@ mod tests {
 
     fn transport() -> (MmioTransport, Arc<Mutex<VirtioCore>>) {
         let log = slog::Logger::root(slog::Discard, slog::o!());
-        let irq = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
+        let irq = Arc::new(Interrupt::unwired());
         let core = Arc::new(Mutex::new(VirtioCore::new(
             Box::<Dummy>::default(),
             Arc::new(testing::mem()),

@@ -12,7 +12,8 @@
 //!
 //! Every queue's `QueueNotify` write is a KVM ioeventfd (datamatch on the queue index), so a
 //! guest kick wakes the `db-vmm` event thread's epoll without a vCPU exit to user space.
-//! Interrupts go back through a KVM irqfd on the device's line. Host backends (the TAP fd,
+//! Interrupts go back through the device's legacy line, a `dbs-interrupt` source group of
+//! the VM's [`KvmIrqManager`](dbs_interrupt::KvmIrqManager): a KVM irqfd on its IOAPIC pin. Host backends (the TAP fd,
 //! the vsock listener and connections) are in the same epoll; nothing spins.
 //!
 //! Constants are the virtio 1.x specification's numbers, named as in Linux's
@@ -26,7 +27,9 @@ pub mod queue;
 pub mod vsock;
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use dbs_interrupt::{InterruptSourceGroup, InterruptStatusRegister32};
 
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -52,42 +55,98 @@ pub const fn bit(n: u32) -> u64 {
     1 << n
 }
 
-/// A device's interrupt: the `InterruptStatus` register and the irqfd on its line.
-#[derive(Debug)]
+/// A device's interrupt: the `InterruptStatus` register and its legacy interrupt line, a
+/// `dbs-interrupt` source group (in the VM, a [`KvmIrqManager`](dbs_interrupt::KvmIrqManager)
+/// group whose trigger is a KVM irqfd on the device's IOAPIC pin).
 pub struct Interrupt {
-    status: AtomicU32,
-    irqfd: EventFd,
+    status: InterruptStatusRegister32,
+    line: Arc<Box<dyn InterruptSourceGroup>>,
+}
+
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interrupt")
+            .field("status", &self.status.read())
+            .field("line", &self.line.base())
+            .finish()
+    }
 }
 
 impl Interrupt {
-    /// An interrupt raised through `irqfd` (registered with KVM by the caller).
-    pub fn new(irqfd: EventFd) -> Interrupt {
+    /// An interrupt raised on `line` (a one-source legacy group, enabled by the caller).
+    pub fn new(line: Arc<Box<dyn InterruptSourceGroup>>) -> Interrupt {
         Interrupt {
-            status: AtomicU32::new(0),
-            irqfd,
+            status: InterruptStatusRegister32::new(),
+            line,
         }
     }
 
     /// Sets `why` (`INT_VRING`, `INT_CONFIG`) in `InterruptStatus` and raises the line.
     pub fn raise(&self, why: u32) {
-        self.status.fetch_or(why, Ordering::SeqCst);
-        // A full eventfd counter (2^64 - 2 pending) cannot happen: KVM drains it.
-        let _ = self.irqfd.write(1);
+        self.status.set_bits(why);
+        // Writing the irqfd fails only if its counter is full (2^64 - 2 pending), which
+        // cannot happen: KVM drains it.
+        let _ = self.line.trigger(0);
     }
 
     /// The `InterruptStatus` register.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        self.status.read()
     }
 
     /// `InterruptACK`: clears the acknowledged bits.
     pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
+        self.status.clear_bits(bits);
     }
 
-    /// The irqfd (for tests that wait on it).
-    pub fn irqfd(&self) -> &EventFd {
-        &self.irqfd
+    /// The eventfd that raises the line (for tests that wait on it).
+    pub fn irqfd(&self) -> Option<&EventFd> {
+        self.line.notifier(0)
+    }
+
+    /// An interrupt whose line is a bare eventfd, not wired to any VM (unit tests).
+    #[cfg(test)]
+    pub(crate) fn unwired() -> Interrupt {
+        Interrupt::new(Arc::new(Box::new(testing::EventFdLine(
+            EventFd::new(0).expect("eventfd"),
+        ))))
+    }
+}
+
+/// Interrupt lines without KVM, for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use dbs_interrupt::{InterruptSourceConfig, InterruptSourceGroup, InterruptSourceType};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A legacy line whose trigger writes an eventfd nobody routes.
+    pub struct EventFdLine(pub EventFd);
+
+    impl InterruptSourceGroup for EventFdLine {
+        fn interrupt_type(&self) -> InterruptSourceType {
+            InterruptSourceType::LegacyIrq
+        }
+        fn len(&self) -> u32 {
+            1
+        }
+        fn base(&self) -> u32 {
+            0
+        }
+        fn enable(&self, _: &[InterruptSourceConfig]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn disable(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn update(&self, _: u32, _: &InterruptSourceConfig) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn notifier(&self, index: u32) -> Option<&EventFd> {
+            (index == 0).then_some(&self.0)
+        }
+        fn trigger(&self, _: u32) -> std::io::Result<()> {
+            self.0.write(1)
+        }
     }
 }
 

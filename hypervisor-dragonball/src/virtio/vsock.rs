@@ -569,7 +569,6 @@ mod tests {
     use crate::virtio::queue::testing::{mem, publish_at, queue_at, set_desc_at, used_at};
     use crate::virtio::queue::VIRTQ_DESC_F_WRITE;
     use crate::virtio::{Interrupt, Queue};
-    use vmm_sys_util::eventfd::EventFd;
 
     const RX_BASE: u64 = 0x1000;
     const TX_BASE: u64 = 0x4000;
@@ -606,7 +605,7 @@ mod tests {
                     queue_at(TX_BASE, 8),
                     queue_at(EV_BASE, 8),
                 ],
-                irq: Interrupt::new(EventFd::new(0).unwrap()),
+                irq: Interrupt::unwired(),
                 _dir: dir,
             }
         }
