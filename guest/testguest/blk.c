@@ -70,7 +70,7 @@ int blk_test(const char *cmdline)
         serial_puts("testguest: blk: no virtio-blk device\n");
         return -1;
     }
-    if (virtio_negotiate(&dev, 1u << 5 /* VIRTIO_BLK_F_RO */) ||
+    if (virtio_negotiate(&dev, 1u << 5 /* VIRTIO_BLK_F_RO */, NULL) ||
         virtio_queue_setup(&dev, &q, 0) || (virtio_driver_ok(&dev) & 0x40)) {
         serial_puts("testguest: blk: device setup failed\n");
         return -1;

@@ -114,7 +114,7 @@ int virtio_find(const char *cmdline, uint32_t device_id, struct virtio_dev *dev)
     return -1;
 }
 
-int virtio_negotiate(const struct virtio_dev *dev, uint32_t features_low)
+int virtio_negotiate(const struct virtio_dev *dev, uint32_t features_low, uint32_t *acked_low)
 {
     uint64_t b = dev->base;
     wr(b, REG_STATUS, 0);
@@ -128,6 +128,8 @@ int virtio_negotiate(const struct virtio_dev *dev, uint32_t features_low)
         return -1; /* no VIRTIO_F_VERSION_1 */
     wr(b, REG_DRIVER_FEATURES_SEL, 0);
     wr(b, REG_DRIVER_FEATURES, low & features_low);
+    if (acked_low)
+        *acked_low = low & features_low;
     wr(b, REG_DRIVER_FEATURES_SEL, 1);
     wr(b, REG_DRIVER_FEATURES, 1);
     wr(b, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);

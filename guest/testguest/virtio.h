@@ -52,9 +52,10 @@ struct virtio_dev {
 /* Finds the first virtio-mmio device with this device id; 0 on success. Prints what it
  * finds. */
 int virtio_find(const char *cmdline, uint32_t device_id, struct virtio_dev *dev);
-/* Reset, ACKNOWLEDGE, DRIVER, features (VERSION_1 plus `features_low`), FEATURES_OK.
- * Returns 0, or -1 when the device refuses. */
-int virtio_negotiate(const struct virtio_dev *dev, uint32_t features_low);
+/* Reset, ACKNOWLEDGE, DRIVER, features (VERSION_1 plus those of `features_low` the device
+ * offers, stored in *acked_low unless it is NULL), FEATURES_OK. Returns 0, or -1 when the
+ * device refuses. */
+int virtio_negotiate(const struct virtio_dev *dev, uint32_t features_low, uint32_t *acked_low);
 /* Sets up queue `index` in `q`; returns 0 or -1. */
 int virtio_queue_setup(const struct virtio_dev *dev, struct virtq *q, uint16_t index);
 /* Sets DRIVER_OK; returns the status read back. */

@@ -4,7 +4,8 @@
 //! What can be checked before start is checked here, so a bad device fails `add_device`
 //! and not the boot: the config (the contract's validation), a duplicate id or guest MAC,
 //! a block image that is missing or not openable in the asked mode, a second vsock device,
-//! a vsock socket that cannot be bound, multi-queue or pre-opened TAP fds (not supported).
+//! a vsock socket that cannot be bound, more queue pairs than the device takes, pre-opened
+//! TAP fds (not supported).
 //! The TAP itself lives in the sandbox's network namespace and is opened by the `db-vmm`
 //! thread at start (see [`crate::virtio::net`]); a missing TAP fails `start`.
 
@@ -12,7 +13,7 @@ use hypervisor::device::{BlockDriver, GuestLocation, NetworkBackend};
 use hypervisor::{AgentAddress, ConfigError, Device, DeviceConfig, DeviceInfo, Error, Result};
 
 use crate::virtio::block::BlockDevice;
-use crate::virtio::net::NetDevice;
+use crate::virtio::net::{NetDevice, MAX_PAIRS};
 use crate::virtio::vsock::VsockDevice;
 use crate::virtio::VirtioDevice;
 use crate::{DragonballHypervisor, Inner};
@@ -54,10 +55,10 @@ impl DragonballHypervisor {
         };
         let backend: Box<dyn VirtioDevice> = match &device.config {
             DeviceConfig::Network(net) => {
-                if net.queue_pairs > 1 {
+                if net.queue_pairs > MAX_PAIRS {
                     return Err(Self::unsupported(
                         format!("{what} with {} queue pairs", net.queue_pairs),
-                        "the Dragonball backend's virtio-net has one queue pair (no VIRTIO_NET_F_MQ); ask for 1",
+                        format!("the Dragonball backend's virtio-net takes at most {MAX_PAIRS} queue pairs"),
                     ));
                 }
                 if let NetworkBackend::TapFds { .. } = net.backend {
@@ -92,7 +93,7 @@ impl DragonballHypervisor {
                     .into());
                 }
                 info.mac = Some(net.guest_mac);
-                info.queue_pairs = Some(1);
+                info.queue_pairs = Some(net.queue_pairs);
                 info.host = Some(net.backend.tap_name().to_string());
                 let netns = inner.spec.as_ref().and_then(|s| s.netns.clone());
                 Box::new(NetDevice::new(
@@ -101,6 +102,7 @@ impl DragonballHypervisor {
                     net.guest_mac,
                     net.mtu,
                     net.queue_size,
+                    net.queue_pairs,
                     self.log.clone(),
                 ))
             }

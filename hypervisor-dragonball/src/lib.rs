@@ -209,7 +209,7 @@ impl DragonballHypervisor {
         Capabilities {
             network_hotplug: false,
             block_hotplug: false,
-            multi_queue: false,
+            multi_queue: true,
             tap_fds: false,
             pause: true,
             vsock: true,

@@ -435,8 +435,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let vm = backend(dir.path());
         vm.prepare(&spec("bad")).await.unwrap();
+        // More pairs than the device takes (crate::virtio::net::MAX_PAIRS).
         let err = vm
-            .add_device(nic("net0", "02:00:00:00:00:01", 2))
+            .add_device(nic("net0", "02:00:00:00:00:01", 17))
             .await
             .unwrap_err();
         assert!(err.is_unsupported(), "{err}");

@@ -4,19 +4,18 @@
 //!
 //! # How frames cross the TAP
 //!
-//! The VMM opens the TAP by name (dbs-utils `Tap::open_named`), so the test creates it
-//! *persistent* in a private namespace and closes its own fd: a single-queue TAP takes one
-//! attached fd, and the VMM's must be it. The test then talks to the TAP's *network
-//! interface* with an `AF_PACKET` socket bound to it (ethertype 0x88b5) inside the
-//! namespace: what the guest sends, the VMM writes into its TAP fd, the kernel receives on
-//! the interface and the packet socket sees it; what the test sends on the packet socket the
-//! kernel transmits on the interface, which hands it to the TAP fd the VMM reads. (A second
-//! queue of a multi-queue TAP would not do: frames written into any queue fd enter the host
-//! stack, never another queue, and the kernel spreads host-to-guest frames over queues.)
+//! The VMM opens its TAP by name (dbs-utils `Tap::open_named`), so the test creates it
+//! *persistent* in a private namespace and closes its own fds. The test's end is a second
+//! TAP in that namespace, a *peer* whose queue fd the test keeps and drives with `netdev`'s
+//! async I/O (`AsyncTapQueue`); `tc` `mirred` filters on both ingress sides connect the two
+//! interfaces. What the guest sends, the VMM writes into its TAP fd, the kernel receives on
+//! the VMM's interface and redirects out of the peer, whose queue fd the test reads; what
+//! the test writes into the peer's fd the kernel redirects out of the VMM's interface, to
+//! the VMM's fd. (The test cannot instead hold a queue of the VMM's own TAP: a frame
+//! written into any queue fd enters the host stack, never another queue.)
 #![cfg(feature = "dragonball")]
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -123,120 +122,149 @@ impl TestVm {
     }
 }
 
-/// A persistent TAP in a private namespace, and a packet socket on it.
+/// The VMM's persistent TAP and the test's peer TAP, joined by `tc` redirects in a private
+/// namespace.
 struct TapNs {
     ns: netdev::NetNs,
     tap: String,
+    peer: netdev::AsyncTapQueue,
 }
 
 impl TapNs {
-    fn new() -> TapNs {
+    /// A single-queue TAP for the VMM (`pairs` 1) or a multi-queue one.
+    fn new(pairs: usize) -> TapNs {
         require_root();
         let ns = netdev::NetNs::create(&unique_name("dbn")).expect("creating a namespace");
         let tap = unique_name("dbt");
         let t = netdev::TapBuilder::new(&tap)
+            .multi_queue(pairs > 1)
             .persist(true)
             .up(true)
             .netns(ns.path())
             .create()
             .expect("creating the TAP");
-        // Close our queue: the VMM attaches to the persistent device by name. The link is
-        // up already, so the packet socket bound below is not told "network is down".
+        // Close our queue: the VMM attaches to the persistent device by name.
         drop(t);
-        TapNs { ns, tap }
+        let peer_name = unique_name("dbp");
+        let peer = netdev::TapBuilder::new(&peer_name)
+            .vnet_hdr(None)
+            .up(true)
+            .nonblocking(true)
+            .netns(ns.path())
+            .create()
+            .expect("creating the peer TAP");
+        for (from, to) in [(&tap, &peer_name), (&peer_name, &tap)] {
+            tc(&ns, &["qdisc", "add", "dev", from, "ingress"]);
+            tc(
+                &ns,
+                &[
+                    "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
+                    "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+                ],
+            );
+        }
+        let fd = peer.into_queues().pop().expect("one queue");
+        let peer = netdev::AsyncTapQueue::new(fd).expect("async peer queue");
+        TapNs { ns, tap, peer }
     }
 
-    /// An `AF_PACKET` socket for ethertype 0x88b5 bound to the TAP, with a receive timeout.
-    fn packet_socket(&self) -> OwnedFd {
-        let tap = self.tap.clone();
-        self.ns
-            .run(move || packet_socket(&tap))
-            .expect("entering the namespace")
-            .expect("opening the packet socket")
-    }
-}
-
-fn packet_socket(ifname: &str) -> std::io::Result<OwnedFd> {
-    let proto = ETHERTYPE.to_be();
-    // SAFETY: plain socket(2) call; the result is checked and owned right below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::c_int::from(proto),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let index = nix::net::if_::if_nametoindex(ifname).map_err(std::io::Error::from)?;
-    // SAFETY: an all-zero sockaddr_ll is a valid value of this plain C struct.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = proto;
-    addr.sll_ifindex = index as i32;
-    // SAFETY: `addr` is a valid sockaddr_ll and the length passed is its size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let tv = libc::timeval {
-        tv_sec: FRAME_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    // SAFETY: SO_RCVTIMEO takes a timeval; the pointer and length describe `tv`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::addr_of!(tv).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-/// Receives one frame (blocking, up to the socket's timeout) on a blocking thread.
-async fn recv_frame(sock: &Arc<OwnedFd>) -> Vec<u8> {
-    let sock = sock.clone();
-    tokio::task::spawn_blocking(move || {
+    /// The next frame with our ethertype that leaves the VMM's TAP (others, such as IPv6
+    /// neighbour discovery, are skipped).
+    async fn recv(&self) -> Vec<u8> {
         let mut buf = vec![0u8; 2048];
-        // SAFETY: recv(2) into a buffer we own, of the length given.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        assert!(
-            n >= 0,
-            "no frame on the TAP within {FRAME_TIMEOUT:?}: {}",
-            std::io::Error::last_os_error()
-        );
-        buf.truncate(n as usize);
-        buf
-    })
-    .await
-    .unwrap()
+        loop {
+            let n = tokio::time::timeout(FRAME_TIMEOUT, self.peer.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no frame on the TAP within {FRAME_TIMEOUT:?}"))
+                .expect("reading the peer TAP");
+            if n >= 14 && buf[12..14] == ETHERTYPE.to_be_bytes() {
+                return buf[..n].to_vec();
+            }
+        }
+    }
+
+    /// Sends `frame` into the VMM's TAP (out of its interface, to the guest).
+    async fn send(&self, frame: &[u8]) {
+        let n = self.peer.send(frame).await.expect("writing the peer TAP");
+        assert_eq!(n, frame.len());
+    }
+
+    /// The VMM TAP's offload features as `ethtool -k` shows them (name, on).
+    fn offloads(&self) -> Vec<(String, bool)> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", self.ns.name(), "ethtool", "-k", &self.tap])
+            .output()
+            .expect("running ethtool (install the ethtool package)");
+        assert!(out.status.success(), "ethtool -k: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (name, value) = l.trim().split_once(": ")?;
+                Some((name.to_string(), value.starts_with("on")))
+            })
+            .collect()
+    }
+
+    /// Whether `ethtool -k` shows each of `features` as `on`.
+    fn offloads_on(&self, features: &[&str]) -> Vec<bool> {
+        let all = self.offloads();
+        features
+            .iter()
+            .map(|f| {
+                all.iter()
+                    .find(|(n, _)| n == f)
+                    .unwrap_or_else(|| panic!("ethtool -k shows no {f}: {all:?}"))
+                    .1
+            })
+            .collect()
+    }
 }
 
-fn send_frame(sock: &OwnedFd, frame: &[u8]) {
-    // SAFETY: send(2) of a buffer we own, of the length given, on a bound packet socket.
-    let n = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    assert_eq!(
-        n,
-        frame.len() as isize,
-        "{}",
-        std::io::Error::last_os_error()
-    );
+/// Runs `tc -n NS ARGS`, which must succeed.
+fn tc(ns: &netdev::NetNs, args: &[&str]) {
+    let out = std::process::Command::new("tc")
+        .arg("-n")
+        .arg(ns.name())
+        .args(args)
+        .output()
+        .expect("running tc (install iproute2)");
+    assert!(out.status.success(), "tc {args:?}: {out:?}");
 }
+
+/// A frame from us to the guest with `payload`.
+fn frame_to_guest(payload: &str) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&GUEST_MAC);
+    frame.extend_from_slice(&TEST_MAC);
+    frame.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    frame.extend_from_slice(payload.as_bytes());
+    frame
+}
+
+/// Checks that `echo` is `payload` sent back by the guest with the addresses swapped.
+fn assert_echo(echo: &[u8], payload: &str) {
+    assert_eq!(&echo[..6], &TEST_MAC, "{echo:02x?}");
+    assert_eq!(&echo[6..12], &GUEST_MAC);
+    assert_eq!(&echo[12..14], &ETHERTYPE.to_be_bytes());
+    assert_eq!(&echo[14..], payload.as_bytes());
+}
+
+/// Checks that `hello` is the guest's broadcast hello with `payload`.
+fn assert_hello(hello: &[u8], payload: &[u8]) {
+    assert_eq!(&hello[..6], &[0xff; 6], "{hello:02x?}");
+    assert_eq!(&hello[6..12], &GUEST_MAC);
+    assert_eq!(&hello[12..14], &ETHERTYPE.to_be_bytes());
+    assert_eq!(&hello[14..], payload);
+}
+
+/// The TAP offloads that follow the guest's GUEST_CSUM / GUEST_TSO4 / GUEST_TSO6 /
+/// GUEST_ECN (`TUN_F_CSUM`, `TUN_F_TSO4`, `TUN_F_TSO6`, `TUN_F_TSO_ECN`).
+const GUEST_OFFLOADS: [&str; 4] = [
+    "tx-checksum-ip-generic",
+    "tx-tcp-segmentation",
+    "tx-tcp6-segmentation",
+    "tx-tcp-ecn-segmentation",
+];
 
 /// The error and its sources, one per line.
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -256,8 +284,7 @@ fn nic(tap: &str) -> DeviceConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_frames_cross_a_real_tap_and_the_guest_echoes_ours() {
-    let tn = TapNs::new();
-    let sock = Arc::new(tn.packet_socket());
+    let tn = TapNs::new(1);
     let t = TestVm::prepared(
         &["testguest.action=net_echo"],
         Some(tn.ns.path().to_path_buf()),
@@ -279,25 +306,19 @@ async fn guest_frames_cross_a_real_tap_and_the_guest_echoes_ours() {
     t.vm.start(BOOT_TIMEOUT).await.expect("start");
 
     // The guest's hello: broadcast, from its MAC, our ethertype and payload.
-    let hello = recv_frame(&sock).await;
-    assert_eq!(&hello[..6], &[0xff; 6], "{hello:02x?}");
-    assert_eq!(&hello[6..12], &GUEST_MAC);
-    assert_eq!(&hello[12..14], &ETHERTYPE.to_be_bytes());
-    assert_eq!(&hello[14..], b"testguest hello");
+    assert_hello(&tn.recv().await, b"testguest hello");
+    // The guest acknowledged no offload: the TAP hands it none.
+    assert_eq!(
+        tn.offloads_on(&GUEST_OFFLOADS),
+        [false; 4],
+        "{:?}",
+        tn.offloads()
+    );
 
     // One frame to the guest; it comes back with the addresses swapped.
     let payload = format!("echo me {}", unique_name("p"));
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&GUEST_MAC);
-    frame.extend_from_slice(&TEST_MAC);
-    frame.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    frame.extend_from_slice(payload.as_bytes());
-    send_frame(&sock, &frame);
-    let echo = recv_frame(&sock).await;
-    assert_eq!(&echo[..6], &TEST_MAC, "{echo:02x?}");
-    assert_eq!(&echo[6..12], &GUEST_MAC);
-    assert_eq!(&echo[12..14], &ETHERTYPE.to_be_bytes());
-    assert_eq!(&echo[14..], payload.as_bytes());
+    tn.send(&frame_to_guest(&payload)).await;
+    assert_echo(&tn.recv().await, &payload);
 
     let exit = t.wait_exit().await;
     let console = t.console().await;
@@ -316,6 +337,109 @@ async fn guest_frames_cross_a_real_tap_and_the_guest_echoes_ours() {
         .unwrap();
     assert!(exists, "the test's TAP disappeared");
     netdev::delete_tap(&tn.tap, Some(tn.ns.path())).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offloads_the_guest_acknowledges_are_set_on_the_tap() {
+    let tn = TapNs::new(1);
+    let t = TestVm::prepared(
+        &["testguest.action=net_echo", "testguest.net_offloads=1"],
+        Some(tn.ns.path().to_path_buf()),
+    )
+    .await;
+    t.add("net0", nic(&tn.tap)).await.expect("add the NIC");
+    assert_eq!(
+        tn.offloads_on(&GUEST_OFFLOADS),
+        [false; 4],
+        "before start: {:?}",
+        tn.offloads()
+    );
+    t.vm.start(BOOT_TIMEOUT).await.expect("start");
+    // The hello follows DRIVER_OK, so the device is active and its offloads are set.
+    assert_hello(&tn.recv().await, b"testguest hello");
+    assert_eq!(
+        tn.offloads_on(&GUEST_OFFLOADS),
+        [true; 4],
+        "{:?}",
+        tn.offloads()
+    );
+    let payload = format!("offloads {}", unique_name("p"));
+    tn.send(&frame_to_guest(&payload)).await;
+    assert_echo(&tn.recv().await, &payload);
+    let exit = t.wait_exit().await;
+    let console = t.console().await;
+    assert_eq!(exit.reason, ExitReason::GuestShutdown, "{console}");
+    // MAC (bit 5) and the four GUEST_* offloads (bits 1, 7, 8, 9).
+    assert_eq!(
+        console_value(&console, "testguest: net: features="),
+        "0x3a2"
+    );
+    t.vm.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_queue_pairs_carry_a_frame_each_and_the_guest_echoes_on_either() {
+    let tn = TapNs::new(2);
+    let t = TestVm::prepared(
+        &[
+            "testguest.action=net_echo",
+            "testguest.net_pairs=2",
+            "testguest.net_echoes=2",
+        ],
+        Some(tn.ns.path().to_path_buf()),
+    )
+    .await;
+    let mut config = NetworkConfig::tap(&tn.tap, MacAddress(GUEST_MAC));
+    config.queue_pairs = 2;
+    let info = t
+        .add("net0", DeviceConfig::Network(config))
+        .await
+        .expect("add the NIC");
+    assert_eq!(info.queue_pairs, Some(2));
+    assert!(t.vm.capabilities().await.multi_queue);
+    t.vm.start(BOOT_TIMEOUT).await.expect("start");
+
+    // One hello per TX queue, in order: pair 0's, then pair 1's.
+    assert_hello(&tn.recv().await, b"testguest hello");
+    assert_hello(&tn.recv().await, b"testguest hello q1");
+    // Two frames to the guest; the TAP picks the queue, the guest echoes on that pair.
+    for n in 0..2 {
+        let payload = format!("mq echo {n} {}", unique_name("p"));
+        tn.send(&frame_to_guest(&payload)).await;
+        assert_echo(&tn.recv().await, &payload);
+    }
+    let exit = t.wait_exit().await;
+    let console = t.console().await;
+    assert_eq!(exit.reason, ExitReason::GuestShutdown, "{console}");
+    for line in [
+        "testguest: net: max_virtqueue_pairs=2",
+        "testguest: net: pairs=2 ack=0",
+        "testguest: net: sent hello on tx0",
+        "testguest: net: sent hello on tx1",
+        "testguest: net_echo done",
+    ] {
+        assert!(console.contains(line), "no {line:?} in:\n{console}");
+    }
+    t.vm.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_queue_pairs_on_a_single_queue_tap_fail_start_clearly() {
+    let tn = TapNs::new(1);
+    let t = TestVm::prepared(
+        &["testguest.action=net_echo", "testguest.net_pairs=2"],
+        Some(tn.ns.path().to_path_buf()),
+    )
+    .await;
+    let mut config = NetworkConfig::tap(&tn.tap, MacAddress(GUEST_MAC));
+    config.queue_pairs = 2;
+    t.add("net0", DeviceConfig::Network(config)).await.unwrap();
+    let err = t.vm.start(BOOT_TIMEOUT).await.unwrap_err();
+    let chain = error_chain(&err);
+    assert!(chain.contains("multi-queue TAP is needed"), "{chain}");
+    assert!(chain.contains(&tn.tap), "{chain}");
+    assert_eq!(t.vm.state().await, VmState::Stopped);
+    t.vm.cleanup().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,7 +476,7 @@ async fn two_nics_with_one_mac_and_hotplug_after_start_are_refused() {
         "{err:?}"
     );
     let caps = t.vm.capabilities().await;
-    assert!(!caps.network_hotplug && !caps.block_hotplug && !caps.multi_queue && caps.vsock);
+    assert!(!caps.network_hotplug && !caps.block_hotplug && caps.multi_queue && caps.vsock);
     t.vm.cleanup().await.unwrap();
 
     let t = TestVm::prepared(&["testguest.action=hlt_forever"], None).await;

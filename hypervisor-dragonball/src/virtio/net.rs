@@ -8,30 +8,43 @@
 //! there (`if_nametoindex`): `TUNSETIFF` on a missing name would *create* a TAP, which then
 //! nobody would delete, so a missing TAP is an error ([`Error::Device`]) naming the TAP and
 //! the namespace. It then attaches with `dbs_utils::net::Tap::open_named` (which fails for an
-//! interface that is not a TAP, or a multi-queue TAP), sets a 12-byte vnet header (the
-//! virtio 1.x `virtio_net_hdr` with `num_buffers`), and brings the link up.
+//! interface that is not a TAP, or whose queue mode differs: one queue pair needs a
+//! single-queue TAP, more need an `IFF_MULTI_QUEUE` one), opens one queue fd per pair with
+//! `Tap::into_mq_taps`, sets a 12-byte vnet header (the virtio 1.x `virtio_net_hdr` with
+//! `num_buffers`), and brings the link up.
 //!
 //! # Guest side
 //!
-//! One RX and one TX queue (multi-queue is refused at `add_device`). Offered: VERSION_1,
-//! MAC, MTU (when configured), checksum and TSO offloads in both directions. At activation
-//! the TAP's offloads (`TUNSETOFFLOAD`) follow what the guest acknowledged, so the kernel
-//! only hands the guest GSO frames or partial checksums it said it can take.
+//! Queues `2i` and `2i + 1` are RX and TX of pair `i`. Offered: VERSION_1, MAC, MTU (when
+//! configured), checksum and TSO offloads in both directions, and with more than one pair
+//! `VIRTIO_NET_F_MQ` and the control queue it requires (`VIRTIO_NET_F_CTRL_VQ`, the last
+//! queue, `2 * max_virtqueue_pairs`). At activation the TAP's offloads (`TUNSETOFFLOAD`)
+//! follow what the guest acknowledged, so the kernel only hands the guest GSO frames or
+//! partial checksums it said it can take.
+//!
+//! # Multi-queue
+//!
+//! Pair `i` uses TAP queue `i`. Until the driver enables more pairs with
+//! `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`, and whenever it uses fewer than the maximum, the TAP
+//! queues of unused pairs are detached (`IFF_DETACH_QUEUE`, through `netdev`), so the kernel
+//! steers no frame to an RX queue the guest does not serve (virtio 1.x 5.1.6.5.5). A reset
+//! detaches them again.
 //!
 //! # Events
 //!
-//! The TAP fd is in the event thread's epoll, edge-triggered. On readiness, or on an RX
-//! queue notification (new buffers), frames are moved until the TAP reports `EAGAIN` or the
-//! guest has no buffer left; a frame read while no buffer is free waits in `pending` for
-//! the next RX notification. TX notifications write every available chain to the TAP.
+//! Every TAP queue fd is in the event thread's epoll, edge-triggered. On readiness, or on an
+//! RX queue notification (new buffers), frames are moved until the TAP reports `EAGAIN` or
+//! the guest has no buffer left; a frame read while no buffer is free waits in its pair's
+//! `pending` slot for the next RX notification. TX notifications write every available
+//! chain to the pair's TAP queue; control-queue notifications run the commands.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 
 use dbs_utils::net::Tap;
 use hypervisor::MacAddress;
-use slog::{debug, warn};
+use slog::{debug, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{bit, read_config_bytes, QueueCtx, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
@@ -57,8 +70,19 @@ pub const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
 pub const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
 /// Device takes TSO with ECN.
 pub const VIRTIO_NET_F_HOST_ECN: u32 = 13;
-/// Multi-queue (not offered).
+/// A control virtqueue exists.
+pub const VIRTIO_NET_F_CTRL_VQ: u32 = 17;
+/// Multi-queue: `max_virtqueue_pairs` is valid, pairs are enabled through the control queue.
 pub const VIRTIO_NET_F_MQ: u32 = 22;
+
+/// Control class of multi-queue commands.
+pub const VIRTIO_NET_CTRL_MQ: u8 = 4;
+/// Multi-queue command: enable this many pairs (`le16`).
+pub const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+/// Control command acknowledgement: done.
+pub const VIRTIO_NET_OK: u8 = 0;
+/// Control command acknowledgement: refused.
+pub const VIRTIO_NET_ERR: u8 = 1;
 
 /// `virtio_net_hdr` with `num_buffers`, the header size with VERSION_1.
 pub const VNET_HDR_LEN: usize = 12;
@@ -66,10 +90,14 @@ pub const VNET_HDR_LEN: usize = 12;
 const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
 /// Default queue size.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
-/// Index of the RX queue.
+/// Size of the control queue.
+pub const CTRL_QUEUE_SIZE: u16 = 64;
+/// Index of the first RX queue.
 pub const RX: usize = 0;
-/// Index of the TX queue.
+/// Index of the first TX queue.
 pub const TX: usize = 1;
+/// Most queue pairs this device takes (each queue is a KVM ioeventfd).
+pub const MAX_PAIRS: u16 = 16;
 
 /// Frame counters, for logs and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +110,42 @@ pub struct NetCounters {
     pub dropped: u64,
 }
 
+/// One pair's host side: its TAP queue, whether that queue is attached, and a frame read
+/// from it that waits for a guest buffer.
+struct PairBackend {
+    tap: Tap,
+    attached: bool,
+    pending: Option<usize>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for PairBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PairBackend")
+            .field("fd", &self.tap.as_raw_fd())
+            .field("attached", &self.attached)
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+impl PairBackend {
+    /// Attaches or detaches this TAP queue (`TUNSETQUEUE`), if it is not so already.
+    fn set_attached(&mut self, on: bool) -> std::io::Result<()> {
+        if self.attached == on {
+            return Ok(());
+        }
+        // SAFETY: the fd belongs to `self.tap`, which outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.tap.as_raw_fd()) };
+        netdev::attach_queue(fd, on)?;
+        self.attached = on;
+        if !on {
+            self.pending = None;
+        }
+        Ok(())
+    }
+}
+
 /// A virtio-net device on a TAP.
 #[derive(Debug)]
 pub struct NetDevice {
@@ -90,23 +154,25 @@ pub struct NetDevice {
     mac: MacAddress,
     mtu: Option<u32>,
     queue_size: u16,
-    tap: Option<Tap>,
+    pairs: u16,
+    backends: Vec<PairBackend>,
+    enabled_pairs: u16,
     active: bool,
-    pending: Option<usize>,
-    buf: Vec<u8>,
     counters: NetCounters,
     log: slog::Logger,
 }
 
 impl NetDevice {
-    /// A device for the TAP `tap_name` in `netns` (for messages: the caller's thread must be
-    /// in it when [`open_backend`](VirtioDevice::open_backend) runs).
+    /// A device with `pairs` queue pairs (1 to [`MAX_PAIRS`]) for the TAP `tap_name` in
+    /// `netns` (for messages: the caller's thread must be in it when
+    /// [`open_backend`](VirtioDevice::open_backend) runs).
     pub fn new(
         tap_name: &str,
         netns: Option<PathBuf>,
         mac: MacAddress,
         mtu: Option<u32>,
         queue_size: Option<u16>,
+        pairs: u16,
         log: slog::Logger,
     ) -> NetDevice {
         NetDevice {
@@ -115,10 +181,10 @@ impl NetDevice {
             mac,
             mtu,
             queue_size: queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
-            tap: None,
+            pairs: pairs.clamp(1, MAX_PAIRS),
+            backends: Vec::new(),
+            enabled_pairs: 1,
             active: false,
-            pending: None,
-            buf: vec![0; MAX_FRAME],
             counters: NetCounters::default(),
             log: log.new(slog::o!("device" => "virtio-net", "tap" => tap_name.to_string())),
         }
@@ -127,6 +193,17 @@ impl NetDevice {
     /// Frame counters.
     pub fn counters(&self) -> NetCounters {
         self.counters
+    }
+
+    /// Queue pairs the driver has enabled (1 until it enables more through the control
+    /// queue).
+    pub fn enabled_pairs(&self) -> u16 {
+        self.enabled_pairs
+    }
+
+    /// Index of the control queue, when there is one (more than one pair).
+    pub fn ctrl_queue(&self) -> Option<usize> {
+        (self.pairs > 1).then(|| 2 * usize::from(self.pairs))
     }
 
     fn where_(&self) -> String {
@@ -144,49 +221,61 @@ impl NetDevice {
         ))
     }
 
-    /// Moves frames from the TAP to the guest's RX buffers.
-    fn rx(&mut self, ctx: &mut QueueCtx<'_>) {
-        if !self.active {
+    /// Attaches the TAP queues of the first `n` pairs and detaches the others.
+    fn use_pairs(&mut self, n: u16) -> std::io::Result<()> {
+        for (i, b) in self.backends.iter_mut().enumerate() {
+            b.set_attached(i < usize::from(n))?;
+        }
+        self.enabled_pairs = n;
+        Ok(())
+    }
+
+    /// Moves frames from pair `pair`'s TAP queue to its RX queue.
+    fn rx(&mut self, pair: usize, ctx: &mut QueueCtx<'_>) {
+        if !self.active || pair >= usize::from(self.enabled_pairs) {
             return;
         }
-        let Some(tap) = self.tap.as_mut() else { return };
+        let Some(b) = self.backends.get_mut(pair) else {
+            return;
+        };
+        let queue = RX + 2 * pair;
         let mut used = false;
         loop {
-            let len = match self.pending {
+            let len = match b.pending {
                 Some(n) => n,
-                None => match tap.read(&mut self.buf) {
+                None => match b.tap.read(&mut b.buf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        warn!(self.log, "reading the TAP failed"; "error" => %e);
+                        warn!(self.log, "reading the TAP failed"; "queue" => pair, "error" => %e);
                         break;
                     }
                 },
             };
-            let q = &mut ctx.queues[RX];
+            let q = &mut ctx.queues[queue];
             let chain = match q.pop(ctx.mem) {
                 Ok(Some(c)) => c,
                 Ok(None) => {
                     // No buffer: keep the frame until the guest posts one.
-                    self.pending = Some(len);
+                    b.pending = Some(len);
                     break;
                 }
                 Err(e) => {
-                    warn!(self.log, "the RX queue is broken"; "error" => %e);
-                    self.pending = Some(len);
+                    warn!(self.log, "the RX queue is broken"; "queue" => queue, "error" => %e);
+                    b.pending = Some(len);
                     break;
                 }
             };
-            self.pending = None;
+            b.pending = None;
             // The kernel leaves `num_buffers` alone; without MRG_RXBUF it is 1.
-            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            b.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
             let written = if chain.writable_len() < len {
                 self.counters.dropped += 1;
                 debug!(self.log, "frame larger than the guest's buffer dropped"; "len" => len);
                 0
             } else {
-                match chain.write_all(ctx.mem, &self.buf[..len]) {
+                match chain.write_all(ctx.mem, &b.buf[..len]) {
                     Ok(n) => {
                         self.counters.rx_frames += 1;
                         n
@@ -199,36 +288,40 @@ impl NetDevice {
                 }
             };
             if let Err(e) = q.add_used(ctx.mem, chain.head, written as u32) {
-                warn!(self.log, "the RX used ring is broken"; "error" => %e);
+                warn!(self.log, "the RX used ring is broken"; "queue" => queue, "error" => %e);
                 break;
             }
             used = true;
         }
         if used {
-            ctx.notify_used(RX);
+            ctx.notify_used(queue);
         }
     }
 
-    /// Writes every frame the guest made available on TX to the TAP.
-    fn tx(&mut self, ctx: &mut QueueCtx<'_>) {
-        let Some(tap) = self.tap.as_mut() else { return };
+    /// Writes every frame the guest made available on pair `pair`'s TX queue to its TAP
+    /// queue.
+    fn tx(&mut self, pair: usize, ctx: &mut QueueCtx<'_>) {
+        let Some(b) = self.backends.get_mut(pair) else {
+            return;
+        };
+        let queue = TX + 2 * pair;
         let mut used = false;
         loop {
-            let q = &mut ctx.queues[TX];
+            let q = &mut ctx.queues[queue];
             let chain = match q.pop(ctx.mem) {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(e) => {
-                    warn!(self.log, "the TX queue is broken"; "error" => %e);
+                    warn!(self.log, "the TX queue is broken"; "queue" => queue, "error" => %e);
                     break;
                 }
             };
             match chain.read_all(ctx.mem, MAX_FRAME) {
-                Ok(frame) if frame.len() > VNET_HDR_LEN => match tap.write(&frame) {
+                Ok(frame) if frame.len() > VNET_HDR_LEN => match b.tap.write(&frame) {
                     Ok(_) => self.counters.tx_frames += 1,
                     Err(e) => {
                         self.counters.dropped += 1;
-                        debug!(self.log, "writing a frame to the TAP failed"; "error" => %e);
+                        debug!(self.log, "writing a frame to the TAP failed"; "queue" => pair, "error" => %e);
                     }
                 },
                 Ok(_) => self.counters.dropped += 1,
@@ -238,13 +331,73 @@ impl NetDevice {
                 }
             }
             if let Err(e) = q.add_used(ctx.mem, chain.head, 0) {
-                warn!(self.log, "the TX used ring is broken"; "error" => %e);
+                warn!(self.log, "the TX used ring is broken"; "queue" => queue, "error" => %e);
                 break;
             }
             used = true;
         }
         if used {
-            ctx.notify_used(TX);
+            ctx.notify_used(queue);
+        }
+    }
+
+    /// Runs the commands on the control queue, each acknowledged with one status byte.
+    fn ctrl(&mut self, queue: usize, ctx: &mut QueueCtx<'_>) {
+        let mut used = false;
+        loop {
+            let chain = match ctx.queues[queue].pop(ctx.mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(self.log, "the control queue is broken"; "error" => %e);
+                    break;
+                }
+            };
+            let ack = match chain.read_all(ctx.mem, 64) {
+                Ok(cmd) => self.ctrl_command(&cmd),
+                Err(e) => {
+                    warn!(self.log, "reading a control command failed"; "error" => %e);
+                    VIRTIO_NET_ERR
+                }
+            };
+            let written = chain.write_all(ctx.mem, &[ack]).unwrap_or(0);
+            if let Err(e) = ctx.queues[queue].add_used(ctx.mem, chain.head, written as u32) {
+                warn!(self.log, "the control used ring is broken"; "error" => %e);
+                break;
+            }
+            used = true;
+        }
+        if used {
+            ctx.notify_used(queue);
+        }
+    }
+
+    /// One control command (`class`, `command`, data); returns its acknowledgement.
+    fn ctrl_command(&mut self, cmd: &[u8]) -> u8 {
+        match cmd {
+            [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] => {
+                let n = u16::from_le_bytes([*lo, *hi]);
+                if n == 0 || n > self.pairs {
+                    warn!(self.log, "the driver asked for an impossible number of queue pairs";
+                        "asked" => n, "max" => self.pairs);
+                    return VIRTIO_NET_ERR;
+                }
+                match self.use_pairs(n) {
+                    Ok(()) => {
+                        info!(self.log, "queue pairs enabled"; "pairs" => n);
+                        VIRTIO_NET_OK
+                    }
+                    Err(e) => {
+                        warn!(self.log, "attaching the TAP queues failed"; "pairs" => n, "error" => %e);
+                        VIRTIO_NET_ERR
+                    }
+                }
+            }
+            _ => {
+                debug!(self.log, "unsupported control command refused";
+                    "command" => format!("{:02x?}", &cmd[..cmd.len().min(2)]));
+                VIRTIO_NET_ERR
+            }
         }
     }
 }
@@ -274,7 +427,11 @@ impl VirtioDevice for NetDevice {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.queue_size, self.queue_size]
+        let mut sizes = vec![self.queue_size; 2 * usize::from(self.pairs)];
+        if self.ctrl_queue().is_some() {
+            sizes.push(CTRL_QUEUE_SIZE);
+        }
+        sizes
     }
 
     fn features(&self) -> u64 {
@@ -291,6 +448,9 @@ impl VirtioDevice for NetDevice {
         if self.mtu.is_some() {
             f |= bit(VIRTIO_NET_F_MTU);
         }
+        if self.pairs > 1 {
+            f |= bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_MQ);
+        }
         f
     }
 
@@ -298,7 +458,7 @@ impl VirtioDevice for NetDevice {
         // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
         let mut cfg = [0u8; 12];
         cfg[..6].copy_from_slice(&self.mac.0);
-        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[8..10].copy_from_slice(&self.pairs.to_le_bytes());
         let mtu = self.mtu.unwrap_or(1500).min(u32::from(u16::MAX)) as u16;
         cfg[10..12].copy_from_slice(&mtu.to_le_bytes());
         read_config_bytes(&cfg, offset, data);
@@ -312,19 +472,48 @@ impl VirtioDevice for NetDevice {
                 self.where_()
             )));
         }
-        let tap = Tap::open_named(&self.tap_name, false)
-            .map_err(|e| self.tap_error("Attaching to (not a single-queue TAP?)", e))?;
-        tap.set_vnet_hdr_size(VNET_HDR_LEN as libc::c_int)
+        let multi = self.pairs > 1;
+        let step = if multi {
+            format!(
+                "Attaching {} queues to (a multi-queue TAP is needed for {} queue pairs; is it single-queue?)",
+                self.pairs, self.pairs
+            )
+        } else {
+            "Attaching to (one queue pair needs a single-queue TAP; is it multi-queue?)".into()
+        };
+        let taps = Tap::open_named(&self.tap_name, multi)
+            .and_then(|t| t.into_mq_taps(usize::from(self.pairs)))
+            .map_err(|e| self.tap_error(&step, e))?;
+        let first = &taps[0];
+        first
+            .set_vnet_hdr_size(VNET_HDR_LEN as libc::c_int)
             .map_err(|e| self.tap_error("Setting the vnet header size of", e))?;
-        tap.set_offload(0)
+        first
+            .set_offload(0)
             .map_err(|e| self.tap_error("Clearing the offloads of", e))?;
-        tap.enable().map_err(|e| self.tap_error("Bringing up", e))?;
-        self.tap = Some(tap);
+        first
+            .enable()
+            .map_err(|e| self.tap_error("Bringing up", e))?;
+        self.backends = taps
+            .into_iter()
+            .map(|tap| PairBackend {
+                tap,
+                attached: true,
+                pending: None,
+                buf: vec![0; MAX_FRAME],
+            })
+            .collect();
+        // Only pair 0 until the driver enables more.
+        self.use_pairs(1)
+            .map_err(|e| self.tap_error("Detaching the unused queues of", e))?;
         Ok(())
     }
 
     fn activate(&mut self, acked: u64) -> std::result::Result<(), String> {
-        let tap = self.tap.as_ref().ok_or("the TAP is not open")?;
+        if acked & bit(VIRTIO_NET_F_MQ) != 0 && acked & bit(VIRTIO_NET_F_CTRL_VQ) == 0 {
+            return Err("VIRTIO_NET_F_MQ acknowledged without VIRTIO_NET_F_CTRL_VQ".into());
+        }
+        let tap = &self.backends.first().ok_or("the TAP is not open")?.tap;
         let flags = tap_offloads(acked);
         tap.set_offload(flags)
             .map_err(|e| format!("setting TAP offloads {flags:#x}: {e}"))?;
@@ -335,29 +524,36 @@ impl VirtioDevice for NetDevice {
 
     fn reset(&mut self) {
         self.active = false;
-        self.pending = None;
-        if let Some(tap) = &self.tap {
-            let _ = tap.set_offload(0);
+        for b in &mut self.backends {
+            b.pending = None;
+        }
+        if let Some(b) = self.backends.first() {
+            let _ = b.tap.set_offload(0);
+        }
+        if let Err(e) = self.use_pairs(1) {
+            warn!(self.log, "detaching the TAP queues at reset failed"; "error" => %e);
         }
     }
 
     fn backend_fds(&self) -> Vec<(RawFd, EventSet)> {
-        self.tap
+        self.backends
             .iter()
-            .map(|t| (t.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED))
+            .map(|b| (b.tap.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED))
             .collect()
     }
 
     fn queue_event(&mut self, queue: usize, ctx: &mut QueueCtx<'_>) {
-        match queue {
-            RX => self.rx(ctx),
-            TX => self.tx(ctx),
-            _ => {}
+        if Some(queue) == self.ctrl_queue() {
+            self.ctrl(queue, ctx);
+        } else if queue % 2 == RX {
+            self.rx(queue / 2, ctx);
+        } else {
+            self.tx(queue / 2, ctx);
         }
     }
 
-    fn backend_event(&mut self, _index: usize, ctx: &mut QueueCtx<'_>) {
-        self.rx(ctx);
+    fn backend_event(&mut self, index: usize, ctx: &mut QueueCtx<'_>) {
+        self.rx(index, ctx);
     }
 }
 
@@ -366,6 +562,10 @@ mod tests {
     use super::*;
 
     fn dev(mtu: Option<u32>) -> NetDevice {
+        mq_dev(mtu, 1)
+    }
+
+    fn mq_dev(mtu: Option<u32>, pairs: u16) -> NetDevice {
         let log = slog::Logger::root(slog::Discard, slog::o!());
         NetDevice::new(
             "tap0",
@@ -373,6 +573,7 @@ mod tests {
             "02:00:00:00:00:01".parse().unwrap(),
             mtu,
             None,
+            pairs,
             log,
         )
     }
@@ -388,6 +589,53 @@ mod tests {
         assert_ne!(d.features() & bit(VIRTIO_NET_F_MTU), 0);
         assert_eq!(dev(None).features() & bit(VIRTIO_NET_F_MTU), 0);
         assert_eq!(d.features() & bit(VIRTIO_NET_F_MQ), 0);
+        assert_eq!(d.features() & bit(VIRTIO_NET_F_CTRL_VQ), 0);
+        assert_eq!(d.queue_max_sizes().len(), 2);
+        assert_eq!(d.ctrl_queue(), None);
+    }
+
+    #[test]
+    fn several_pairs_offer_mq_with_a_control_queue_after_the_pairs() {
+        let d = mq_dev(None, 3);
+        let mut cfg = [0u8; 2];
+        d.read_config(8, &mut cfg);
+        assert_eq!(u16::from_le_bytes(cfg), 3, "max_virtqueue_pairs");
+        let f = d.features();
+        assert_ne!(f & bit(VIRTIO_NET_F_MQ), 0);
+        assert_ne!(f & bit(VIRTIO_NET_F_CTRL_VQ), 0);
+        assert_eq!(d.queue_max_sizes(), vec![256, 256, 256, 256, 256, 256, 64]);
+        assert_eq!(d.ctrl_queue(), Some(6));
+    }
+
+    #[test]
+    fn vq_pairs_set_accepts_one_to_the_maximum_and_refuses_other_commands() {
+        let mut d = mq_dev(None, 2);
+        let set = |n: u16| {
+            let [lo, hi] = n.to_le_bytes();
+            [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, lo, hi]
+        };
+        assert_eq!(d.ctrl_command(&set(2)), VIRTIO_NET_OK);
+        assert_eq!(d.enabled_pairs(), 2);
+        assert_eq!(d.ctrl_command(&set(3)), VIRTIO_NET_ERR);
+        assert_eq!(d.ctrl_command(&set(0)), VIRTIO_NET_ERR);
+        assert_eq!(d.enabled_pairs(), 2);
+        assert_eq!(d.ctrl_command(&set(1)), VIRTIO_NET_OK);
+        assert_eq!(d.enabled_pairs(), 1);
+        // Truncated data, and the RX-mode class (not offered).
+        assert_eq!(
+            d.ctrl_command(&[VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 2]),
+            VIRTIO_NET_ERR
+        );
+        assert_eq!(d.ctrl_command(&[0, 0, 1]), VIRTIO_NET_ERR);
+    }
+
+    #[test]
+    fn mq_without_the_control_queue_is_refused_at_activation() {
+        let mut d = mq_dev(None, 2);
+        let err = d
+            .activate(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MQ))
+            .unwrap_err();
+        assert!(err.contains("CTRL_VQ"), "{err}");
     }
 
     #[test]
