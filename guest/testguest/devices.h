@@ -8,5 +8,8 @@
 int net_echo(const char *cmdline);
 /* testguest.action=blk: reads, checksums, writes one sector. 0 on success. */
 int blk_test(const char *cmdline);
+/* testguest.action=vsock: serves host connections to testguest.vsock_port forever;
+ * returns -1 only when the device cannot be set up. */
+int vsock_serve(const char *cmdline);
 
 #endif

@@ -92,6 +92,10 @@ void tg_main(const uint8_t *boot_params)
     } else if (cmdline_is(cmdline, "testguest.action", "blk")) {
         say("action=blk");
         say(blk_test(cmdline) == 0 ? "blk done" : "blk failed");
+    } else if (cmdline_is(cmdline, "testguest.action", "vsock")) {
+        say("action=vsock");
+        vsock_serve(cmdline);
+        say("vsock failed");
     } else if (cmdline_is(cmdline, "testguest.action", "reset")) {
         say("action=reset");
     } else {
