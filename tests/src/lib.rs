@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use guest_agent::client::AgentClient;
 use hypervisor::device::{NetworkBackend, NetworkConfig};
-use hypervisor::{AgentAddress, Hypervisor, HypervisorConfig, MacAddress, SandboxSpec};
+use hypervisor::{
+    AgentAddress, Device, Hypervisor, HypervisorConfig, MacAddress, SandboxSpec, VmmPids,
+};
 
 /// Fails the calling test, with the reason, unless it runs as root.
 pub fn require_root() {
@@ -67,6 +69,41 @@ impl GuestAssets {
         );
         assets
     }
+
+    /// The kernel's build configuration: `$GUEST_KERNEL_CONFIG`, or the `config-*` file that
+    /// `make guest-assets` extracted beside the kernel (`kernel-root/boot/`).
+    pub fn kernel_config(&self) -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("GUEST_KERNEL_CONFIG") {
+            return Some(PathBuf::from(path));
+        }
+        let boot = self.kernel.parent()?.join("kernel-root/boot");
+        std::fs::read_dir(boot)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("config-"))
+            })
+    }
+
+    /// The value of `option` (`CONFIG_...`) in the kernel's build configuration: `Ok(None)`
+    /// when it is not set, `Err` when no configuration can be found.
+    pub fn kernel_option(&self, option: &str) -> Result<Option<String>, String> {
+        let path = self.kernel_config().ok_or_else(|| {
+            format!(
+                "no build configuration found for {} (set GUEST_KERNEL_CONFIG to its .config)",
+                self.kernel.display()
+            )
+        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let prefix = format!("{option}=");
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(String::from))
+    }
 }
 
 /// A logger whose lines go through the test harness's capture.
@@ -105,6 +142,32 @@ pub trait Backend: Send + Sync {
     fn config(&self, assets: &GuestAssets) -> HypervisorConfig;
     /// Whether the scenarios can boot a guest on this host; `Err` gives the reason.
     fn can_boot(&self) -> Result<(), String>;
+    /// How [`Sandbox::tap`] hands a TAP to this backend.
+    fn tap_handover(&self) -> TapHandover {
+        TapHandover::Fds
+    }
+    /// Devices the guest needs besides the scenario's NICs (the agent's vsock, say),
+    /// cold-plugged right after `prepare`.
+    fn base_devices(&self) -> Vec<Device> {
+        Vec::new()
+    }
+    /// Whether `stop` asks the guest to power off (ACPI power button) before the VMM ends, so
+    /// the guest's console shows `reboot: Power down`.
+    fn stop_powers_the_guest_off(&self) -> bool {
+        true
+    }
+}
+
+/// How a test TAP reaches the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapHandover {
+    /// The test opens the TAP's queues and hands the fds over
+    /// ([`NetworkBackend::TapFds`]); the TAP goes away with the last fd.
+    Fds,
+    /// The test creates a persistent TAP, closes its own fds and names it
+    /// ([`NetworkBackend::TapName`]); the VMM opens it in the sandbox's namespace. Teardown
+    /// checks the VMM let go of it (no carrier), then deletes it.
+    Name,
 }
 
 /// One sandbox under test: its namespace, its hypervisor, its agent.
@@ -118,6 +181,11 @@ pub struct Sandbox {
     pub run_root: tempfile::TempDir,
     agent: Option<AgentClient>,
     vmm_pid: Option<u32>,
+    /// The VMM's process and threads, read once it started.
+    pids: Option<VmmPids>,
+    handover: TapHandover,
+    /// Persistent TAPs this sandbox created ([`TapHandover::Name`]).
+    persistent_taps: std::sync::Mutex<Vec<String>>,
 }
 
 impl Drop for Sandbox {
@@ -194,6 +262,11 @@ impl Sandbox {
             config,
         };
         hv.prepare(&spec).await.context("prepare")?;
+        for device in backend.base_devices() {
+            hv.add_device(device.clone())
+                .await
+                .with_context(|| format!("cold-plugging {}", device.id))?;
+        }
         Ok(Sandbox {
             hv,
             ns: Some(ns),
@@ -201,28 +274,48 @@ impl Sandbox {
             run_root,
             agent: None,
             vmm_pid: None,
+            pids: None,
+            handover: backend.tap_handover(),
+            persistent_taps: std::sync::Mutex::new(Vec::new()),
         })
     }
 
     /// Creates a TAP with `queues` queues in the namespace, gives it `10.SUBNET.0.1/24`, and
-    /// returns the device config that hands its fds to the VM.
+    /// returns the device config that hands it to the VM the way the backend takes it
+    /// ([`Backend::tap_handover`]).
     pub fn tap(&self, subnet: u8, queues: u16) -> Result<TestNic> {
         let name = format!("tap{subnet}");
+        let persistent = self.handover == TapHandover::Name;
         let tap = netdev::TapBuilder::new(&name)
             .queues(usize::from(queues))
             .multi_queue(queues > 1)
+            .persist(persistent)
             .netns(self.ns().path())
             .up(true)
             .create()
             .with_context(|| format!("creating {name}"))?;
+        if persistent {
+            self.persistent_taps
+                .lock()
+                .expect("not poisoned")
+                .push(name.clone());
+        }
         let host_ip = format!("10.{subnet}.0.1");
         self.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &name])?;
         let mac = MacAddress([0x02, 0, 0, 0, subnet, 0x02]);
-        let config = NetworkConfig {
-            backend: NetworkBackend::TapFds {
+        let backend = match self.handover {
+            TapHandover::Fds => NetworkBackend::TapFds {
                 name: name.clone(),
                 queues: tap.into_queues().into_iter().map(Arc::new).collect(),
             },
+            // Our fds close here; the persistent device stays for the VMM to open.
+            TapHandover::Name => {
+                drop(tap);
+                NetworkBackend::TapName(name.clone())
+            }
+        };
+        let config = NetworkConfig {
+            backend,
             guest_mac: mac,
             queue_pairs: queues,
             queue_size: None,
@@ -244,11 +337,7 @@ impl Sandbox {
 
     /// Boots and waits for the agent.
     pub async fn start(&mut self) -> Result<()> {
-        self.hv
-            .start(Duration::from_secs(60))
-            .await
-            .context("start")?;
-        self.vmm_pid = self.hv.pids().await.ok().map(|p| p.vmm);
+        self.start_vm().await?;
         let mut agent = match self.hv.agent_address().await? {
             AgentAddress::VirtioSerial { path } => AgentClient::connect_serial(&path).await?,
             AgentAddress::Vsock { cid, port } => AgentClient::connect_vsock(cid, port).await?,
@@ -261,6 +350,17 @@ impl Sandbox {
             .await
             .context("waiting for the guest agent")?;
         self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Boots, without waiting for an agent (for guests that have none).
+    pub async fn start_vm(&mut self) -> Result<()> {
+        self.hv
+            .start(Duration::from_secs(60))
+            .await
+            .context("start")?;
+        self.pids = self.hv.pids().await.ok();
+        self.vmm_pid = self.pids.as_ref().map(|p| p.vmm);
         Ok(())
     }
 
@@ -333,21 +433,47 @@ impl Sandbox {
             .collect())
     }
 
-    /// Stops, cleans up, and checks nothing is left: no VMM process, no TAP, no run
-    /// directory. Then removes the namespace.
+    /// Stops, cleans up, and checks nothing is left: no VMM process (or, for a VMM in this
+    /// process, none of its threads), no TAP, no run directory. Then removes the namespace.
     pub async fn teardown(mut self, pid: Option<u32>) -> Result<()> {
         // From here on the checks below decide; Drop must not kill a reused pid.
         self.vmm_pid = None;
         self.hv.stop().await.context("stop")?;
         self.hv.cleanup().await.context("cleanup")?;
-        if let Some(pid) = pid {
-            ensure!(
+        match pid {
+            Some(pid) if pid == std::process::id() => {
+                // An in-process VMM: its threads must be gone, not the process.
+                let pids = self
+                    .pids
+                    .take()
+                    .context("the VMM's threads were never read")?;
+                for tid in pids.vcpus.iter().chain([&pids.main_thread]) {
+                    ensure!(
+                        !Path::new(&format!("/proc/self/task/{tid}")).exists(),
+                        "VMM thread {tid} is still alive after cleanup"
+                    );
+                }
+            }
+            Some(pid) => ensure!(
                 !Path::new(&format!("/proc/{pid}")).exists(),
                 "VMM process {pid} is still alive after cleanup"
-            );
+            ),
+            None => {}
         }
         let run_dir = self.run_root.path().join(&self.id);
         ensure!(!run_dir.exists(), "{} is left behind", run_dir.display());
+        // A persistent TAP outlives the VMM: it must have let go of it (no queue attached,
+        // so no carrier), and then the test deletes it.
+        let persistent = std::mem::take(&mut *self.persistent_taps.lock().expect("not poisoned"));
+        for name in persistent {
+            let out = self.ip(&["-j", "link", "show", "dev", &name])?;
+            ensure!(
+                out.contains("\"NO-CARRIER\""),
+                "the VMM still holds TAP {name} after cleanup: {out}"
+            );
+            netdev::delete_tap(&name, Some(self.ns().path()))
+                .with_context(|| format!("deleting TAP {name}"))?;
+        }
         // A non-persistent TAP goes away when its last fd closes.
         let taps = self.taps()?;
         ensure!(
