@@ -101,6 +101,22 @@ impl TestVm {
         String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
     }
 
+    /// Waits for a console line containing `marker`.
+    async fn wait_console(&self, marker: &str) {
+        let deadline = tokio::time::Instant::now() + FRAME_TIMEOUT;
+        loop {
+            let console = self.console().await;
+            if console.lines().any(|l| l.contains(marker)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {marker:?} on the console within {FRAME_TIMEOUT:?}:\n{console}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn wait_exit(&self) -> VmExit {
         tokio::time::timeout(EXIT_TIMEOUT, self.vm.wait_exit())
             .await
@@ -575,9 +591,39 @@ async fn missing_or_unreadable_block_images_fail_add_device() {
     t.vm.cleanup().await.unwrap();
 }
 
+/// Reads one `\n`-terminated line (or what came before EOF).
+fn read_line(stream: &mut std::os::unix::net::UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte)? == 1 {
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Whether the device closed `stream` (EOF, or a reset when it closed with our bytes
+/// unread) without writing anything.
+fn closed_without_answer(stream: &mut std::os::unix::net::UnixStream) -> bool {
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+fn vsock_client(path: &Path) -> std::os::unix::net::UnixStream {
+    let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(FRAME_TIMEOUT)).unwrap();
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hybrid_vsock_is_the_agent_address_and_its_socket_answers_connect() {
-    let t = TestVm::prepared(&["testguest.action=hlt_forever"], None).await;
+async fn hybrid_vsock_connects_host_clients_to_the_guest_and_refuses_bad_ones() {
+    let t = TestVm::prepared(&["testguest.action=vsock"], None).await;
     let err = t.vm.agent_address().await.unwrap_err();
     assert!(err.is_unsupported(), "{err}");
     t.add("vsock0", DeviceConfig::Vsock(VsockConfig { guest_cid: 3 }))
@@ -594,31 +640,61 @@ async fn hybrid_vsock_is_the_agent_address_and_its_socket_answers_connect() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
     t.vm.start(BOOT_TIMEOUT).await.unwrap();
+    t.wait_console("testguest: vsock: cid=3 listening on port 1024")
+        .await;
 
-    // A bad line is answered by closing the connection.
-    let mut bad = std::os::unix::net::UnixStream::connect(&path).unwrap();
-    bad.set_read_timeout(Some(FRAME_TIMEOUT)).unwrap();
+    // A line that is not CONNECT <port> is answered by closing the connection, and never
+    // reaches the guest (checked below: it saw exactly two requests).
+    let mut bad = vsock_client(&path);
     bad.write_all(b"HELLO 1024\n").unwrap();
-    let mut buf = [0u8; 16];
-    assert_eq!(
-        bad.read(&mut buf).unwrap(),
-        0,
+    assert!(
+        closed_without_answer(&mut bad),
         "a bad command must be refused"
     );
 
-    // A good one is accepted and waits for the guest (which has no vsock driver).
-    let mut good = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    // CONNECT to the port the guest listens on: OK <local port>, then a byte stream.
+    let mut good = vsock_client(&path);
     good.write_all(b"CONNECT 1024\n").unwrap();
-    good.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let e = good.read(&mut buf).unwrap_err();
+    let ok = read_line(&mut good).unwrap();
+    let local: u32 = ok
+        .strip_prefix("OK ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("expected OK <port>, got {ok:?}"));
+    t.wait_console(&format!(
+        "testguest: vsock: accepted port 1024 from 2:{local}"
+    ))
+    .await;
+    good.write_all(b"ping").unwrap();
+    let mut echo = [0u8; 4];
+    good.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping");
+    t.wait_console(&format!("testguest: vsock: got 4 bytes from 2:{local}"))
+        .await;
+
+    // CONNECT to a port nobody listens on: the guest resets it, the client sees EOF.
+    let mut nobody = vsock_client(&path);
+    nobody.write_all(b"CONNECT 4000\n").unwrap();
     assert!(
-        matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-        "{e}"
+        closed_without_answer(&mut nobody),
+        "a refused connection must be closed"
     );
+    t.wait_console("testguest: vsock: refused port 4000 from 2:")
+        .await;
+
+    // The host client closing resets the guest's side of the connection.
+    drop(good);
+    t.wait_console(&format!("testguest: vsock: reset by 2:{local}"))
+        .await;
+
+    let console = t.console().await;
+    let requests = console
+        .lines()
+        .filter(|l| {
+            l.starts_with("testguest: vsock: accepted")
+                || l.starts_with("testguest: vsock: refused")
+        })
+        .count();
+    assert_eq!(requests, 2, "{console}");
     t.vm.cleanup().await.unwrap();
     assert!(!path.exists(), "the vsock socket outlived the VM");
 }

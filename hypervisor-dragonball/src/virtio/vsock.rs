@@ -761,4 +761,45 @@ mod tests {
         assert_eq!(rig.dev.pending_packets(), 0);
         assert_eq!(used_at(&rig.mem, RX_BASE, 0).0, 0);
     }
+
+    #[test]
+    fn a_guest_reset_closes_the_client_and_a_client_close_resets_the_guest() {
+        let mut rig = Rig::new();
+        // The guest refuses the request: the client sees EOF and no OK line.
+        let mut refused = UnixStream::connect(rig.dev.socket_path()).unwrap();
+        refused.write_all(b"CONNECT 4000\n").unwrap();
+        while rig.dev.pending_packets() == 0 && used_at(&rig.mem, RX_BASE, 0).0 == 0 {
+            rig.serve_host();
+        }
+        let (req, _) = rig.rx_packet(0);
+        let (local, op) = (req.src_port, req.op);
+        assert_eq!(op, OP_REQUEST);
+        rig.guest_sends(0, guest_header(OP_RST, 4000, local, 0), b"");
+        assert!(rig.dev.conns.is_empty());
+        refused
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(refused.read(&mut buf).unwrap(), 0, "expected EOF");
+
+        // An established connection whose client goes away: OP_RST to the guest.
+        let mut client = UnixStream::connect(rig.dev.socket_path()).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        while used_at(&rig.mem, RX_BASE, 0).0 < 2 {
+            rig.serve_host();
+        }
+        let (req, _) = rig.rx_packet(1);
+        let local = req.src_port;
+        rig.guest_sends(1, guest_header(OP_RESPONSE, 1024, local, 0), b"");
+        let mut ok = [0u8; 32];
+        assert!(client.read(&mut ok).unwrap() > 0);
+        drop(client);
+        while used_at(&rig.mem, RX_BASE, 0).0 < 3 {
+            rig.serve_host();
+        }
+        let (rst, _) = rig.rx_packet(2);
+        let (op, src, dst) = (rst.op, rst.src_port, rst.dst_port);
+        assert_eq!((op, src, dst), (OP_RST, local, 1024));
+        assert!(rig.dev.conns.is_empty());
+    }
 }
