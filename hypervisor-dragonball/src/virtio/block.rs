@@ -9,7 +9,9 @@
 //! down.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use slog::warn;
@@ -72,14 +74,28 @@ impl BlockDevice {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let len = file
-            .metadata()
-            .map_err(|source| Error::File {
-                step: "Reading the size of the block image",
+        let size_err = |source| Error::File {
+            step: "Reading the size of the block image",
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = file.metadata().map_err(size_err)?;
+        let kind = meta.file_type();
+        let len = if kind.is_file() {
+            meta.len()
+        } else if kind.is_block_device() {
+            // A block device's inode size is 0; its end is its size.
+            (&file).seek(SeekFrom::End(0)).map_err(size_err)?
+        } else {
+            return Err(Error::File {
+                step: "Using as a block image",
                 path: path.to_path_buf(),
-                source,
-            })?
-            .len();
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file or a block device; give the path of a disk image",
+                ),
+            });
+        };
         let mut idb = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);

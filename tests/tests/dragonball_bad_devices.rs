@@ -1,0 +1,263 @@
+//! Bad device input to the Dragonball backend fails clearly and leaves nothing behind in
+//! this process: no `db-*` thread, no fd, no KVM mapping, no TAP it created, no socket file.
+//!
+//! The VMM runs in the test process, so the check is on `/proc/self`. This file holds one
+//! test only: the test harness runs a binary's tests in parallel threads of one process, and
+//! another test's VM would change the same counts.
+#![cfg(feature = "dragonball")]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypervisor::device::{BlockConfig, BlockDriver, NetworkConfig, VsockConfig};
+use hypervisor::{
+    Device, DeviceConfig, DeviceId, Error, Hypervisor, HypervisorConfig, MacAddress, SandboxSpec,
+    VmState,
+};
+use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
+use workspace_tests::{fd_targets, require_root, test_logger, unique_name};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const MAC: MacAddress = MacAddress([0x02, 0xdb, 0, 0, 0, 0x07]);
+
+fn test_guest() -> PathBuf {
+    let path = std::env::var_os("TESTGUEST_ELF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/testguest/testguest.elf")
+        });
+    assert!(
+        path.exists(),
+        "the test guest {} is missing: run `make test-guest` first",
+        path.display()
+    );
+    path
+}
+
+/// What this process holds that a VMM could leave behind.
+#[derive(Debug, PartialEq, Eq)]
+struct Held {
+    fds: BTreeSet<String>,
+    threads: BTreeSet<String>,
+    kvm_maps: usize,
+}
+
+fn held() -> Held {
+    let fds = fd_targets(std::process::id())
+        .expect("reading /proc/self/fd")
+        .into_iter()
+        // The directory handle that lists them.
+        .filter(|(_, t)| !t.starts_with("/proc/"))
+        .map(|(n, t)| format!("{n} -> {t}"))
+        .collect();
+    let threads = std::fs::read_dir("/proc/self/task")
+        .expect("reading /proc/self/task")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            let comm = comm.trim().to_string();
+            comm.starts_with("db-").then(|| {
+                let tid = e.file_name().to_string_lossy().into_owned();
+                format!("{tid} {comm}")
+            })
+        })
+        .collect();
+    let kvm_maps = std::fs::read_to_string("/proc/self/maps")
+        .expect("reading /proc/self/maps")
+        .lines()
+        .filter(|l| l.contains("kvm"))
+        .count();
+    Held {
+        fds,
+        threads,
+        kvm_maps,
+    }
+}
+
+/// A prepared VM (test guest, 64 MiB) in `netns`, with its run directory.
+async fn prepared(netns: Option<&Path>) -> (Arc<DragonballHypervisor>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Arc::new(DragonballHypervisor::new(
+        test_logger(),
+        DragonballOptions {
+            run_root: dir.path().to_path_buf(),
+            ..Default::default()
+        },
+    ));
+    vm.prepare(&SandboxSpec {
+        id: unique_name("dbbad"),
+        netns: netns.map(Path::to_path_buf),
+        config: HypervisorConfig {
+            kernel: test_guest(),
+            kernel_params: vec!["testguest.action=hlt_forever".into()],
+            memory_mib: 64,
+            vcpus: 1,
+            ..Default::default()
+        },
+    })
+    .await
+    .expect("prepare");
+    (vm, dir)
+}
+
+async fn add(vm: &DragonballHypervisor, id: &str, config: DeviceConfig) -> hypervisor::Result<()> {
+    vm.add_device(Device {
+        id: DeviceId::new(id).unwrap(),
+        config,
+    })
+    .await
+    .map(|_| ())
+}
+
+fn nic(tap: &str, pairs: u16) -> DeviceConfig {
+    let mut c = NetworkConfig::tap(tap, MAC);
+    c.queue_pairs = pairs;
+    DeviceConfig::Network(c)
+}
+
+fn disk(path: &Path, read_only: bool) -> DeviceConfig {
+    DeviceConfig::Block(BlockConfig {
+        path: path.to_path_buf(),
+        read_only,
+        driver: BlockDriver::VirtioBlkMmio,
+    })
+}
+
+/// The error and its sources, one per line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push('\n');
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+fn tap_exists(ns: &netdev::NetNs, name: &str) -> bool {
+    let name = name.to_string();
+    ns.run(move || nix::net::if_::if_nametoindex(name.as_str()).is_ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_devices_fail_clearly_and_leave_nothing_running() {
+    require_root();
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: the Dragonball backend runs guests on KVM only"
+    );
+    let ns = netdev::NetNs::create(&unique_name("dbn")).expect("creating a namespace");
+    let single = unique_name("dbt");
+    drop(
+        netdev::TapBuilder::new(&single)
+            .persist(true)
+            .netns(ns.path())
+            .create()
+            .expect("creating a single-queue TAP"),
+    );
+    let img = tempfile::NamedTempFile::new().unwrap();
+    img.as_file().set_len(4096).unwrap();
+    let not_a_file = tempfile::tempdir().unwrap();
+    let before = held();
+
+    // A TAP that does not exist: start fails naming it, after the vsock socket and the
+    // block image were opened by add_device; all of them must go.
+    let (vm, _dir) = prepared(Some(ns.path())).await;
+    add(&vm, "blk0", disk(img.path(), false)).await.unwrap();
+    add(
+        &vm,
+        "vsock0",
+        DeviceConfig::Vsock(VsockConfig { guest_cid: 3 }),
+    )
+    .await
+    .unwrap();
+    let socket = match vm.agent_address().await.unwrap() {
+        hypervisor::AgentAddress::HybridVsock { path, .. } => path,
+        other => panic!("expected hybrid vsock, got {other:?}"),
+    };
+    add(&vm, "net0", nic("dbnotap0", 1)).await.unwrap();
+    let err = vm.start(TIMEOUT).await.unwrap_err();
+    let text = chain(&err);
+    assert!(
+        text.contains("\"dbnotap0\" does not exist")
+            && text.contains(&ns.path().display().to_string()),
+        "{text}"
+    );
+    assert_eq!(vm.state().await, VmState::Stopped);
+    vm.cleanup().await.unwrap();
+    assert!(
+        !tap_exists(&ns, "dbnotap0"),
+        "start created the missing TAP"
+    );
+    assert!(
+        !socket.exists(),
+        "the vsock socket outlived the failed start"
+    );
+    assert_eq!(held(), before, "after a start on a missing TAP");
+
+    // Two queue pairs on a single-queue TAP: start fails naming the TAP and the fix.
+    let (vm, _dir) = prepared(Some(ns.path())).await;
+    add(&vm, "net0", nic(&single, 2)).await.unwrap();
+    let text = chain(&vm.start(TIMEOUT).await.unwrap_err());
+    assert!(
+        text.contains(&single) && text.contains("multi-queue TAP is needed"),
+        "{text}"
+    );
+    vm.cleanup().await.unwrap();
+    assert!(tap_exists(&ns, &single), "the runtime's TAP was removed");
+    assert_eq!(held(), before, "after two pairs on a single-queue TAP");
+
+    // Two NICs with one MAC; a missing image; an image that cannot be opened for writing
+    // (a directory: root ignores file modes). Refused at add_device, nothing kept open.
+    let (vm, _dir) = prepared(Some(ns.path())).await;
+    add(&vm, "net0", nic(&single, 1)).await.unwrap();
+    let err = add(&vm, "net1", nic("dbother0", 1)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidConfig(c) if c.field == "network.guest_mac"),
+        "{err:?}"
+    );
+    let text = chain(&err);
+    assert!(
+        text.contains("02:db:00:00:00:07") && text.contains("net0"),
+        "{text}"
+    );
+    let err = add(&vm, "blk0", disk(Path::new("/nonexistent/disk.img"), true))
+        .await
+        .unwrap_err();
+    let text = chain(&err);
+    assert!(
+        matches!(err, Error::Device { .. }) && text.contains("/nonexistent/disk.img"),
+        "{text}"
+    );
+    let err = add(&vm, "blk1", disk(not_a_file.path(), false))
+        .await
+        .unwrap_err();
+    let text = chain(&err);
+    assert!(
+        matches!(err, Error::Device { .. })
+            && text.contains(&not_a_file.path().display().to_string()),
+        "{text}"
+    );
+    // A directory opens read-only, but is no disk image.
+    let err = add(&vm, "blk2", disk(not_a_file.path(), true))
+        .await
+        .unwrap_err();
+    let text = chain(&err);
+    assert!(
+        text.contains("not a regular file or a block device"),
+        "{text}"
+    );
+    // The refused devices took no window: the good NIC starts alone, and stops cleanly.
+    vm.start(TIMEOUT)
+        .await
+        .expect("start with the one good NIC");
+    vm.stop().await.unwrap();
+    vm.cleanup().await.unwrap();
+    assert_eq!(held(), before, "after refused add_device calls");
+
+    netdev::delete_tap(&single, Some(ns.path())).unwrap();
+}
