@@ -67,7 +67,7 @@ demo: deps guest-assets ## Boot a sandbox, ping it, hotplug a NIC, tear down
 footprint: ## Shim size, crate count, clean build time per backend set -> BENCHMARKS.md
 	@scripts/footprint.sh
 
-bench: deps guest-assets ## Run the benchmarks (results go in BENCHMARKS.md by hand)
+bench: deps guest-assets test-guest ## Run the benchmarks (results go in BENCHMARKS.md by hand)
 	$(CARGO) bench --workspace --all-features
 
 clean: ## Remove build outputs and the guest cache
