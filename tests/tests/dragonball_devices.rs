@@ -436,6 +436,14 @@ async fn two_queue_pairs_carry_a_frame_each_and_the_guest_echoes_on_either() {
     ] {
         assert!(console.contains(line), "no {line:?} in:\n{console}");
     }
+    // The TAP steers a flow to the queue that last sent it (tun's automatic flow steering),
+    // here pair 1's, whose hello went last; it never picks a detached queue. So both frames
+    // arriving on rx1 shows VQ_PAIRS_SET attached pair 1's TAP queue.
+    let on_rx1 = console
+        .lines()
+        .filter(|l| l.starts_with("testguest: net: received frame") && l.contains(" on rx1 "))
+        .count();
+    assert_eq!(on_rx1, 2, "{console}");
     t.vm.cleanup().await.unwrap();
 }
 
