@@ -283,7 +283,7 @@ impl CmdlineSpec {
         let _ = write!(
             dev,
             "{}",
-            nic_props(nic.tap_fds.len(), nic.queue_size, nic.mtu)
+            nic_props(self.machine, nic.tap_fds.len(), nic.queue_size, nic.mtu)
         );
         if let Some(place) = &nic.place {
             let _ = write!(dev, ",{}", place.props());
@@ -292,12 +292,22 @@ impl CmdlineSpec {
     }
 }
 
-/// virtio-net properties shared by the command line and hotplug: multi-queue needs `mq=on`
-/// and `vectors=2N+2` (a vector per queue, plus config and control).
-pub fn nic_props(queues: usize, queue_size: Option<u16>, mtu: Option<u32>) -> String {
+/// virtio-net properties shared by the command line and hotplug. Multi-queue needs `mq=on`;
+/// on PCI also `vectors=2N+2` (an MSI-X vector per queue, plus config and control).
+/// virtio-mmio (`virtio-net-device`, microvm) has no MSI-X and no `vectors` property: QEMU
+/// refuses the device if it is given.
+pub fn nic_props(
+    machine: Machine,
+    queues: usize,
+    queue_size: Option<u16>,
+    mtu: Option<u32>,
+) -> String {
     let mut s = String::new();
     if queues > 1 {
-        let _ = write!(s, ",mq=on,vectors={}", 2 * queues + 2);
+        s.push_str(",mq=on");
+        if machine == Machine::Q35 {
+            let _ = write!(s, ",vectors={}", 2 * queues + 2);
+        }
     }
     if let Some(q) = queue_size {
         let _ = write!(s, ",rx_queue_size={q},tx_queue_size={q}");
@@ -419,6 +429,31 @@ mod tests {
     }
 
     #[test]
+    fn multi_queue_nic_on_microvm_has_mq_but_no_msix_vectors() {
+        let mut s = spec();
+        s.machine = Machine::Microvm;
+        s.root_ports.clear();
+        s.nics.push(NicArgs {
+            id: "net0".into(),
+            mac: MacAddress([2, 0, 0, 0, 0, 1]),
+            tap_fds: vec![3, 4],
+            vhost_fds: vec![],
+            queue_size: None,
+            mtu: None,
+            place: None,
+        });
+        let args = s.args();
+        assert_eq!(after(&args, "-netdev"), ["tap,id=net0,fds=3:4,vhost=off"]);
+        let dev = after(&args, "-device");
+        assert!(
+            dev.contains(&"virtio-net-device,id=dev-net0,netdev=net0,mac=02:00:00:00:00:01,mq=on"),
+            "{dev:?}"
+        );
+        assert!(!args.iter().any(|a| a.contains("vectors=")), "{args:?}");
+        assert_eq!(nic_props(Machine::Microvm, 1, None, None), "");
+    }
+
+    #[test]
     fn vhost_is_on_only_with_vhost_fds() {
         let nic = NicArgs {
             id: "net0".into(),
@@ -434,7 +469,7 @@ mod tests {
             "tap,id=net0,fds=3:4,vhost=on,vhostfds=5:6"
         );
         assert_eq!(
-            nic_props(2, Some(256), Some(1400)),
+            nic_props(Machine::Q35, 2, Some(256), Some(1400)),
             ",mq=on,vectors=6,rx_queue_size=256,tx_queue_size=256,host_mtu=1400"
         );
     }

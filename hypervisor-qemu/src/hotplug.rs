@@ -23,6 +23,9 @@ use crate::cmdline::{nic_props, Machine, PciPlace};
 use crate::qmp::QmpClient;
 use crate::{ColdDevice, Inner, QemuHypervisor};
 
+/// Device id of the configuration's root filesystem `image`; no other device may use it.
+pub const IMAGE_DEVICE_ID: &str = "image";
+
 /// Base of QEMU microvm's virtio-mmio transports, and the size of each.
 const MICROVM_MMIO_BASE: u64 = 0xfeb0_0000;
 const MICROVM_MMIO_SIZE: u64 = 0x200;
@@ -132,6 +135,27 @@ impl QemuHypervisor {
         inner.hot.remove(id);
         info!(self.log, "device removed"; "id" => id.as_str());
         Ok(())
+    }
+
+    /// Cold-plugs the configuration's root filesystem `image` as the VM's first block device:
+    /// read-only virtio-blk (`virtio-blk-pci` on q35, `virtio-blk-device` on microvm), with
+    /// the device id [`IMAGE_DEVICE_ID`]. Called by `prepare` before any other device, so the
+    /// guest enumerates it first.
+    pub(crate) fn attach_image(&self, inner: &mut Inner, path: &Path) -> Result<DeviceInfo> {
+        let driver = match inner.machine.expect("prepared") {
+            Machine::Q35 => BlockDriver::VirtioBlkPci,
+            Machine::Microvm => BlockDriver::VirtioBlkMmio,
+        };
+        let id = DeviceId::new(IMAGE_DEVICE_ID).expect("a valid id");
+        self.cold_block(
+            inner,
+            id,
+            BlockConfig {
+                path: path.to_path_buf(),
+                read_only: true,
+                driver,
+            },
+        )
     }
 
     fn cold_place(&self, inner: &mut Inner) -> Result<(Option<PciPlace>, GuestLocation)> {
@@ -304,7 +328,12 @@ impl QemuHypervisor {
         });
         apply_props(
             &mut dev,
-            &nic_props(usize::from(n.queue_pairs), n.queue_size, n.mtu),
+            &nic_props(
+                Machine::Q35,
+                usize::from(n.queue_pairs),
+                n.queue_size,
+                n.mtu,
+            ),
         );
         if let Err(e) = qmp.execute("device_add", Some(dev), t).await {
             if let Err(undo) = qmp

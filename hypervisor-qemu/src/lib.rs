@@ -5,7 +5,8 @@
 //! `/dev/vhost-net`, and the listening sockets of its QMP monitor and agent channel (created
 //! here, so there is no window in which a socket path does not exist yet). QMP, spoken by
 //! [`qmp::QmpClient`], controls it: pause and resume, power-down, NIC and block hotplug into
-//! free `pcie-root-port`s on q35.
+//! free `pcie-root-port`s on q35. The configuration's root filesystem `image`, when set, is
+//! the first block device: read-only virtio-blk, device id [`IMAGE_DEVICE_ID`].
 //!
 //! This crate must never depend on Dragonball's crates (`dbs-*`), not even for tests; the
 //! workspace's boundary test enforces that.
@@ -49,6 +50,8 @@ mod hotplug;
 mod lifecycle;
 pub mod process;
 pub mod qmp;
+
+pub use hotplug::IMAGE_DEVICE_ID;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -234,6 +237,30 @@ impl QemuHypervisor {
             }),
             inner: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// Runs a raw QMP `command` on the running VM's monitor and returns its `return` value.
+    /// For diagnostics and tests (`query-pci`, `qom-list`, `human-monitor-command`): devices
+    /// changed this way are unknown to this backend, whose `add_device`/`remove_device` are
+    /// the way to change the VM.
+    pub async fn qmp_execute(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let qmp = self
+            .inner
+            .lock()
+            .await
+            .qmp
+            .clone()
+            .ok_or(Error::InvalidState {
+                operation: hypervisor::Operation::Start,
+                state: self.shared.state(),
+            })?;
+        qmp.execute(command, arguments, self.opts.qmp_timeout)
+            .await
+            .map_err(|e| Error::backend(format!("Running QMP command {command}"), e))
     }
 
     /// The host features this backend decided with.

@@ -84,6 +84,18 @@ impl QemuHypervisor {
             },
         };
 
+        if let Some(image) = &spec.config.image {
+            // Checked here, so a bad image fails prepare naming the key, with nothing created.
+            std::fs::File::open(image).map_err(|e| {
+                ConfigError::new(
+                    "image",
+                    format!(
+                        "{} cannot be opened read-only ({e}); give an existing root filesystem image, or remove the key",
+                        image.display()
+                    ),
+                )
+            })?;
+        }
         let run = RunDir {
             dir: self.opts.run_root.join(&spec.id),
         };
@@ -120,6 +132,15 @@ impl QemuHypervisor {
         inner.agent = Some(agent);
         inner.run = Some(run);
         inner.next_root_slot = FIRST_ROOT_SLOT;
+        if let Some(image) = &spec.config.image {
+            // The first device, so the guest enumerates it first (`vda`).
+            if let Err(e) = self.attach_image(&mut inner, image) {
+                let run = inner.run.take().expect("set above");
+                let _ = std::fs::remove_dir(&run.dir);
+                *inner = crate::Inner::default();
+                return Err(e);
+            }
+        }
         self.shared.set_state(VmState::Prepared);
         Ok(())
     }

@@ -1,21 +1,32 @@
 //! Real QEMU guests through the `Hypervisor` trait (TCG where KVM is not really usable).
 
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
+use guest_agent::protocol::ExecRequest;
 use hypervisor::{
     Accelerator, Device, DeviceConfig, DeviceId, Error, Hypervisor, HypervisorConfig, SandboxSpec,
 };
+use hypervisor_qemu::qmp::QmpError;
 use hypervisor_qemu::{QemuHypervisor, QemuOptions};
-use workspace_tests::{fd_targets, scenarios, test_logger, Backend, GuestAssets, Sandbox};
+use serde_json::json;
+use workspace_tests::{fd_targets, scenarios, test_logger, Backend, GuestAssets, Sandbox, TestNic};
 
 struct Qemu {
     machine: &'static str,
+    /// The configuration's root filesystem `image`.
+    image: Option<PathBuf>,
 }
 
-const QEMU: Qemu = Qemu { machine: "q35" };
+const QEMU: Qemu = Qemu {
+    machine: "q35",
+    image: None,
+};
 
 impl Qemu {
     fn options(run_root: &Path) -> QemuOptions {
@@ -35,6 +46,7 @@ impl Backend for Qemu {
         HypervisorConfig {
             kernel: assets.kernel.clone(),
             initrd: Some(assets.initrd.clone()),
+            image: self.image.clone(),
             machine_type: Some(self.machine.into()),
             memory_mib: 256,
             ..Default::default()
@@ -54,30 +66,260 @@ impl Backend for Qemu {
     }
 }
 
-/// QEMU holds exactly its TAP queues from us: one /dev/net/tun fd per queue, and none of the
-/// test's own fds.
-fn qemu_holds_only_its_fds(pid: u32, queues: usize, marker: &Path) -> Result<()> {
+/// A QEMU backend that keeps what it created, for checks only QEMU offers (raw QMP, its run
+/// directory).
+struct Kept {
+    qemu: Qemu,
+    last: Mutex<Option<(Arc<QemuHypervisor>, PathBuf)>>,
+}
+
+impl Kept {
+    fn new(qemu: Qemu) -> Kept {
+        Kept {
+            qemu,
+            last: Mutex::new(None),
+        }
+    }
+
+    fn hypervisor(&self) -> Arc<QemuHypervisor> {
+        self.last.lock().unwrap().clone().expect("created").0
+    }
+
+    fn run_root(&self) -> PathBuf {
+        self.last.lock().unwrap().clone().expect("created").1
+    }
+}
+
+impl Backend for Kept {
+    fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
+        let hv = Arc::new(QemuHypervisor::new(test_logger(), Qemu::options(run_root)));
+        *self.last.lock().unwrap() = Some((hv.clone(), run_root.to_path_buf()));
+        hv
+    }
+
+    fn config(&self, assets: &GuestAssets) -> HypervisorConfig {
+        self.qemu.config(assets)
+    }
+
+    fn can_boot(&self) -> Result<(), String> {
+        self.qemu.can_boot()
+    }
+}
+
+/// Writes a 1 MiB file with a known pattern and returns its sha256.
+fn pattern_image(path: &Path) -> Result<String> {
+    let pattern: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 24) as u8)
+        .collect();
+    std::fs::write(path, &pattern)?;
+    let out = workspace_tests::run("sha256sum", &[path.to_str().context("UTF-8 path")?])?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+async fn guest_exec(sb: &mut Sandbox, argv: &[&str]) -> Result<String> {
+    let out = sb
+        .agent()
+        .exec(
+            ExecRequest {
+                argv: argv.iter().map(|a| a.to_string()).collect(),
+                timeout_ms: Some(20_000),
+            },
+            Duration::from_secs(30),
+        )
+        .await?;
+    ensure!(
+        out.exit_code == Some(0),
+        "{argv:?} failed in the guest: {}",
+        out.stderr
+    );
+    Ok(out.stdout.trim().to_string())
+}
+
+/// The configuration's `image` is the guest's first disk, read-only, with the host's bytes.
+async fn image_is_the_first_read_only_disk(sb: &mut Sandbox, sha256: &str) -> Result<()> {
+    let ro = guest_exec(sb, &["cat", "/sys/block/vda/ro"]).await?;
+    ensure!(
+        ro == "1",
+        "/sys/block/vda/ro is {ro:?}: the image is writable"
+    );
+    let sum = guest_exec(sb, &["sha256sum", "/dev/vda"]).await?;
+    ensure!(
+        sum.split_whitespace().next() == Some(sha256),
+        "the guest read {sum} from /dev/vda, the image is {sha256}"
+    );
+    Ok(())
+}
+
+/// Makes `fd` survive `exec`, as a careless runtime's fds would.
+fn inheritable(fd: &impl AsRawFd) -> Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl(F_SETFD) on a descriptor this test owns changes only its flags.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    ensure!(rc == 0, "fcntl: {}", std::io::Error::last_os_error());
+    // SAFETY: as above, F_GETFD only reads the flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    ensure!(
+        flags & libc::FD_CLOEXEC == 0,
+        "fd {fd} is still close-on-exec"
+    );
+    Ok(())
+}
+
+/// Inodes of the Unix sockets of the network namespaces of `pid` and of this process, with
+/// their bound paths. (A socket is listed in the namespace it was created in: the backend
+/// binds QEMU's sockets before QEMU enters the sandbox's namespace.)
+fn unix_socket_paths(pid: u32) -> Result<HashMap<u64, String>> {
+    let mut paths = HashMap::new();
+    for table in [
+        format!("/proc/{pid}/net/unix"),
+        "/proc/self/net/unix".into(),
+    ] {
+        let table = std::fs::read_to_string(table)?;
+        paths.extend(table.lines().skip(1).filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(6)?.parse().ok()?, f.get(7).unwrap_or(&"").to_string()))
+        }));
+    }
+    Ok(paths)
+}
+
+/// `/dev/net/tun` fds QEMU holds: one per TAP queue.
+fn tun_fds(pid: u32) -> Result<usize> {
+    Ok(fd_targets(pid)?
+        .iter()
+        .filter(|(_, t)| t == "/dev/net/tun")
+        .count())
+}
+
+/// What QEMU may hold, beside what it opens for itself.
+struct Intended<'a> {
+    run_dir: &'a Path,
+    queues: usize,
+    image: &'a Path,
+}
+
+/// QEMU's whole fd table is what it was meant to have: stdin on /dev/null and its output on
+/// pipes; exactly one `/dev/net/tun` fd per TAP queue (and one vhost-net fd per queue when
+/// the host has vhost-net); Unix sockets only at its run directory's QMP and agent paths
+/// (listening, and the connections to them); the console log and the image; and the kinds
+/// QEMU creates itself (eventfd, signalfd and other anonymous inodes, `/dev/null`, KVM).
+/// Anything else, such as the test's inheritable marker file or socket, is a leak.
+fn qemu_holds_exactly_its_fds(pid: u32, want: &Intended<'_>) -> Result<()> {
     let fds = fd_targets(pid)?;
-    let tun = fds.iter().filter(|(_, t)| t == "/dev/net/tun").count();
+    let sockets = unix_socket_paths(pid)?;
+    let qmp = want.run_dir.join("qmp.sock").display().to_string();
+    let agent = want.run_dir.join("agent.sock").display().to_string();
+    let console = want.run_dir.join("console.log").display().to_string();
+    let image = want.image.display().to_string();
+    let vhost = hypervisor_qemu::host::HostFeatures::probe().vhost_net;
+    let (mut tun, mut vhost_net, mut socket_paths) = (0, 0, Vec::new());
+    let mut unexpected = Vec::new();
+    for (n, target) in &fds {
+        let t = target.as_str();
+        match (n, t) {
+            (0, "/dev/null") => {}
+            (1 | 2, t) if t.starts_with("pipe:") => {}
+            (0..=2, _) => unexpected.push((n, t)),
+            (_, "/dev/net/tun") => tun += 1,
+            (_, "/dev/vhost-net") if vhost => vhost_net += 1,
+            (_, "/dev/null" | "/dev/kvm") => {}
+            (_, t) if t.starts_with("anon_inode:") => {}
+            (_, t) if t.starts_with("socket:[") => {
+                let inode: u64 = t
+                    .trim_start_matches("socket:[")
+                    .trim_end_matches(']')
+                    .parse()?;
+                match sockets.get(&inode) {
+                    Some(p) if *p == qmp || *p == agent => socket_paths.push(p.clone()),
+                    _ => unexpected.push((n, t)),
+                }
+            }
+            (_, t) if t == console || t == image => {}
+            _ => unexpected.push((n, t)),
+        }
+    }
     ensure!(
-        tun == queues,
-        "QEMU holds {tun} TAP fds, expected {queues}: {fds:?}"
+        unexpected.is_empty(),
+        "QEMU holds fds it was not meant to have: {unexpected:?}; all: {fds:?}"
     );
-    let leaked: Vec<_> = fds.iter().filter(|(_, t)| Path::new(t) == marker).collect();
     ensure!(
-        leaked.is_empty(),
-        "the test's own fd leaked into QEMU: {leaked:?}"
+        tun == want.queues,
+        "QEMU holds {tun} TAP fds, expected {}: {fds:?}",
+        want.queues
     );
+    ensure!(
+        vhost_net == if vhost { want.queues } else { 0 },
+        "QEMU holds {vhost_net} vhost-net fds: {fds:?}"
+    );
+    for path in [&qmp, &agent] {
+        ensure!(
+            socket_paths.contains(path),
+            "QEMU holds no socket at {path}: {fds:?}"
+        );
+    }
+    for path in [&console, &image] {
+        ensure!(
+            fds.iter().any(|(_, t)| t == path),
+            "QEMU does not hold {path}: {fds:?}"
+        );
+    }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q35_guest_answers_ping_and_agent_sees_two_queue_pairs() {
     let dir = tempfile::tempdir().unwrap();
-    let marker_path = dir.path().join("marker-not-for-the-vmm");
-    let _marker = workspace_tests::marker_fd(dir.path()).unwrap();
-    scenarios::boot_ping_and_agent(&QEMU, 2, &|pid, _nic| {
-        qemu_holds_only_its_fds(pid, 2, &marker_path)?;
+    let image = dir.path().join("rootfs.img");
+    pattern_image(&image).unwrap();
+    // Fds a runtime might hold without close-on-exec when it starts a VM: they must not
+    // reach QEMU.
+    let marker = dir.path().join("marker-not-for-the-vmm");
+    let marker_file = OwnedFd::from(std::fs::File::create(&marker).unwrap());
+    let (marker_a, marker_b) = UnixStream::pair().unwrap();
+    for fd in [&marker_file as &dyn AsRawFd, &marker_a, &marker_b] {
+        inheritable(&fd.as_raw_fd()).unwrap();
+    }
+    let marker_sockets: Vec<String> = [&marker_a, &marker_b]
+        .iter()
+        .map(|s| {
+            std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd()))
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+
+    let backend = Kept::new(Qemu {
+        machine: "q35",
+        image: Some(image.clone()),
+    });
+    scenarios::boot_ping_and_agent(&backend, 2, &|pid, _nic| {
+        let fds = fd_targets(pid)?;
+        let leaked: Vec<_> = fds
+            .iter()
+            .filter(|(_, t)| Path::new(t) == marker || marker_sockets.contains(t))
+            .collect();
+        ensure!(
+            leaked.is_empty(),
+            "the test's inheritable fds leaked into QEMU: {leaked:?}"
+        );
+        let run_root = backend.run_root();
+        let run_dir = std::fs::read_dir(&run_root)?
+            .next()
+            .context("no run directory")??
+            .path();
+        qemu_holds_exactly_its_fds(
+            pid,
+            &Intended {
+                run_dir: &run_dir,
+                queues: 2,
+                image: &image,
+            },
+        )?;
         // QEMU runs in the sandbox's namespace.
         let ns = std::fs::read_link(format!("/proc/{pid}/ns/net"))?;
         let own = std::fs::read_link("/proc/self/ns/net")?;
@@ -116,14 +358,23 @@ async fn q35_stop_is_final() {
     scenarios::stop_is_final(&QEMU).await.unwrap();
 }
 
+/// microvm (virtio-mmio): a 2-queue NIC shows 2 queue pairs in the guest, the image is a
+/// read-only `virtio-blk-device`, and hotplug is refused with a typed error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn microvm_boots_and_refuses_hotplug() {
-    let microvm = Qemu { machine: "microvm" };
+async fn microvm_boots_with_two_queues_and_image_and_refuses_hotplug() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("rootfs.img");
+    let sha = pattern_image(&image).unwrap();
+    let microvm = Qemu {
+        machine: "microvm",
+        image: Some(image),
+    };
     let assets = GuestAssets::find();
-    let mut sb = Sandbox::prepare(&microvm, microvm.config(&assets))
-        .await
-        .unwrap();
-    let mut nic = sb.tap(1, 1).unwrap();
+    let mut config = microvm.config(&assets);
+    // Linux enables min(queue pairs, online CPUs) pairs.
+    config.vcpus = 2;
+    let mut sb = Sandbox::prepare(&microvm, config).await.unwrap();
+    let mut nic = sb.tap(1, 2).unwrap();
     sb.hv
         .add_device(Device {
             id: DeviceId::new("net0").unwrap(),
@@ -134,6 +385,24 @@ async fn microvm_boots_and_refuses_hotplug() {
     sb.start().await.unwrap();
     sb.configure(&nic).await.unwrap();
     sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let ifaces = sb
+        .agent()
+        .list_interfaces(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mac = nic.mac.to_string();
+    let guest = ifaces
+        .iter()
+        .find(|i| i.mac.as_deref() == Some(mac.as_str()))
+        .unwrap_or_else(|| panic!("no guest NIC with MAC {mac}: {ifaces:?}"));
+    assert_eq!(
+        (guest.rx_queues, guest.tx_queues),
+        (2, 2),
+        "queue pairs the guest sees on microvm"
+    );
+    image_is_the_first_read_only_disk(&mut sb, &sha)
         .await
         .unwrap();
     assert!(!sb.hv.capabilities().await.network_hotplug);
@@ -315,4 +584,256 @@ async fn a_missing_qemu_binary_is_named_and_leaves_nothing() {
         !run_root.path().join(&id).exists(),
         "run directory left behind"
     );
+}
+
+/// The `image` key naming a file that does not exist fails prepare, naming the key, and
+/// leaves no run directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_a_config_error_naming_the_key() {
+    let run_root = tempfile::tempdir().unwrap();
+    let hv = QEMU.create(run_root.path());
+    let err = hv
+        .prepare(&SandboxSpec {
+            id: workspace_tests::unique_name("bad"),
+            netns: None,
+            config: HypervisorConfig {
+                kernel: "/k".into(),
+                image: Some("/nonexistent/rootfs.img".into()),
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap_err();
+    let Error::InvalidConfig(c) = &err else {
+        panic!("expected InvalidConfig, got {err}");
+    };
+    assert_eq!(c.field, "image");
+    assert!(c.problem.contains("/nonexistent/rootfs.img"), "{c}");
+    assert!(std::fs::read_dir(run_root.path()).unwrap().next().is_none());
+    assert_eq!(hv.state().await, hypervisor::VmState::Created);
+}
+
+fn device(id: &str, config: DeviceConfig) -> Device {
+    Device {
+        id: DeviceId::new(id).expect("valid id"),
+        config,
+    }
+}
+
+/// The QMP command whose failure `err` (a device error at `step`) carries.
+fn failed_qmp_command(err: &Error, id: &str, step: &str) -> Result<String> {
+    let Error::Device {
+        id: got,
+        step: got_step,
+        source,
+    } = err
+    else {
+        bail!("expected a device error, got {err}");
+    };
+    ensure!(got.as_str() == id, "the error names {got}, not {id}: {err}");
+    ensure!(got_step == step, "the error's step is {got_step:?}: {err}");
+    match source.downcast_ref::<QmpError>() {
+        Some(QmpError::Command { command, desc, .. }) => {
+            ensure!(!desc.is_empty(), "QEMU's message is missing: {err}");
+            Ok(command.clone())
+        }
+        _ => bail!("the cause is not a QMP command error: {source:?}"),
+    }
+}
+
+async fn hmp(qemu: &QemuHypervisor, command: &str) -> Result<String> {
+    let out = qemu
+        .qmp_execute(
+            "human-monitor-command",
+            Some(json!({ "command-line": command })),
+        )
+        .await?;
+    Ok(out.as_str().unwrap_or_default().to_string())
+}
+
+async fn block_nodes(qemu: &QemuHypervisor) -> Result<Vec<String>> {
+    let nodes = qemu.qmp_execute("query-named-block-nodes", None).await?;
+    Ok(nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node-name"].as_str().map(String::from))
+        .collect())
+}
+
+/// Configures `nic` through the agent once the guest has probed it.
+async fn configure_when_seen(sb: &mut Sandbox, nic: &TestNic) -> Result<()> {
+    let began = Instant::now();
+    loop {
+        match sb.configure(nic).await {
+            Ok(_) => return Ok(()),
+            Err(e) if began.elapsed() > Duration::from_secs(60) => {
+                return Err(e.context("the guest never showed the hot-plugged NIC"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// A hotplug that fails after QEMU took some of it leaves nothing: `netdev_add` failing
+/// closes the fds passed with `getfd` (`closefd`); `device_add` failing removes the netdev
+/// (`netdev_del`) or the block node (`blockdev-del`). Checked in QEMU (its fd table, `info
+/// network`, its block nodes), on the host (the TAP goes away with its last fd), and by the
+/// same ids plugging fine afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q35_failed_hotplugs_roll_back_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("rootfs.img");
+    let sha = pattern_image(&image).unwrap();
+    let disk = dir.path().join("data.img");
+    pattern_image(&disk).unwrap();
+    let backend = Kept::new(Qemu {
+        machine: "q35",
+        image: Some(image),
+    });
+    let assets = GuestAssets::find();
+    let mut sb = Sandbox::prepare(&backend, backend.config(&assets))
+        .await
+        .unwrap();
+    let qemu = backend.hypervisor();
+    let mut nic = sb.tap(1, 1).unwrap();
+    sb.hv
+        .add_device(device("net0", DeviceConfig::Network(nic.take_config())))
+        .await
+        .unwrap();
+    sb.start().await.unwrap();
+    sb.configure(&nic).await.unwrap();
+    sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
+        .await
+        .unwrap();
+    image_is_the_first_read_only_disk(&mut sb, &sha)
+        .await
+        .unwrap();
+    let pid = sb.hv.pids().await.unwrap().vmm;
+    let tun_before = tun_fds(pid).unwrap();
+    assert_eq!(tun_before, 1);
+
+    // netdev_add fails (its id is taken behind the backend's back), after getfd passed both
+    // queue fds.
+    qemu.qmp_execute(
+        "netdev_add",
+        Some(json!({ "type": "hubport", "id": "net2", "hubid": 0 })),
+    )
+    .await
+    .unwrap();
+    let mut second = sb.tap(2, 2).unwrap();
+    let err = sb
+        .hv
+        .add_device(device("net2", DeviceConfig::Network(second.take_config())))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        failed_qmp_command(&err, "net2", "Adding the netdev of").unwrap(),
+        "netdev_add"
+    );
+    assert_eq!(
+        tun_fds(pid).unwrap(),
+        tun_before,
+        "the fds passed with getfd stayed in QEMU"
+    );
+    let taps = sb.taps().unwrap();
+    assert!(
+        !taps.contains(&second.tap),
+        "{} is left: someone still holds a queue fd ({taps:?})",
+        second.tap
+    );
+    qemu.qmp_execute("netdev_del", Some(json!({ "id": "net2" })))
+        .await
+        .unwrap();
+
+    // device_add fails: the root port the backend picks is taken behind its back.
+    qemu.qmp_execute(
+        "device_add",
+        Some(json!({ "driver": "virtio-rng-pci", "id": "blocker", "bus": "rp0", "addr": "0x0" })),
+    )
+    .await
+    .unwrap();
+    let mut third = sb.tap(3, 2).unwrap();
+    let err = sb
+        .hv
+        .add_device(device("net3", DeviceConfig::Network(third.take_config())))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        failed_qmp_command(&err, "net3", "Hot-plugging network").unwrap(),
+        "device_add"
+    );
+    let network = hmp(&qemu, "info network").await.unwrap();
+    assert!(
+        !network.contains("net3"),
+        "the netdev of the failed NIC is left: {network}"
+    );
+    assert_eq!(tun_fds(pid).unwrap(), tun_before, "TAP fds left in QEMU");
+    let taps = sb.taps().unwrap();
+    assert!(
+        !taps.contains(&third.tap),
+        "{} is left: {taps:?}",
+        third.tap
+    );
+
+    let data = || {
+        DeviceConfig::Block(hypervisor::device::BlockConfig {
+            path: disk.clone(),
+            read_only: true,
+            driver: hypervisor::device::BlockDriver::VirtioBlkPci,
+        })
+    };
+    let err = sb.hv.add_device(device("blk1", data())).await.unwrap_err();
+    assert_eq!(
+        failed_qmp_command(&err, "blk1", "Hot-plugging block").unwrap(),
+        "device_add"
+    );
+    let nodes = block_nodes(&qemu).await.unwrap();
+    assert!(
+        !nodes.iter().any(|n| n == "blk1"),
+        "the block node of the failed disk is left: {nodes:?}"
+    );
+
+    // Once the port is free again, the same ids plug: nothing of the failed attempts holds
+    // them.
+    qemu.qmp_execute("device_del", Some(json!({ "id": "blocker" })))
+        .await
+        .unwrap();
+    let began = Instant::now();
+    loop {
+        let peripherals = qemu
+            .qmp_execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+            .await
+            .unwrap();
+        let gone = !peripherals
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == "blocker");
+        if gone {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "the guest never released the blocking device"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut third = sb.tap(3, 2).unwrap();
+    sb.hv
+        .add_device(device("net3", DeviceConfig::Network(third.take_config())))
+        .await
+        .unwrap();
+    assert_eq!(tun_fds(pid).unwrap(), tun_before + 2);
+    configure_when_seen(&mut sb, &third).await.unwrap();
+    sb.wait_ping(&third.guest_ip, Duration::from_secs(60))
+        .await
+        .unwrap();
+    sb.hv.add_device(device("blk1", data())).await.unwrap();
+    assert!(block_nodes(&qemu)
+        .await
+        .unwrap()
+        .iter()
+        .any(|n| n == "blk1"));
+    sb.teardown(Some(pid)).await.unwrap();
 }
