@@ -270,6 +270,38 @@ fn qemu_holds_exactly_its_fds(pid: u32, want: &Intended<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The fd check can fail: a child holding an inherited file and socket is flagged, naming
+/// them.
+#[test]
+fn the_fd_check_flags_inherited_fds() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("marker-not-for-the-vmm");
+    let file = std::fs::File::create(&marker).unwrap();
+    let (a, _b) = UnixStream::pair().unwrap();
+    inheritable(&file).unwrap();
+    inheritable(&a).unwrap();
+    let socket = std::fs::read_link(format!("/proc/self/fd/{}", a.as_raw_fd())).unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let verdict = qemu_holds_exactly_its_fds(
+        child.id(),
+        &Intended {
+            run_dir: dir.path(),
+            queues: 0,
+            image: Path::new("/nonexistent"),
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let err = verdict.expect_err("a child with inherited fds passed the check");
+    let text = format!("{err}");
+    let unexpected = text.split("; all:").next().unwrap_or_default();
+    assert!(unexpected.contains(&marker.display().to_string()), "{text}");
+    assert!(unexpected.contains(&socket.display().to_string()), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q35_guest_answers_ping_and_agent_sees_two_queue_pairs() {
     let dir = tempfile::tempdir().unwrap();
