@@ -151,15 +151,18 @@ impl CniNetwork {
 }
 
 /// `tc -j qdisc show` and `tc -j filter show dev IF ingress` of a namespace, for comparing
-/// before and after.
+/// before and after. Fails when either command fails (a missing interface, say): an empty
+/// state would compare equal to another empty state and hide it. Without an ingress qdisc,
+/// `tc` lists no filter and succeeds.
 pub fn tc_state(netns: &str, ifname: &str) -> Result<String> {
-    let q = crate::run("tc", &["-n", netns, "-j", "qdisc", "show"])?;
+    let q = crate::run("tc", &["-n", netns, "-j", "qdisc", "show"])
+        .with_context(|| format!("listing the qdiscs of namespace {netns}"))?;
     let f = crate::run(
         "tc",
         &[
             "-n", netns, "-j", "filter", "show", "dev", ifname, "ingress",
         ],
     )
-    .unwrap_or_default();
+    .with_context(|| format!("listing the ingress filters of {ifname} in namespace {netns}"))?;
     Ok(format!("{q}\n{f}"))
 }

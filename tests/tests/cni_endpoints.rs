@@ -291,3 +291,137 @@ async fn an_unsupported_interface_is_reported_and_nothing_is_attached() {
     assert!(taps.trim().is_empty(), "a TAP was left: {taps}");
     ns.delete().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interface_that_vanishes_between_scan_and_attach_is_named_and_nothing_is_left() {
+    workspace_tests::require_root();
+    let ns = netdev::NetNs::create(&unique_name("vanish")).unwrap();
+    workspace_tests::run(
+        "ip",
+        &[
+            "-n",
+            ns.name(),
+            "link",
+            "add",
+            "v0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "v1",
+        ],
+    )
+    .unwrap();
+    let h = endpoint::NetnsHandle::connect(ns.path()).await.unwrap();
+    let snapshot = endpoint::scan(&h).await.unwrap();
+    // Attach takes interfaces in ifindex order: the first veth end is the one attached
+    // first, so the one whose disappearance attach meets.
+    let first = snapshot
+        .interfaces
+        .iter()
+        .find(|i| i.kind == endpoint::InterfaceKind::Veth)
+        .unwrap_or_else(|| panic!("no veth in {snapshot:?}"))
+        .name
+        .clone();
+    let before = tc_state(ns.name(), "lo").unwrap();
+    // Gone between the scan and the attach, as when CNI DEL races a sandbox start. (Deleting
+    // one end of a veth deletes both.)
+    workspace_tests::run("ip", &["-n", ns.name(), "link", "del", &first]).unwrap();
+
+    let err = endpoint::attach(&h, &snapshot, &endpoint::AttachOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, endpoint::Error::Vanished(ref name) if *name == first),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains(&format!("{first} disappeared")),
+        "{err}"
+    );
+    assert_eq!(tc_state(ns.name(), "lo").unwrap(), before);
+    // The TAP made for it goes when its fd closes (after an RCU grace period).
+    let mut links = String::new();
+    for _ in 0..100 {
+        links = workspace_tests::run("ip", &["-n", ns.name(), "-o", "link"]).unwrap();
+        if links.lines().count() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(links.lines().count(), 1, "only lo should be left: {links}");
+    ns.delete().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_handed_over_by_name_is_persistent_and_detach_deletes_it() {
+    workspace_tests::require_root();
+    let ns = netdev::NetNs::create(&unique_name("byname")).unwrap();
+    let peer = netdev::NetNs::create(&unique_name("bypeer")).unwrap();
+    workspace_tests::run(
+        "ip",
+        &[
+            "-n",
+            ns.name(),
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "peer0",
+            "netns",
+            peer.name(),
+        ],
+    )
+    .unwrap();
+    let before = tc_state(ns.name(), "eth0").unwrap();
+    let h = endpoint::NetnsHandle::connect(ns.path()).await.unwrap();
+    let opts = endpoint::AttachOptions {
+        queues: 1,
+        handoff: endpoint::TapHandoff::Name,
+    };
+    let mut eps = endpoint::attach_all(&h, &opts).await.unwrap();
+    assert_eq!(eps.len(), 1);
+    let ep = eps.pop().unwrap();
+    assert!(
+        matches!(&ep.network.backend, hypervisor::device::NetworkBackend::TapName(n) if *n == ep.tap_name),
+        "{:?}",
+        ep.network.backend
+    );
+    // Persistent: it outlives the fds attach closed, for the VMM to open by name.
+    let link = workspace_tests::run(
+        "ip",
+        &[
+            "-n",
+            ns.name(),
+            "-d",
+            "-j",
+            "link",
+            "show",
+            "dev",
+            &ep.tap_name,
+        ],
+    )
+    .unwrap();
+    let link: serde_json::Value = serde_json::from_str(&link).unwrap();
+    assert_eq!(link[0]["linkinfo"]["info_data"]["persist"], true, "{link}");
+    let filters = workspace_tests::run(
+        "tc",
+        &["-n", ns.name(), "filter", "show", "dev", "eth0", "ingress"],
+    )
+    .unwrap();
+    assert!(filters.contains("mirred"), "{filters}");
+
+    ep.detach(&h).await.unwrap();
+    assert_eq!(tc_state(ns.name(), "eth0").unwrap(), before);
+    let links = workspace_tests::run("ip", &["-n", ns.name(), "-o", "link"]).unwrap();
+    assert_eq!(
+        links.lines().count(),
+        2,
+        "only lo and eth0 should be left: {links}"
+    );
+    ns.delete().unwrap();
+    peer.delete().unwrap();
+}

@@ -6,12 +6,13 @@
 //! "tcfilter" model does:
 //!
 //! 1. [`scan`] reads the namespace over route netlink (interfaces, addresses, routes);
-//! 2. [`attach_all`] creates a TAP per interface with [`netdev`] (MTU copied, multi-queue when
-//!    asked), adds an ingress qdisc on both and a `mirred` redirect filter in each direction,
-//!    so every frame arriving on the interface leaves through the TAP and the other way round;
-//! 3. the hypervisor gets the TAP's queue fds with the interface's MAC as the guest MAC, and
-//!    the guest agent gives the guest NIC the interface's addresses and the namespace's routes
-//!    ([`GuestInterface`]);
+//! 2. [`attach`] (or [`attach_all`], which scans first) creates a TAP per interface with
+//!    [`netdev`] (MTU copied, multi-queue when asked), adds an ingress qdisc on both and a
+//!    `mirred` redirect filter in each direction, so every frame arriving on the interface
+//!    leaves through the TAP and the other way round;
+//! 3. the hypervisor gets the TAP, as queue fds or by name ([`TapHandoff`]), with the
+//!    interface's MAC as the guest MAC, and the guest agent gives the guest NIC the
+//!    interface's addresses and the namespace's routes ([`GuestInterface`]);
 //! 4. [`Endpoint::detach`] removes exactly what attach added (the qdiscs, with their filters,
 //!    and the TAP); the interface and the namespace belong to CNI and are left as they were.
 //!
@@ -103,22 +104,39 @@ pub enum Error {
         #[source]
         source: netdev::Error,
     },
+    /// Deleting a persistent TAP failed.
+    #[error("deleting TAP {tap}")]
+    TapDelete {
+        /// The TAP.
+        tap: String,
+        /// The cause.
+        #[source]
+        source: netdev::Error,
+    },
 }
 
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// How to attach.
-#[derive(Debug, Clone)]
-pub struct AttachOptions {
-    /// Queue pairs of each TAP (and guest NIC).
-    pub queues: u16,
+/// How the hypervisor takes each TAP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TapHandoff {
+    /// Its open queue fds ([`NetworkBackend::TapFds`]); the TAP goes away with the last fd.
+    #[default]
+    Fds,
+    /// Its name ([`NetworkBackend::TapName`]), for a VMM that opens the TAP itself in the
+    /// namespace: the TAP is created persistent, attach keeps no fd of it, and detach
+    /// deletes it.
+    Name,
 }
 
-impl Default for AttachOptions {
-    fn default() -> Self {
-        AttachOptions { queues: 1 }
-    }
+/// How to attach.
+#[derive(Debug, Clone, Default)]
+pub struct AttachOptions {
+    /// Queue pairs of each TAP (and guest NIC); 0 is taken as 1.
+    pub queues: u16,
+    /// How the hypervisor takes the TAPs.
+    pub handoff: TapHandoff,
 }
 
 /// What the guest agent must configure on the NIC with `mac`.
@@ -142,6 +160,8 @@ pub struct Endpoint {
     /// The TAP connected to it.
     pub tap_name: String,
     tap_index: u32,
+    /// Persistent ([`TapHandoff::Name`]): detach deletes it.
+    persistent: bool,
     /// The device to give the hypervisor (TAP queue fds, guest MAC, queues, MTU).
     pub network: NetworkConfig,
     /// What the guest should configure.
@@ -151,6 +171,17 @@ pub struct Endpoint {
 /// Scans the namespace and attaches every interface in it. All or nothing.
 pub async fn attach_all(ns: &NetnsHandle, opts: &AttachOptions) -> Result<Vec<Endpoint>> {
     let snapshot = scan(ns).await?;
+    attach(ns, &snapshot, opts).await
+}
+
+/// Attaches every interface of `snapshot` (a [`scan`] of `ns`). All or nothing: an
+/// interface that is gone by now is [`Error::Vanished`], and what was attached before the
+/// failure is detached.
+pub async fn attach(
+    ns: &NetnsHandle,
+    snapshot: &NetnsSnapshot,
+    opts: &AttachOptions,
+) -> Result<Vec<Endpoint>> {
     let candidates: Vec<&Interface> = snapshot
         .interfaces
         .iter()
@@ -167,7 +198,7 @@ pub async fn attach_all(ns: &NetnsHandle, opts: &AttachOptions) -> Result<Vec<En
     }
     let mut done: Vec<Endpoint> = Vec::new();
     for (n, iface) in candidates.into_iter().enumerate() {
-        match attach_one(ns, iface, &snapshot, n, opts).await {
+        match attach_one(ns, iface, snapshot, n, opts).await {
             Ok(ep) => done.push(ep),
             Err(e) => {
                 for ep in done {
@@ -192,13 +223,16 @@ async fn attach_one(
         kind: format!("{} without a MAC address", iface.kind),
     })?;
     let tap_name = format!("tap{n}_kata");
-    let (netns, name, queues, mtu) = (ns.netns.clone(), tap_name.clone(), opts.queues, iface.mtu);
+    let queues = opts.queues.max(1);
+    let persistent = opts.handoff == TapHandoff::Name;
+    let (netns, name, mtu) = (ns.netns.clone(), tap_name.clone(), iface.mtu);
     let tap = tokio::task::spawn_blocking(move || {
         netdev::TapBuilder::new(name)
             .queues(usize::from(queues))
             .multi_queue(queues > 1)
             .mtu(mtu)
             .up(true)
+            .persist(persistent)
             .must_create(true)
             .netns(netns)
             .create()
@@ -214,7 +248,8 @@ async fn attach_one(
     })?;
     let tap_index = tap.ifindex();
 
-    // From here, `tap` closing on an error path removes the TAP; qdiscs are undone below.
+    // From here, `tap` closing on an error path removes a non-persistent TAP; a persistent
+    // one is deleted below, as are the qdiscs.
     let mut added: Vec<u32> = Vec::new();
     let wired = async {
         tc::add_ingress(ns, iface.index, &iface.name).await?;
@@ -228,6 +263,10 @@ async fn attach_one(
     if let Err(e) = wired {
         for index in added {
             let _ = tc::del_ingress(ns, index).await;
+        }
+        drop(tap);
+        if persistent {
+            let _ = delete_tap(ns, &tap_name).await;
         }
         // The interface may have gone away under us: say so rather than the netlink errno.
         if !scan(ns)
@@ -253,18 +292,23 @@ async fn attach_one(
             )
         })
         .collect();
-    let queues = tap.into_queues().into_iter().map(Arc::new).collect();
+    let backend = match opts.handoff {
+        TapHandoff::Fds => NetworkBackend::TapFds {
+            name: tap_name.clone(),
+            queues: tap.into_queues().into_iter().map(Arc::new).collect(),
+        },
+        // Our fds close here; the persistent TAP waits for the VMM to open it by name.
+        TapHandoff::Name => NetworkBackend::TapName(tap_name.clone()),
+    };
     Ok(Endpoint {
         interface: iface.clone(),
-        tap_name: tap_name.clone(),
+        tap_name,
         tap_index,
+        persistent,
         network: NetworkConfig {
-            backend: NetworkBackend::TapFds {
-                name: tap_name,
-                queues,
-            },
+            backend,
             guest_mac: mac,
-            queue_pairs: opts.queues,
+            queue_pairs: queues,
             queue_size: None,
             mtu: Some(iface.mtu),
         },
@@ -277,10 +321,26 @@ async fn attach_one(
     })
 }
 
+/// Deletes the persistent TAP `name` in the namespace of `ns`.
+async fn delete_tap(ns: &NetnsHandle, name: &str) -> Result<()> {
+    let (netns, tap) = (ns.netns.clone(), name.to_string());
+    tokio::task::spawn_blocking(move || netdev::delete_tap(&tap, Some(&netns)))
+        .await
+        .map_err(|e| Error::Netlink {
+            step: format!("Deleting TAP {name}"),
+            message: e.to_string(),
+        })?
+        .map_err(|source| Error::TapDelete {
+            tap: name.to_string(),
+            source,
+        })
+}
+
 impl Endpoint {
     /// Removes what attach added: the ingress qdiscs (with their filters) of the interface
-    /// and of the TAP, and this endpoint's TAP fds. The TAP itself disappears once the VMM's
-    /// copies are closed too; the interface is left as CNI made it.
+    /// and of the TAP, and the TAP: a persistent one ([`TapHandoff::Name`]) is deleted, call
+    /// this after the VMM let go of it; one handed over as fds disappears once the VMM's
+    /// copies are closed too. The interface is left as CNI made it.
     pub async fn detach(self, ns: &NetnsHandle) -> Result<()> {
         self.detach_with(ns, None).await
     }
@@ -296,6 +356,17 @@ impl Endpoint {
         let first = tc::del_ingress(ns, self.interface.index).await;
         // The TAP may already be gone (the VMM exited): its qdisc went with it.
         let _ = tc::del_ingress(ns, self.tap_index).await;
+        let deleted = if self.persistent {
+            match delete_tap(ns, &self.tap_name).await {
+                Err(Error::TapDelete {
+                    source: netdev::Error::TapNotFound { .. },
+                    ..
+                }) => Ok(()),
+                other => other,
+            }
+        } else {
+            Ok(())
+        };
         if let (Some(reaper), NetworkBackend::TapFds { queues, .. }) =
             (reaper, self.network.backend)
         {
@@ -303,6 +374,6 @@ impl Endpoint {
             let owned = queues.into_iter().filter_map(|q| Arc::try_unwrap(q).ok());
             reaper.close_fds(owned.collect());
         }
-        first
+        first.and(deleted)
     }
 }
