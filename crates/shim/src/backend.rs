@@ -41,11 +41,21 @@ impl BackendKind {
         Self::ALL.into_iter().find(|b| b.name() == name)
     }
 
-    /// Whether the backend, when compiled in, can boot VMs in this build.
-    pub fn boots_vms(self) -> bool {
+    /// Whether the guest agent is reached through a vsock device the shim must add before
+    /// start (Dragonball's hybrid vsock), rather than a channel the backend creates itself
+    /// (QEMU's virtio-serial or vhost-vsock).
+    pub fn agent_needs_vsock_device(self) -> bool {
         match self {
-            BackendKind::Qemu => true,
-            BackendKind::Dragonball => false,
+            BackendKind::Qemu => false,
+            BackendKind::Dragonball => true,
+        }
+    }
+
+    /// Whether the backend runs the VM inside the shim's own process.
+    pub fn in_process(self) -> bool {
+        match self {
+            BackendKind::Qemu => false,
+            BackendKind::Dragonball => true,
         }
     }
 
@@ -84,15 +94,6 @@ pub enum BackendError {
         /// The backend asked for.
         backend: BackendKind,
     },
-    /// The backend is compiled in but cannot boot VMs in this build.
-    #[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
-    #[error("the {:?} backend cannot boot VMs yet in this build: {reason}", backend.name())]
-    NotBootable {
-        /// The backend asked for.
-        backend: BackendKind,
-        /// What is missing.
-        reason: &'static str,
-    },
 }
 
 /// Where a backend keeps its per-sandbox run directories.
@@ -122,12 +123,15 @@ pub fn create(
         }
         #[cfg(feature = "dragonball")]
         BackendKind::Dragonball => {
-            // `hypervisor-dragonball` does not implement the `Hypervisor` trait yet.
-            let _ = (log, &opts.run_root);
-            Err(BackendError::NotBootable {
-                backend: kind,
-                reason: DRAGONBALL_NOT_READY,
-            })
+            let db_opts = hypervisor_dragonball::DragonballOptions {
+                kvm_path: KVM_DEVICE.into(),
+                run_root: opts.run_root.clone(),
+                ..Default::default()
+            };
+            Ok(Arc::new(hypervisor_dragonball::DragonballHypervisor::new(
+                log.clone(),
+                db_opts,
+            )))
         }
         #[allow(unreachable_patterns)]
         other => {
@@ -137,9 +141,9 @@ pub fn create(
     }
 }
 
+/// The KVM device the in-process backend opens.
 #[cfg(feature = "dragonball")]
-const DRAGONBALL_NOT_READY: &str =
-    "hypervisor-dragonball does not implement the Hypervisor trait yet; use [hypervisor.qemu]";
+const KVM_DEVICE: &str = "/dev/kvm";
 
 /// What a backend sees on this host.
 #[derive(Debug, Clone)]
@@ -152,6 +156,8 @@ pub struct HostProbe {
     pub vhost_net: Option<bool>,
     /// Whether `/dev/vhost-vsock` is usable, when the backend cares.
     pub vhost_vsock: Option<bool>,
+    /// What the accelerator found cannot do here, when it is usable only in part.
+    pub kvm_caveat: Option<String>,
 }
 
 /// Probes the host as `kind` would, for `wanted` and the configured VMM `binary`.
@@ -176,14 +182,46 @@ pub fn probe_host(
                 ),
                 vhost_net: Some(host.vhost_net),
                 vhost_vsock: Some(host.vhost_vsock),
+                kvm_caveat: None,
             })
         }
         #[cfg(feature = "dragonball")]
         BackendKind::Dragonball => {
-            let _ = (wanted, binary);
-            Err(BackendError::NotBootable {
-                backend: kind,
-                reason: DRAGONBALL_NOT_READY,
+            // In-process: no VMM binary, and no vhost (its devices are its own).
+            let _ = binary;
+            let kvm = Path::new(KVM_DEVICE);
+            let accelerator = if wanted == Accelerator::Tcg {
+                Err(
+                    "accelerator \"tcg\" asked for, but the Dragonball backend runs only on KVM; use \"kvm\" or \"auto\", or the QEMU backend"
+                        .to_string(),
+                )
+            } else {
+                hypervisor_dragonball::kvm::open(kvm)
+                    .map(|_| {
+                        (
+                            "kvm".to_string(),
+                            format!(
+                                "{} opens, speaks API version {} and has the capabilities the in-process VMM uses",
+                                kvm.display(),
+                                hypervisor_dragonball::kvm::KVM_API_VERSION
+                            ),
+                        )
+                    })
+                    .map_err(|e| format!("{e}: the Dragonball backend has no software fallback"))
+            };
+            let kvm_caveat = match (&accelerator, cpu_virtualization()) {
+                (Ok(_), CpuVirt::Absent) => Some(NESTED_KVM_CAVEAT.to_string()),
+                (Ok(_), CpuVirt::Unknown(why)) => {
+                    Some(format!("cannot tell whether the CPU has vmx/svm ({why})"))
+                }
+                _ => None,
+            };
+            Ok(HostProbe {
+                accelerator,
+                vmm_binary: None,
+                vhost_net: None,
+                vhost_vsock: None,
+                kvm_caveat,
             })
         }
         #[allow(unreachable_patterns)]
@@ -191,6 +229,44 @@ pub fn probe_host(
             let _ = (wanted, binary);
             Err(BackendError::NotCompiled { backend: other })
         }
+    }
+}
+
+/// What a KVM without hardware virtualization can run, as `sandbox check` says it.
+#[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
+const NESTED_KVM_CAVEAT: &str = "the CPU advertises no vmx/svm (a nested KVM): a minimal guest runs, but a Linux guest does not boot on this host (it stops on instructions this KVM cannot emulate); boot Linux under Dragonball on a host with hardware virtualization, or use the QEMU backend (TCG) here";
+
+/// Whether `/proc/cpuinfo` shows hardware virtualization.
+#[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
+enum CpuVirt {
+    Present,
+    Absent,
+    Unknown(String),
+}
+
+#[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
+fn cpu_virtualization() -> CpuVirt {
+    match std::fs::read_to_string("/proc/cpuinfo") {
+        Ok(text) => cpu_virtualization_in(&text),
+        Err(e) => CpuVirt::Unknown(format!("/proc/cpuinfo: {e}")),
+    }
+}
+
+#[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
+fn cpu_virtualization_in(cpuinfo: &str) -> CpuVirt {
+    let mut flag_lines = cpuinfo
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim() == "flags")
+        .peekable();
+    if flag_lines.peek().is_none() {
+        return CpuVirt::Unknown("no flags line in /proc/cpuinfo".into());
+    }
+    if flag_lines.any(|(_, v)| v.split_whitespace().any(|f| f == "vmx" || f == "svm")) {
+        CpuVirt::Present
+    } else {
+        CpuVirt::Absent
     }
 }
 
@@ -217,6 +293,22 @@ mod tests {
             err.contains("make build HYPERVISOR=dragonball or all"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cpu_flags_tell_hardware_virtualization() {
+        let with = "processor\t: 0\nflags\t\t: fpu vme vmx sse\n";
+        let without = "processor\t: 0\nflags\t\t: fpu vme hypervisor sse\n";
+        assert_eq!(cpu_virtualization_in(with), CpuVirt::Present);
+        assert_eq!(
+            cpu_virtualization_in(&without.replace("vme", "svm")),
+            CpuVirt::Present
+        );
+        assert_eq!(cpu_virtualization_in(without), CpuVirt::Absent);
+        assert!(matches!(
+            cpu_virtualization_in("processor\t: 0\n"),
+            CpuVirt::Unknown(_)
+        ));
     }
 
     #[test]

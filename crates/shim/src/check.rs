@@ -174,7 +174,14 @@ fn backend_lines(
             out.push(line(
                 "backend",
                 Status::Pass,
-                format!("{kind}: compiled in"),
+                format!(
+                    "{kind}: compiled in ({})",
+                    if kind.in_process() {
+                        "in-process VMM"
+                    } else {
+                        "VMM as a child process"
+                    }
+                ),
             ));
             p
         }
@@ -183,14 +190,19 @@ fn backend_lines(
             return;
         }
     };
-    out.push(match &probe.accelerator {
-        Ok((accel, why)) if accel == "kvm" => line("kvm", Status::Pass, format!("usable: {why}")),
-        Ok((accel, why)) => line(
+    out.push(match (&probe.accelerator, &probe.kvm_caveat) {
+        (Ok((accel, why)), Some(caveat)) if accel == "kvm" => {
+            line("kvm", Status::Warn, format!("usable: {why}; but {caveat}"))
+        }
+        (Ok((accel, why)), None) if accel == "kvm" => {
+            line("kvm", Status::Pass, format!("usable: {why}"))
+        }
+        (Ok((accel, why)), _) => line(
             "kvm",
             Status::Warn,
             format!("not used, {accel} instead ({why}); guests boot slower"),
         ),
-        Err(e) => line("kvm", Status::Fail, e.clone()),
+        (Err(e), _) => line("kvm", Status::Fail, e.clone()),
     });
     if let Some(bin) = &probe.vmm_binary {
         out.push(match Command::new(bin).arg("--version").output() {

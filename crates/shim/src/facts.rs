@@ -23,10 +23,21 @@ pub struct NicFacts {
     pub id: String,
     /// Host TAP name.
     pub tap: String,
-    /// Host address on the TAP, with prefix.
-    pub host_address: String,
+    /// The CNI interface in the pod namespace the TAP is connected to by tc redirection,
+    /// when the NIC comes from one.
+    #[serde(default)]
+    pub pod_interface: Option<String>,
+    /// Host address on the TAP, with prefix; none when the TAP is redirected to a pod
+    /// interface (the guest then holds that interface's address).
+    pub host_address: Option<String>,
     /// Guest address, with prefix.
     pub guest_address: String,
+    /// Every guest address, with prefix.
+    #[serde(default)]
+    pub guest_addresses: Vec<String>,
+    /// Routes given to the guest through this NIC (`default via 10.88.0.1`).
+    #[serde(default)]
+    pub routes: Vec<String>,
     /// Guest address alone, to ping.
     pub guest_ip: String,
     /// Guest MAC.
@@ -117,12 +128,23 @@ impl SandboxFacts {
             .filter_map(|k| self.timings_ms.get(*k).map(|v| format!("{k} {v} ms")))
             .collect();
         let _ = writeln!(s, "  timings       {}", timings.join(", "));
-        if let (Some(ns), Some(nic)) = (&self.netns_name, self.nics.first()) {
-            let _ = writeln!(
-                s,
-                "  try           ip netns exec {ns} ping -c 3 {}",
-                nic.guest_ip
-            );
+        match (&self.netns_name, self.nics.first()) {
+            (Some(ns), Some(nic)) if nic.pod_interface.is_none() => {
+                let _ = writeln!(
+                    s,
+                    "  try           ip netns exec {ns} ping -c 3 {}",
+                    nic.guest_ip
+                );
+            }
+            (_, Some(nic)) if nic.pod_interface.is_some() => {
+                let _ = writeln!(
+                    s,
+                    "  try           ping {} from the pod network (where CNI connected {})",
+                    nic.guest_ip,
+                    nic.pod_interface.as_deref().unwrap_or_default()
+                );
+            }
+            _ => {}
         }
         let _ = writeln!(
             s,
@@ -137,12 +159,20 @@ impl SandboxFacts {
 impl NicFacts {
     /// One line for people.
     pub fn human(&self) -> String {
+        let host = match (&self.pod_interface, &self.host_address) {
+            (Some(pod), _) => format!("{} <-tc redirect-> {pod}", self.tap),
+            (None, Some(addr)) => format!("{} {addr}", self.tap),
+            (None, None) => self.tap.clone(),
+        };
+        let routes = if self.routes.is_empty() {
+            String::new()
+        } else {
+            format!(", routes: {}", self.routes.join("; "))
+        };
         format!(
-            "{} {} -> guest {} {} (mac {}, {}{}, {} ms)",
-            self.tap,
-            self.host_address,
+            "{host} -> guest {} {} (mac {}, {}{}{routes}, {} ms)",
             self.guest_interface,
-            self.guest_address,
+            self.guest_addresses.join(" "),
             self.mac,
             self.location,
             if self.hotplugged { ", hot-plugged" } else { "" },
@@ -175,7 +205,7 @@ pub enum ControlResponse {
     /// Facts.
     Facts(Box<SandboxFacts>),
     /// The new NIC.
-    Nic(NicFacts),
+    Nic(Box<NicFacts>),
     /// The request failed; the text says why.
     Error(String),
 }

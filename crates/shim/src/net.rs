@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
+use guest_agent::protocol::RouteConfig;
 use hypervisor::device::{NetworkBackend, NetworkConfig};
 use hypervisor::MacAddress;
 
@@ -117,33 +118,113 @@ pub struct HostNic {
     pub subnet: Subnet24,
     /// The guest NIC's MAC.
     pub mac: MacAddress,
-    /// The config with the only copies of the TAP fds; once the VMM holds its own, the TAP
-    /// lives as long as the VMM.
+    /// The device config. With [`TapHandoff::Fds`] it holds the only copies of the TAP fds:
+    /// once the VMM holds its own, the TAP lives as long as the VMM.
     pub config: NetworkConfig,
 }
 
+/// How the backend takes its TAP: open queue fds (QEMU; the TAP goes away when the last fd
+/// closes) or by name (Dragonball opens it in the namespace itself; the TAP is persistent,
+/// the shim keeps no fd and deletes it at the end).
+pub use endpoint::TapHandoff;
+
+/// What one guest NIC gets, whatever made its TAP.
+#[derive(Debug, Clone)]
+pub struct NicPlan {
+    /// The host TAP.
+    pub tap: String,
+    /// The guest NIC's MAC.
+    pub mac: MacAddress,
+    /// Guest addresses with prefix; the first IPv4 one is the one to ping.
+    pub addresses: Vec<String>,
+    /// Guest MTU, when it must match a pod interface.
+    pub mtu: Option<u32>,
+    /// Routes through this NIC.
+    pub routes: Vec<RouteConfig>,
+    /// The host's address on the TAP, when the host routes to the guest itself.
+    pub host_address: Option<String>,
+    /// The pod interface the TAP is redirected to.
+    pub pod_interface: Option<String>,
+}
+
+impl NicPlan {
+    /// The address to ping: the first IPv4 one, else the first, without prefix.
+    pub fn guest_ip(&self) -> String {
+        let bare = |a: &String| a.split('/').next().unwrap_or_default().to_string();
+        self.addresses
+            .iter()
+            .find(|a| bare(a).parse::<Ipv4Addr>().is_ok())
+            .or(self.addresses.first())
+            .map(bare)
+            .unwrap_or_default()
+    }
+
+    /// Routes as people read them: `default via 10.88.0.1`, `10.1.0.0/16`.
+    pub fn routes_human(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .map(|r| match &r.gateway {
+                Some(g) => format!("{} via {g}", r.dest),
+                None => r.dest.clone(),
+            })
+            .collect()
+    }
+}
+
+impl HostNic {
+    /// The guest gets `.2/24`; the host has `.1/24` on the TAP.
+    pub fn plan(&self) -> NicPlan {
+        NicPlan {
+            tap: self.tap.clone(),
+            mac: self.mac,
+            addresses: vec![format!("{}/24", self.subnet.host(2))],
+            mtu: None,
+            routes: Vec::new(),
+            host_address: Some(format!("{}/24", self.subnet.host(1))),
+            pod_interface: None,
+        }
+    }
+}
+
 /// Creates a TAP (`tap%d`) with `queues` queue pairs in `netns`, up, with `.1/24` of
-/// `subnet` on it.
-pub fn create_tap(netns: &Path, subnet: Subnet24, queues: u16, mac: MacAddress) -> Result<HostNic> {
+/// `subnet` on it, handed over as `handoff` says.
+pub fn create_tap(
+    netns: &Path,
+    subnet: Subnet24,
+    queues: u16,
+    mac: MacAddress,
+    handoff: TapHandoff,
+) -> Result<HostNic> {
     let tap = netdev::TapBuilder::new("tap%d")
         .queues(usize::from(queues))
         .multi_queue(queues > 1)
+        .persist(handoff == TapHandoff::Name)
         .netns(netns)
         .up(true)
         .create()
         .with_context(|| format!("Creating a TAP in {}", netns.display()))?;
     let name = tap.name().to_string();
     let host = format!("{}/24", subnet.host(1));
-    ip_in(netns, &["addr", "add", &host, "dev", &name])
-        .with_context(|| format!("Giving TAP {name} the address {host}"))?;
+    if let Err(e) = ip_in(netns, &["addr", "add", &host, "dev", &name]) {
+        if handoff == TapHandoff::Name {
+            drop(tap);
+            let _ = netdev::delete_tap(&name, Some(netns));
+        }
+        return Err(e.context(format!("Giving TAP {name} the address {host}")));
+    }
+    let backend = match handoff {
+        TapHandoff::Fds => NetworkBackend::TapFds {
+            name: name.clone(),
+            queues: tap.into_queues().into_iter().map(Arc::new).collect(),
+        },
+        // Our fds close here; the persistent device stays for the VMM to attach to.
+        TapHandoff::Name => NetworkBackend::TapName(name.clone()),
+    };
     Ok(HostNic {
         subnet,
         mac,
         config: NetworkConfig {
-            backend: NetworkBackend::TapFds {
-                name: name.clone(),
-                queues: tap.into_queues().into_iter().map(Arc::new).collect(),
-            },
+            backend,
             guest_mac: mac,
             queue_pairs: queues,
             queue_size: None,
@@ -179,6 +260,28 @@ mod tests {
         assert_eq!(Subnet24([10, 200, 255]).nth(1), None);
         assert!(Subnet24::parse("10.200.0.0/16").is_err());
         assert!(Subnet24::parse("nope").is_err());
+    }
+
+    #[test]
+    fn the_address_to_ping_is_the_first_ipv4_one() {
+        let mut plan = NicPlan {
+            tap: "tap0".into(),
+            mac: MacAddress([2, 0, 0, 0, 0, 1]),
+            addresses: vec!["fd00::5/64".into(), "10.88.0.5/24".into()],
+            mtu: None,
+            routes: vec![RouteConfig {
+                dest: "default".into(),
+                gateway: Some("10.88.0.1".into()),
+            }],
+            host_address: None,
+            pod_interface: Some("eth0".into()),
+        };
+        assert_eq!(plan.guest_ip(), "10.88.0.5");
+        assert_eq!(plan.routes_human(), ["default via 10.88.0.1"]);
+        plan.addresses.remove(1);
+        assert_eq!(plan.guest_ip(), "fd00::5");
+        plan.addresses.clear();
+        assert_eq!(plan.guest_ip(), "");
     }
 
     #[test]

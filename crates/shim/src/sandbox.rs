@@ -4,8 +4,15 @@
 //! the configured backend, waits for the guest agent, gives the guest its addresses through
 //! the agent, prints the facts, then serves a control socket until SIGINT or SIGTERM. At the
 //! end, and on every failure path after the first thing it created, it stops the VM and
-//! removes what it created: the VMM process, the TAPs (they go with the VMM's fds), the run
-//! directories, the namespace it created and the ready file.
+//! removes what it created: the VMM process, the TAPs (they go with the VMM's fds, or are
+//! deleted when the backend opened them by name), the run directories, the namespace it
+//! created and the ready file.
+//!
+//! A given namespace that holds interfaces (a pod network CNI prepared) is used through the
+//! `endpoint` crate ([`crate::pod`]): each interface is connected to a TAP by tc redirection,
+//! the guest NIC gets the interface's MAC, addresses and routes, and at the end exactly the
+//! TAPs, qdiscs and filters that were added are removed. A namespace with no interface but
+//! `lo` gets the shim's own TAP and /24, as an owned one does.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -16,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use guest_agent::client::AgentClient;
 use guest_agent::protocol::InterfaceConfig;
+use hypervisor::device::VsockConfig;
 use hypervisor::{AgentAddress, DeviceConfig, DeviceManager, Hypervisor, MacAddress, SandboxSpec};
 use slog::{error, info, warn};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -25,10 +33,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::backend::{self, BackendKind, BackendOptions};
 use crate::config;
 use crate::facts::{ControlRequest, ControlResponse, NicFacts, SandboxFacts};
-use crate::net::{self, Subnet24};
+use crate::net::{self, NicPlan, Subnet24, TapHandoff};
+use crate::pod::{self, PodNetwork};
 
 /// How long the guest may take to show a NIC after it was plugged.
 const GUEST_NIC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Guest context id of the vsock device added for backends whose agent channel is one.
+const GUEST_CID: u32 = 3;
 
 /// Options of `sandbox run`.
 #[derive(Debug, Clone)]
@@ -167,6 +178,12 @@ struct Sandbox {
     agent: Option<AgentClient>,
     nics: Vec<NicFacts>,
     taps: Vec<String>,
+    /// How the backend takes TAPs, known once it is prepared.
+    handoff: TapHandoff,
+    /// Persistent TAPs (handed over by name): deleted by the teardown.
+    persistent_taps: Vec<String>,
+    /// The pod network's endpoints, when the given namespace held interfaces.
+    pod: Option<PodNetwork>,
     subnet_base: Subnet24,
     queues: u16,
     vmm_pid: Option<u32>,
@@ -196,6 +213,9 @@ impl Sandbox {
             agent: None,
             nics: Vec::new(),
             taps: Vec::new(),
+            handoff: TapHandoff::Fds,
+            persistent_taps: Vec::new(),
+            pod: None,
             subnet_base: opts.subnet,
             queues: 1,
             vmm_pid: None,
@@ -252,13 +272,61 @@ impl Sandbox {
             .prepare(&spec)
             .await
             .with_context(|| format!("Preparing the {} VM", self.hv.name()))?;
-        let nic = self.new_host_nic()?;
-        let tap = nic.tap.clone();
-        let info = self
-            .devices
-            .add(DeviceConfig::Network(nic.config))
-            .await
-            .with_context(|| format!("Adding the NIC on TAP {tap}"))?;
+        let caps = self.hv.capabilities().await;
+        // Backends that cannot take open fds (Dragonball) open a persistent TAP by name.
+        self.handoff = if caps.tap_fds {
+            TapHandoff::Fds
+        } else {
+            TapHandoff::Name
+        };
+        if self.backend.agent_needs_vsock_device() {
+            self.devices
+                .add(DeviceConfig::Vsock(VsockConfig {
+                    guest_cid: GUEST_CID,
+                }))
+                .await
+                .context("Adding the vsock device of the agent channel")?;
+        }
+        let mut plugged = Vec::new();
+        if let Some(Netns::Given(path)) = &self.netns {
+            let opts = endpoint::AttachOptions {
+                queues: self.queues,
+                handoff: self.handoff,
+            };
+            self.pod = pod::attach(&self.log, path, &opts).await?;
+        }
+        if let Some(pod) = &self.pod {
+            let nics: Vec<_> = pod
+                .endpoints
+                .iter()
+                .map(|ep| (pod::plan(ep), ep.network.clone()))
+                .collect();
+            self.taps
+                .extend(nics.iter().map(|(plan, _)| plan.tap.clone()));
+            for (plan, config) in nics {
+                let info = self
+                    .devices
+                    .add(DeviceConfig::Network(config))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "Adding the NIC on TAP {} (pod interface {})",
+                            plan.tap,
+                            plan.pod_interface.as_deref().unwrap_or_default()
+                        )
+                    })?;
+                plugged.push((info, plan));
+            }
+        } else {
+            let nic = self.new_host_nic()?;
+            let plan = nic.plan();
+            let info = self
+                .devices
+                .add(DeviceConfig::Network(nic.config))
+                .await
+                .with_context(|| format!("Adding the NIC on TAP {}", plan.tap))?;
+            plugged.push((info, plan));
+        }
         timings.insert("prepare".to_string(), ms(t.elapsed()));
 
         let t = Instant::now();
@@ -292,10 +360,10 @@ impl Sandbox {
             "guest_uptime_ms" => health.uptime_ms, "ms" => ms(t.elapsed()));
 
         let t = Instant::now();
-        let first = self
-            .configure_guest(&info, nic.subnet, nic.mac, &tap, t)
-            .await?;
-        self.nics.push(first);
+        for (info, plan) in &plugged {
+            let nic = self.configure_guest(info, plan, Instant::now()).await?;
+            self.nics.push(nic);
+        }
         timings.insert("guest_network".to_string(), ms(t.elapsed()));
         timings.insert("total".to_string(), ms(began.elapsed()));
 
@@ -402,7 +470,7 @@ impl Sandbox {
                 None => ControlResponse::Error("the sandbox is not ready".into()),
             },
             Ok(ControlRequest::HotplugNic) => match self.hotplug_nic().await {
-                Ok(nic) => ControlResponse::Nic(nic),
+                Ok(nic) => ControlResponse::Nic(Box::new(nic)),
                 Err(e) => ControlResponse::Error(format!("{e:#}")),
             },
         };
@@ -414,17 +482,31 @@ impl Sandbox {
 
     async fn hotplug_nic(&mut self) -> Result<NicFacts> {
         let t = Instant::now();
+        if !self.hv.capabilities().await.network_hotplug {
+            bail!(
+                "the {} backend cannot hot-plug NICs (machine {}); nothing was created",
+                self.hv.name(),
+                self.facts
+                    .as_ref()
+                    .and_then(|f| f.machine_type.clone())
+                    .unwrap_or_else(|| "default".into())
+            );
+        }
         info!(self.log, "hot-plugging a NIC");
         let nic = self.new_host_nic()?;
         let tap = nic.tap.clone();
-        let info = self
-            .devices
-            .add(DeviceConfig::Network(nic.config))
-            .await
-            .with_context(|| format!("Hot-plugging a NIC on TAP {tap}"))?;
-        let facts = self
-            .configure_guest(&info, nic.subnet, nic.mac, &tap, t)
-            .await?;
+        let plan = nic.plan();
+        let added = self.devices.add(DeviceConfig::Network(nic.config)).await;
+        let info = match added {
+            Ok(info) => info,
+            Err(e) => {
+                self.forget_tap(&tap);
+                return Err(
+                    anyhow::Error::from(e).context(format!("Hot-plugging a NIC on TAP {tap}"))
+                );
+            }
+        };
+        let facts = self.configure_guest(&info, &plan, t).await?;
         info!(self.log, "NIC hot-plugged"; "nic" => facts.human());
         self.nics.push(facts.clone());
         Ok(facts)
@@ -437,27 +519,42 @@ impl Sandbox {
         let taken: Vec<Subnet24> = self
             .nics
             .iter()
-            .filter_map(|n| Subnet24::parse(&n.host_address).ok())
+            .filter_map(|n| n.host_address.as_deref())
+            .filter_map(|a| Subnet24::parse(a).ok())
             .collect();
         let subnet = net::free_subnet(self.subnet_base, &used, &taken)?;
         let n = self.taps.len();
         let mac = MacAddress::local_from_seed(format!("{}/nic{n}", self.id).as_bytes());
-        let nic = net::create_tap(&ns, subnet, self.queues, mac)?;
+        let nic = net::create_tap(&ns, subnet, self.queues, mac, self.handoff)?;
         self.taps.push(nic.tap.clone());
+        if self.handoff == TapHandoff::Name {
+            self.persistent_taps.push(nic.tap.clone());
+        }
         info!(self.log, "TAP created"; "tap" => &nic.tap, "host" => format!("{}/24", subnet.host(1)),
             "queues" => self.queues);
         Ok(nic)
     }
 
+    /// Removes a TAP of ours that no device uses (a failed hotplug).
+    fn forget_tap(&mut self, tap: &str) {
+        self.taps.retain(|t| t != tap);
+        if let Some(i) = self.persistent_taps.iter().position(|t| t == tap) {
+            self.persistent_taps.remove(i);
+            if let Err(e) = netdev::delete_tap(tap, Some(self.netns_path())) {
+                warn!(self.log, "deleting an unused TAP"; "tap" => tap, "error" => e.to_string());
+            }
+        }
+    }
+
+    /// Waits for the guest to show the NIC of `plan` and gives it its addresses, MTU and
+    /// routes through the agent.
     async fn configure_guest(
         &mut self,
         info: &hypervisor::DeviceInfo,
-        subnet: Subnet24,
-        mac: MacAddress,
-        tap: &str,
+        plan: &NicPlan,
         began: Instant,
     ) -> Result<NicFacts> {
-        let guest = format!("{}/24", subnet.host(2));
+        let mac = plan.mac;
         let agent = self.agent.as_mut().ok_or_else(|| anyhow!("no agent"))?;
         // A hot-plugged NIC shows up once the guest has probed the PCI device: wait for the
         // agent to list its MAC before configuring it.
@@ -485,20 +582,29 @@ impl Sandbox {
             .configure_interface(
                 InterfaceConfig {
                     mac: wanted,
-                    addresses: vec![guest.clone()],
-                    mtu: None,
-                    routes: vec![],
+                    addresses: plan.addresses.clone(),
+                    mtu: plan.mtu,
+                    routes: plan.routes.clone(),
                 },
                 Duration::from_secs(30),
             )
             .await
-            .with_context(|| format!("Configuring the guest NIC {mac} with {guest}"))?;
+            .with_context(|| {
+                format!(
+                    "Configuring the guest NIC {mac} with {} (routes: {})",
+                    plan.addresses.join(" "),
+                    plan.routes_human().join("; ")
+                )
+            })?;
         Ok(NicFacts {
             id: info.id.to_string(),
-            tap: tap.to_string(),
-            host_address: format!("{}/24", subnet.host(1)),
-            guest_address: guest,
-            guest_ip: subnet.host(2).to_string(),
+            tap: plan.tap.clone(),
+            pod_interface: plan.pod_interface.clone(),
+            host_address: plan.host_address.clone(),
+            guest_address: plan.addresses.first().cloned().unwrap_or_default(),
+            guest_addresses: plan.addresses.clone(),
+            routes: plan.routes_human(),
+            guest_ip: plan.guest_ip(),
             mac: mac.to_string(),
             guest_interface: done.name,
             location: info.location.to_string(),
@@ -521,9 +627,23 @@ impl Sandbox {
             problems.push(format!("cleaning up the VM: {e}"));
         }
         self.devices.clear().await;
-        if let Some(pid) = self.vmm_pid {
+        // Filters, qdiscs and TAPs the endpoints added; the pod's interfaces stay.
+        if let Some(pod) = self.pod.take() {
+            problems.extend(pod.detach(&self.log).await);
+        }
+        // An in-process VMM's pid is the shim's own.
+        if let Some(pid) = self.vmm_pid.filter(|p| *p != std::process::id()) {
             if Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
                 problems.push(format!("VMM process {pid} is still alive"));
+            }
+        }
+        // Persistent TAPs (handed over by name) stay until deleted.
+        if let Some(ns) = &self.netns {
+            for tap in std::mem::take(&mut self.persistent_taps) {
+                match netdev::delete_tap(&tap, Some(ns.path())) {
+                    Ok(()) | Err(netdev::Error::TapNotFound { .. }) => {}
+                    Err(e) => problems.push(format!("deleting TAP {tap}: {e}")),
+                }
             }
         }
         // Non-persistent TAPs disappear when their last fd (the VMM's) is closed; closing
