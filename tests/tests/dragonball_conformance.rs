@@ -103,7 +103,6 @@ fn require_bootable() {
     }
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs vmx/svm and a guest kernel with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y; `make test` runs it where both are present"]
 async fn boot_ping_and_agent() {
