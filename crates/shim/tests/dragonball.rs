@@ -1,6 +1,7 @@
 //! The shim with the Dragonball backend on this host: `sandbox check` reports the backend and
 //! what KVM can do here, and `sandbox run` boots a guest in the shim's own process on a
-//! persistent TAP it opens by name, then removes everything on SIGTERM.
+//! persistent TAP it opens by name (the shim's own, or one connected to a pod's veth by tc
+//! redirection), then removes everything it added on SIGTERM.
 //!
 //! `sandbox run` boots the freestanding test guest (`make test-guest`), which runs under a
 //! nested KVM where Linux does not; it has no agent, so the run is stopped while it waits
@@ -121,155 +122,271 @@ fn open_tun_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// A namespace of the test's, deleted at the end.
+struct TestNs(String);
+
+impl TestNs {
+    fn new(prefix: &str) -> TestNs {
+        let name = format!("{prefix}{}", std::process::id());
+        assert!(Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success());
+        TestNs(name)
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tc_ingress(netns: &str, ifname: &str) -> (String, String) {
+    let run = |args: &[&str]| {
+        let out = Command::new("tc").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    (
+        run(&["-n", netns, "qdisc", "show"]),
+        run(&["-n", netns, "filter", "show", "dev", ifname, "ingress"]),
+    )
+}
+
+/// `sandbox run` of the test guest on the Dragonball backend, up to its VMM running.
+struct DbSandbox {
+    child: std::process::Child,
+    rx: mpsc::Receiver<String>,
+    log: Vec<String>,
+    run_root: PathBuf,
+    id: String,
+    _dir: tempfile::TempDir,
+}
+
+impl DbSandbox {
+    fn start(netns: &str) -> DbSandbox {
+        let elf = repo().join(".cache/testguest/testguest.elf");
+        assert!(
+            elf.exists(),
+            "the test guest {} is missing: run `make test-guest` first",
+            elf.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("db.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hypervisor.dragonball]\nkernel = \"{}\"\nkernel_params = \"testguest.action=hlt_forever\"\ndefault_memory = 64\n",
+                elf.display()
+            ),
+        )
+        .unwrap();
+        let id = format!("{netns}sb");
+        let run_root = dir.path().join("run");
+        let mut child = Command::new(SHIM)
+            .args(["sandbox", "run", "--agent-timeout", "600", "--config"])
+            .arg(&config)
+            .args(["--id", &id, "--netns", netns, "--run-root"])
+            .arg(&run_root)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let _ = tx.send(line);
+            }
+        });
+        let mut sb = DbSandbox {
+            child,
+            rx,
+            log: Vec::new(),
+            run_root,
+            id,
+            _dir: dir,
+        };
+        let began = Instant::now();
+        while !sb.log.iter().any(|l| l.contains("VMM running")) {
+            let left = STEP_LIMIT.saturating_sub(began.elapsed());
+            match sb.rx.recv_timeout(left) {
+                Ok(l) => sb.log.push(l),
+                Err(_) => panic!(
+                    "the VM did not start within {STEP_LIMIT:?}:\n{}",
+                    sb.log.join("\n")
+                ),
+            }
+        }
+        assert!(
+            sb.log.iter().any(|l| l.contains("backend: dragonball")),
+            "{}",
+            sb.log.join("\n")
+        );
+        sb
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_console(&self, needle: &str) {
+        let console = self.run_root.join("vm").join(&self.id).join("console.log");
+        let began = Instant::now();
+        while !std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            assert!(
+                began.elapsed() < STEP_LIMIT,
+                "the guest did not print {needle:?} to {}",
+                console.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM while the shim waits for an agent the test guest does not have: an error
+    /// exit naming the signal, after the teardown. Returns the log.
+    fn stop(mut self) -> String {
+        assert!(Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let began = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                began.elapsed() < STEP_LIMIT,
+                "the shim did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        while let Ok(l) = self.rx.recv_timeout(Duration::from_secs(5)) {
+            self.log.push(l);
+        }
+        let log = self.log.join("\n");
+        assert!(!status.success(), "{log}");
+        assert!(
+            log.contains("SIGTERM received while waiting for the guest agent"),
+            "{log}"
+        );
+        assert!(log.contains("sandbox removed"), "{log}");
+        assert!(!self.run_root.join("sandboxes").join(&self.id).exists());
+        assert!(!self.run_root.join("vm").join(&self.id).exists());
+        log
+    }
+}
+
+impl Drop for DbSandbox {
+    /// Kills the shim (and the VM in it) if the test fails before it exits.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn taps_in(netns: &str) -> String {
+    ip(&["-n", netns, "-o", "link", "show", "type", "tun"])
+}
+
 #[test]
 fn sandbox_run_boots_in_process_on_a_named_persistent_tap_and_removes_it_on_sigterm() {
     require_root_and_kvm();
-    let elf = repo().join(".cache/testguest/testguest.elf");
-    assert!(
-        elf.exists(),
-        "the test guest {} is missing: run `make test-guest` first",
-        elf.display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("db.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor.dragonball]\nkernel = \"{}\"\nkernel_params = \"testguest.action=hlt_forever\"\ndefault_memory = 64\n",
-            elf.display()
-        ),
-    )
-    .unwrap();
-    let id = format!("db{}", std::process::id());
-    // A namespace of the test's: the shim must delete its TAP in it and leave it.
-    let ns = format!("dbns{}", std::process::id());
-    assert!(Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .unwrap()
-        .success());
-    struct DeleteNs(String);
-    impl Drop for DeleteNs {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _ns = DeleteNs(ns.clone());
-    let run_root = dir.path().join("run");
-    let mut child = Command::new(SHIM)
-        .args(["sandbox", "run", "--agent-timeout", "600", "--config"])
-        .arg(&config)
-        .args(["--id", &id, "--netns", &ns, "--run-root"])
-        .arg(&run_root)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    /// Kills the shim if the test fails before it exits.
-    struct Kill(Option<u32>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if let Some(pid) = self.0 {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-        }
-    }
-    let mut kill = Kill(Some(pid));
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{line}");
-            let _ = tx.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    let began = Instant::now();
-    while !log.iter().any(|l: &String| l.contains("VMM running")) {
-        let left = STEP_LIMIT.saturating_sub(began.elapsed());
-        match rx.recv_timeout(left) {
-            Ok(l) => log.push(l),
-            Err(_) => panic!(
-                "the VM did not start within {STEP_LIMIT:?}:\n{}",
-                log.join("\n")
-            ),
-        }
-    }
+    // A namespace of the test's with only lo: the shim makes its own TAP, must delete it,
+    // and must leave the namespace.
+    let ns = TestNs::new("dbns");
+    let sb = DbSandbox::start(&ns.0);
     // The VMM runs in the shim: it holds the TAP it opened by name in the sandbox's
     // namespace, and the TAP is persistent (the shim kept no fd of it).
-    assert!(
-        log.iter().any(|l| l.contains("backend: dragonball")),
-        "{}",
-        log.join("\n")
-    );
     assert_eq!(
-        tap_is_persistent(&ns, "tap0"),
+        tap_is_persistent(&ns.0, "tap0"),
         Some(true),
-        "no persistent tap0 in {ns}"
+        "no persistent tap0 in {}",
+        ns.0
     );
     assert_eq!(
-        open_tun_fds(pid),
+        open_tun_fds(sb.pid()),
         1,
         "the in-process VMM should hold one TAP fd"
     );
-    let console = run_root.join("vm").join(&id).join("console.log");
-    let began = Instant::now();
-    while !std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .contains("testguest: hello from the test guest")
-    {
-        assert!(
-            began.elapsed() < STEP_LIMIT,
-            "the guest printed nothing to {}",
-            console.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let began = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            kill.0 = None;
-            break s;
-        }
-        assert!(
-            began.elapsed() < STEP_LIMIT,
-            "the shim did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
-        log.push(l);
-    }
-    let log = log.join("\n");
-    // Stopped while waiting for the agent: an error exit that names why, after the teardown.
-    assert!(!status.success(), "{log}");
+    sb.wait_console("testguest: hello from the test guest");
+    sb.stop();
     assert!(
-        log.contains("SIGTERM received while waiting for the guest agent"),
+        Path::new("/run/netns").join(&ns.0).exists(),
+        "the given namespace {} was deleted",
+        ns.0
+    );
+    assert_eq!(tap_is_persistent(&ns.0, "tap0"), None, "tap0 is left");
+    let taps = taps_in(&ns.0);
+    assert!(taps.is_empty(), "TAPs left: {taps}");
+}
+
+#[test]
+fn sandbox_run_connects_a_pod_veth_to_a_named_tap_and_leaves_the_pod_as_it_was() {
+    require_root_and_kvm();
+    // A pod namespace with a veth whose peer is elsewhere, as CNI's ptp plugin leaves it.
+    let pod = TestNs::new("dbpod");
+    let peer = TestNs::new("dbpeer");
+    ip(&[
+        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0", "netns",
+        &peer.0,
+    ]);
+    ip(&["-n", &pod.0, "addr", "add", "10.94.0.2/24", "dev", "eth0"]);
+    ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
+    let tc_before = tc_ingress(&pod.0, "eth0");
+    let eth0_before = ip(&["-n", &pod.0, "-j", "addr", "show", "dev", "eth0"]);
+
+    let sb = DbSandbox::start(&pod.0);
+    let log = sb.log.join("\n");
+    assert!(
+        log.contains("pod interface connected") && log.contains("interface: eth0"),
         "{log}"
     );
-    assert!(log.contains("sandbox removed"), "{log}");
-    assert!(
-        Path::new("/run/netns").join(&ns).exists(),
-        "the given namespace {ns} was deleted"
+    assert_eq!(
+        tap_is_persistent(&pod.0, "tap0_kata"),
+        Some(true),
+        "no persistent tap0_kata in {}",
+        pod.0
     );
-    assert_eq!(tap_is_persistent(&ns, "tap0"), None, "tap0 is left in {ns}");
-    let taps = Command::new("ip")
-        .args(["-n", &ns, "-o", "link", "show", "type", "tun"])
-        .output()
-        .unwrap();
-    assert!(
-        taps.stdout.is_empty(),
-        "TAPs left: {}",
-        String::from_utf8_lossy(&taps.stdout)
+    assert_eq!(
+        open_tun_fds(sb.pid()),
+        1,
+        "the in-process VMM should hold the TAP"
     );
-    assert!(!run_root.join("sandboxes").join(&id).exists());
-    assert!(!run_root.join("vm").join(&id).exists());
+    let (_, filters) = tc_ingress(&pod.0, "eth0");
+    assert!(
+        filters.contains("mirred") && filters.contains("tap0_kata"),
+        "no redirect from eth0 to tap0_kata: {filters}"
+    );
+    sb.stop();
+
+    assert_eq!(tc_ingress(&pod.0, "eth0"), tc_before);
+    assert_eq!(
+        ip(&["-n", &pod.0, "-j", "addr", "show", "dev", "eth0"]),
+        eth0_before
+    );
+    let taps = taps_in(&pod.0);
+    assert!(taps.is_empty(), "TAPs left: {taps}");
 }
