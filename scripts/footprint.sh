@@ -57,7 +57,7 @@ done
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1048576 }'; }
 ratio=$(awk -v a="${secs[all]}" -v q="${secs[qemu]}" 'BEGIN { printf "%.2f", a / q }')
-size_ok=$([ "${size[qemu]}" -le $((5 * 1024 * 1024)) ] && echo met || echo "NOT met")
+size_ok=$([ "${size[qemu]}" -le 5000000 ] && echo met || echo "NOT met")
 speed_ok=$(awk -v r="$ratio" 'BEGIN { print (r >= 2.0) ? "met" : "NOT met" }')
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
 
@@ -79,7 +79,7 @@ section=$(mktemp)
         echo "| $name | \`$features\` | $(mib "${size[$name]}") MiB | $(mib "${unstripped[$name]}") MiB | ${crates[$name]} | ${secs[$name]} s | ${load[$name]} | ${dbs[$name]} |"
     done
     echo
-    echo "- Goal, qemu-only shim at most 5 MiB stripped: $size_ok ($(mib "${size[qemu]}") MiB)."
+    echo "- Goal, qemu-only shim at most 5 MB (5,000,000 bytes) stripped: $size_ok (${size[qemu]} bytes, $(mib "${size[qemu]}") MiB)."
     echo "- Goal, qemu-only build at least twice as fast as all backends: $speed_ok (all / qemu = $ratio)."
     echo "- Dragonball symbols: \`nm -C\` symbols matching \`dbs_\` or \`hypervisor_dragonball\`, plus"
     echo "  \`strings\` matching their crate paths (\`dbs_x::\`, \`dbs-x-0.2.1/\`), on the unstripped binary."
