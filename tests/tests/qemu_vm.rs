@@ -488,47 +488,57 @@ async fn a_missing_kernel_fails_start_with_qemus_message_and_leaves_nothing() {
     assert!(qemus.is_err(), "a QEMU process is left: {qemus:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_namespace_is_a_config_error_naming_it() {
+/// Prepares a sandbox with `config` (its kernel replaced by `/k`) in `netns`, expects a
+/// configuration error, and checks that prepare left no run directory and the VM in
+/// `Created`.
+async fn prepare_config_error(
+    netns: Option<&str>,
+    config: HypervisorConfig,
+) -> hypervisor::ConfigError {
     let run_root = tempfile::tempdir().unwrap();
     let hv = QEMU.create(run_root.path());
     let err = hv
         .prepare(&SandboxSpec {
             id: workspace_tests::unique_name("bad"),
-            netns: Some("/run/netns/does-not-exist-here".into()),
+            netns: netns.map(PathBuf::from),
             config: HypervisorConfig {
                 kernel: "/k".into(),
-                ..Default::default()
+                ..config
             },
         })
         .await
         .unwrap_err();
+    let Error::InvalidConfig(c) = err else {
+        panic!("expected InvalidConfig, got {err}");
+    };
     assert!(
-        matches!(err, Error::InvalidConfig(ref c) if c.field == "netns"),
-        "{err}"
+        std::fs::read_dir(run_root.path()).unwrap().next().is_none(),
+        "prepare left a run directory behind"
     );
-    assert!(std::fs::read_dir(run_root.path()).unwrap().next().is_none());
+    assert_eq!(hv.state().await, hypervisor::VmState::Created);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_namespace_is_a_config_error_naming_it() {
+    let c = prepare_config_error(
+        Some("/run/netns/does-not-exist-here"),
+        HypervisorConfig::default(),
+    )
+    .await;
+    assert_eq!(c.field, "netns", "{c}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_machine_type_is_rejected() {
-    let run_root = tempfile::tempdir().unwrap();
-    let hv = QEMU.create(run_root.path());
-    let err = hv
-        .prepare(&SandboxSpec {
-            id: workspace_tests::unique_name("bad"),
-            netns: None,
-            config: HypervisorConfig {
-                kernel: "/k".into(),
-                machine_type: Some("pc-i440fx".into()),
-                ..Default::default()
-            },
-        })
-        .await
-        .unwrap_err();
-    let Error::InvalidConfig(c) = &err else {
-        panic!("expected InvalidConfig, got {err}");
-    };
+    let c = prepare_config_error(
+        None,
+        HypervisorConfig {
+            machine_type: Some("pc-i440fx".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(c.field, "machine_type");
     assert!(c.problem.contains("q35"), "{c}");
 }
@@ -622,27 +632,16 @@ async fn a_missing_qemu_binary_is_named_and_leaves_nothing() {
 /// leaves no run directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_image_is_a_config_error_naming_the_key() {
-    let run_root = tempfile::tempdir().unwrap();
-    let hv = QEMU.create(run_root.path());
-    let err = hv
-        .prepare(&SandboxSpec {
-            id: workspace_tests::unique_name("bad"),
-            netns: None,
-            config: HypervisorConfig {
-                kernel: "/k".into(),
-                image: Some("/nonexistent/rootfs.img".into()),
-                ..Default::default()
-            },
-        })
-        .await
-        .unwrap_err();
-    let Error::InvalidConfig(c) = &err else {
-        panic!("expected InvalidConfig, got {err}");
-    };
+    let c = prepare_config_error(
+        None,
+        HypervisorConfig {
+            image: Some("/nonexistent/rootfs.img".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(c.field, "image");
     assert!(c.problem.contains("/nonexistent/rootfs.img"), "{c}");
-    assert!(std::fs::read_dir(run_root.path()).unwrap().next().is_none());
-    assert_eq!(hv.state().await, hypervisor::VmState::Created);
 }
 
 fn device(id: &str, config: DeviceConfig) -> Device {
