@@ -50,6 +50,23 @@ pub struct GuestAssets {
     pub initrd: PathBuf,
 }
 
+/// The freestanding test guest (`make test-guest`): `$TESTGUEST_ELF` or the repository's
+/// `.cache/testguest/testguest.elf`; fails the test with the command to run when missing.
+pub fn test_guest() -> PathBuf {
+    let path = std::env::var_os("TESTGUEST_ELF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/testguest/testguest.elf")
+        });
+    let path = path.canonicalize().unwrap_or(path);
+    assert!(
+        path.exists(),
+        "the test guest {} is missing: run `make test-guest` first",
+        path.display()
+    );
+    path
+}
+
 impl GuestAssets {
     /// Finds them in `$GUEST_DIR` or the repository's `.cache/guest`; fails the test with the
     /// command to run when they are missing.

@@ -7,7 +7,7 @@
 #![cfg(feature = "dragonball")]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,24 +17,10 @@ use hypervisor::{
     VmState,
 };
 use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
-use workspace_tests::{fd_targets, require_root, test_logger, unique_name};
+use workspace_tests::{fd_targets, require_root, test_guest, test_logger, unique_name};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const MAC: MacAddress = MacAddress([0x02, 0xdb, 0, 0, 0, 0x07]);
-
-fn test_guest() -> PathBuf {
-    let path = std::env::var_os("TESTGUEST_ELF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/testguest/testguest.elf")
-        });
-    assert!(
-        path.exists(),
-        "the test guest {} is missing: run `make test-guest` first",
-        path.display()
-    );
-    path
-}
 
 /// What this process holds that a VMM could leave behind.
 #[derive(Debug, PartialEq, Eq)]

@@ -136,18 +136,8 @@ impl Backend for TestGuest {
     }
 
     fn config(&self, _: &GuestAssets) -> HypervisorConfig {
-        let kernel = std::env::var_os("TESTGUEST_ELF")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/testguest/testguest.elf")
-            });
-        assert!(
-            kernel.exists(),
-            "the test guest {} is missing: run `make test-guest` first",
-            kernel.display()
-        );
         HypervisorConfig {
-            kernel,
+            kernel: workspace_tests::test_guest(),
             kernel_params: vec!["testguest.action=hlt_forever".into()],
             memory_mib: 64,
             ..Default::default()

@@ -27,7 +27,7 @@ use hypervisor::{
     MacAddress, SandboxSpec, VmExit, VmState,
 };
 use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
-use workspace_tests::{require_root, test_logger, unique_name};
+use workspace_tests::{require_root, test_guest, test_logger, unique_name};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,21 +35,6 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
 const ETHERTYPE: u16 = 0x88b5;
 const GUEST_MAC: [u8; 6] = [0x02, 0xdb, 0, 0, 0, 0x01];
 const TEST_MAC: [u8; 6] = [0x02, 0xdb, 0, 0, 0, 0xaa];
-
-fn test_guest() -> PathBuf {
-    let path = std::env::var_os("TESTGUEST_ELF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/testguest/testguest.elf")
-        });
-    let path = path.canonicalize().unwrap_or(path);
-    assert!(
-        path.exists(),
-        "the test guest {} is missing: run `make test-guest` first",
-        path.display()
-    );
-    path
-}
 
 struct TestVm {
     vm: Arc<DragonballHypervisor>,

@@ -7,31 +7,17 @@
 #![cfg(feature = "dragonball")]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypervisor::{ExitReason, Hypervisor, HypervisorConfig, SandboxSpec, VmState};
 use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
-use workspace_tests::{fd_targets, test_logger, unique_name};
+use workspace_tests::{fd_targets, test_guest, test_logger, unique_name};
 
 /// Guest RAM.
 const RAM_MIB: u32 = 88;
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn test_guest() -> PathBuf {
-    let path = std::env::var_os("TESTGUEST_ELF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/testguest/testguest.elf")
-        });
-    assert!(
-        path.exists(),
-        "the test guest {} is missing: run `make test-guest` first",
-        path.display()
-    );
-    path
-}
 
 fn fds() -> BTreeSet<(i32, String)> {
     fd_targets(std::process::id())

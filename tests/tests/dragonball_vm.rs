@@ -17,7 +17,7 @@ use hypervisor::{
     VcpuFaultKind, VmExit, VmState,
 };
 use hypervisor_dragonball::{DragonballError, DragonballHypervisor, DragonballOptions};
-use workspace_tests::{run, test_logger, unique_name, GuestAssets};
+use workspace_tests::{run, test_guest, test_logger, unique_name, GuestAssets};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,22 +28,6 @@ fn require_kvm() {
         Path::new("/dev/kvm").exists(),
         "/dev/kvm is missing: the Dragonball backend runs guests on KVM only (load kvm_intel or kvm_amd, or run on a host with KVM)"
     );
-}
-
-/// The test guest ELF, built by `make test-guest`.
-fn test_guest() -> PathBuf {
-    let path = std::env::var_os("TESTGUEST_ELF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/testguest/testguest.elf")
-        });
-    let path = path.canonicalize().unwrap_or(path);
-    assert!(
-        path.exists(),
-        "the test guest {} is missing: run `make test-guest` first",
-        path.display()
-    );
-    path
 }
 
 /// One VM under test with its own run directory.
