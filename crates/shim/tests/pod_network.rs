@@ -19,16 +19,14 @@ const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kata-v2");
 const READY_LIMIT: Duration = Duration::from_secs(240);
 const EXIT_LIMIT: Duration = Duration::from_secs(60);
 
+/// `$GUEST_DIR` or the repository's `.cache/guest`, checked to hold the guest.
 fn guest_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest");
-    let dir = std::env::var_os("GUEST_DIR").map_or(dir, PathBuf::from);
-    let dir = dir.canonicalize().unwrap_or(dir);
-    assert!(
-        dir.join("vmlinuz").exists() && dir.join("initramfs.img").exists(),
-        "guest assets are missing in {}: run `make guest-assets` first",
-        dir.display()
-    );
-    dir
+    let assets = workspace_tests::GuestAssets::find();
+    assets
+        .kernel
+        .parent()
+        .expect("the kernel is in a directory")
+        .to_path_buf()
 }
 
 /// The shim, stopped if the test fails before it exits: SIGTERM so that it stops its VMM

@@ -22,17 +22,14 @@ fn require_root() {
     );
 }
 
+/// `$GUEST_DIR` or the repository's `.cache/guest`, checked to hold the guest.
 fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest"));
-    let dir = dir.canonicalize().unwrap_or(dir);
-    assert!(
-        dir.join("vmlinuz").exists() && dir.join("initramfs.img").exists(),
-        "guest assets are missing in {}: run `make guest-assets` first",
-        dir.display()
-    );
-    dir
+    let assets = workspace_tests::GuestAssets::find();
+    assets
+        .kernel
+        .parent()
+        .expect("the kernel is in a directory")
+        .to_path_buf()
 }
 
 fn config(name: &str) -> PathBuf {
