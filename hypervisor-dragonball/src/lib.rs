@@ -15,7 +15,8 @@
 //! - [`vcpu`]: one `db-vcpuN` thread per vCPU on `KVM_RUN`, kicked by a real-time signal
 //!   for pause and stop.
 //! - [`virtio`]: virtio-mmio (version 2) transport, our split virtqueue, and the devices:
-//!   virtio-net on an existing TAP opened by name with `dbs-utils`, virtio-blk on a host
+//!   virtio-net on an existing TAP opened by name with `dbs-utils` (multi-queue up to 16
+//!   pairs with a control queue; TAP offloads follow the guest's features), virtio-blk on a host
 //!   file, virtio-vsock with a hybrid-vsock Unix socket (the agent's channel). Queue kicks
 //!   are KVM ioeventfds; interrupts are legacy lines of `dbs-interrupt`'s KVM manager
 //!   (irqfds on IOAPIC pins); the event thread serves them. Devices are
