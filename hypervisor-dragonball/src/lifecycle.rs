@@ -98,7 +98,11 @@ impl DragonballHypervisor {
             cmdline: cmdline.build()?,
             vcpus: spec.config.vcpus as u8,
             mem_bytes: u64::from(spec.config.memory_mib) << 20,
-            console: run_dir.join("console.log"),
+            console: spec
+                .config
+                .console_log
+                .clone()
+                .unwrap_or_else(|| run_dir.join("console.log")),
         };
         let virtio = std::mem::take(&mut inner.virtio);
         info!(self.log, "starting the VM"; "sandbox" => &spec.id,

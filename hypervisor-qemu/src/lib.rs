@@ -109,6 +109,8 @@ impl Default for QemuOptions {
 #[derive(Debug, Clone)]
 struct RunDir {
     dir: PathBuf,
+    /// The configured console log, if any (it outlives the run directory).
+    console_log: Option<PathBuf>,
 }
 
 impl RunDir {
@@ -119,7 +121,9 @@ impl RunDir {
         self.dir.join("agent.sock")
     }
     fn console(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.console_log
+            .clone()
+            .unwrap_or_else(|| self.dir.join("console.log"))
     }
     fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")

@@ -98,6 +98,7 @@ impl QemuHypervisor {
         }
         let run = RunDir {
             dir: self.opts.run_root.join(&spec.id),
+            console_log: spec.config.console_log.clone(),
         };
         std::fs::create_dir_all(&self.opts.run_root).map_err(|e| {
             Error::backend(
@@ -418,6 +419,7 @@ impl QemuHypervisor {
         };
         let run = RunDir {
             dir: PathBuf::from(field("run_dir")?),
+            console_log: saved.sandbox.config.console_log.clone(),
         };
         let machine = Machine::parse(&field("machine")?)
             .ok_or_else(|| ConfigError::new("backend_data.machine", "unknown machine type"))?;

@@ -446,3 +446,36 @@ async fn linux_prints_its_banner_then_ends_on_a_typed_vcpu_fault_or_boots_on() {
     }
     t.vm.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_console_log_gets_the_console_and_outlives_cleanup() {
+    let t = TestVm::new();
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("guest-console.log");
+    let spec = SandboxSpec {
+        id: unique_name("db"),
+        netns: None,
+        config: HypervisorConfig {
+            kernel: test_guest(),
+            kernel_params: vec!["testguest.action=poweroff".into()],
+            memory_mib: 64,
+            console_log: Some(path.clone()),
+            ..Default::default()
+        },
+    };
+    t.vm.prepare(&spec).await.unwrap();
+    assert_eq!(t.vm.console_log().await.as_deref(), Some(path.as_path()));
+    t.vm.start(BOOT_TIMEOUT).await.unwrap();
+    let exit = t.wait_exit().await;
+    assert_eq!(exit.reason, ExitReason::GuestShutdown, "{exit}");
+    t.vm.cleanup().await.unwrap();
+    let console = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        console.contains("testguest: hello from the test guest"),
+        "{console}"
+    );
+    assert!(
+        std::fs::read_dir(t._dir.path()).unwrap().next().is_none(),
+        "cleanup left a run directory"
+    );
+}

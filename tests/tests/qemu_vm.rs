@@ -390,6 +390,28 @@ async fn q35_stop_is_final() {
     scenarios::stop_is_final(&QEMU).await.unwrap();
 }
 
+/// A configured console log gets the guest's console (its boot and its power-off) and is the
+/// user's: cleanup removes the run directory and keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_console_log_gets_the_console_and_outlives_cleanup() {
+    let assets = GuestAssets::find();
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("guest-console.log");
+    let config = HypervisorConfig {
+        console_log: Some(path.clone()),
+        ..QEMU.config(&assets)
+    };
+    let mut sb = Sandbox::prepare(&QEMU, config).await.unwrap();
+    assert_eq!(sb.hv.console_log().await.as_deref(), Some(path.as_path()));
+    sb.start().await.unwrap();
+    let pid = sb.hv.pids().await.unwrap().vmm;
+    // Teardown checks that no process, run directory or TAP is left.
+    sb.teardown(Some(pid)).await.unwrap();
+    let console = std::fs::read_to_string(&path).unwrap();
+    assert!(console.contains("Linux version"), "{console}");
+    assert!(console.contains("reboot: Power down"), "{console}");
+}
+
 /// microvm (virtio-mmio): a 2-queue NIC shows 2 queue pairs in the guest, the image is a
 /// read-only `virtio-blk-device`, and hotplug is refused with a typed error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

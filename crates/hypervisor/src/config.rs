@@ -70,6 +70,9 @@ pub struct HypervisorConfig {
     pub agent_channel: AgentChannelKind,
     /// vsock port the agent listens on.
     pub agent_port: u32,
+    /// File the guest's serial console is written to (created or truncated at start, kept by
+    /// cleanup). `None`: `console.log` in the VM's run directory, removed by cleanup.
+    pub console_log: Option<PathBuf>,
 }
 
 impl Default for HypervisorConfig {
@@ -88,6 +91,7 @@ impl Default for HypervisorConfig {
             network_queues: 1,
             agent_channel: AgentChannelKind::Auto,
             agent_port: 1024,
+            console_log: None,
         }
     }
 }
@@ -109,6 +113,7 @@ impl HypervisorConfig {
             ("initrd", self.initrd.as_ref()),
             ("image", self.image.as_ref()),
             ("path", self.path.as_ref()),
+            ("console_log", self.console_log.as_ref()),
         ] {
             if let Some(p) = p {
                 if !p.is_absolute() {
@@ -185,8 +190,9 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         type Mutation = fn(&mut HypervisorConfig);
-        let cases: [(&str, Mutation); 5] = [
+        let cases: [(&str, Mutation); 6] = [
             ("vcpus", |c| c.vcpus = 0),
+            ("console_log", |c| c.console_log = Some("console.log".into())),
             ("memory_mib", |c| c.memory_mib = 8),
             ("initrd", |c| c.initrd = Some("initrd.img".into())),
             ("network_queues", |c| c.network_queues = 0),
