@@ -116,12 +116,15 @@ pub fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
-    fds.apply_tokio(&mut cmd).map_err(SpawnError::Fds)?;
+    // Enter the namespace before the fds are moved to their numbers: pre_exec hooks run in
+    // the order they are added, and moving the fds could put another file at the number the
+    // namespace fd has in the parent (setns then fails with EINVAL).
     if let Some(ns) = &netns_file {
         let ns_fd = ns.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
         // which is async-signal-safe; `netns_file` stays open in the parent until spawn
-        // returns, so the fd number is valid in the child.
+        // returns, and this hook runs before any other touches the child's fd table, so the
+        // fd number still names the namespace file in the child.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(ns_fd, libc::CLONE_NEWNET) == 0 {
@@ -132,6 +135,7 @@ pub fn spawn(
             });
         }
     }
+    fds.apply_tokio(&mut cmd).map_err(SpawnError::Fds)?;
     let mut child = spawn_child(&mut cmd, binary)?;
     drop(netns_file);
     let pending = watch_child(&mut child, log_file);

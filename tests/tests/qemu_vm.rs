@@ -890,3 +890,52 @@ async fn q35_failed_hotplugs_roll_back_everything() {
         .any(|n| n == "blk1"));
     sb.teardown(Some(pid)).await.unwrap();
 }
+
+/// The child enters the namespace even when one of its fds is placed at the number the
+/// namespace file has in the parent: the fd numbers are arranged so that they collide
+/// (the namespace file, opened inside `spawn`, takes the lowest free number, which is where
+/// the passed fd goes in the child).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_enters_the_namespace_when_a_passed_fd_takes_its_number() {
+    use std::os::unix::fs::MetadataExt;
+
+    workspace_tests::require_root();
+    let ns = netdev::NetNs::create(&workspace_tests::unique_name("sp")).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let lowest_free = (0..)
+        .find(|&fd| {
+            // SAFETY: F_GETFD only reads the fd table; EBADF means the number is free.
+            unsafe { libc::fcntl(fd, libc::F_GETFD) == -1 }
+        })
+        .unwrap();
+    let mut fds = netdev::ChildFds::starting_at(lowest_free);
+    let at = fds.push(r);
+    let mut child = hypervisor_qemu::process::spawn(
+        Path::new("/bin/sleep"),
+        &["30".to_string()],
+        fds,
+        Some(ns.path()),
+        &logs.path().join("sleep.log"),
+    )
+    .unwrap();
+    let pid = child.pid;
+    let inode = |p: String| std::fs::metadata(p).map(|m| m.ino()).ok();
+    let entered = inode(format!("/proc/{pid}/ns/net"));
+    let held = std::fs::read_link(format!("/proc/{pid}/fd/{at}"));
+    // SAFETY: kill(2) on the child this test spawned.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    child.exited.wait_for(|s| s.is_some()).await.unwrap();
+    drop(w);
+    assert_eq!(
+        entered,
+        inode(ns.path().display().to_string()),
+        "the child is not in the namespace"
+    );
+    assert!(
+        held.as_ref()
+            .is_ok_and(|t| t.to_string_lossy().starts_with("pipe:")),
+        "fd {at} in the child is {held:?}, not the pipe"
+    );
+    ns.delete().unwrap();
+}
