@@ -402,18 +402,19 @@ impl Sandbox {
         self.serve(listener).await
     }
 
-    /// Prints the facts and writes the ready file and `facts.json`.
+    /// Writes `facts.json` and the ready file, then prints the facts: whoever waits on any
+    /// of the three finds the other two in place.
     fn publish(&self, facts: &SandboxFacts, json: bool) -> Result<()> {
         let line = serde_json::to_string(facts)?;
-        if json {
-            println!("{line}");
-        } else {
-            println!("{}", facts.human());
-        }
         write_atomic(&self.state_dir.join("facts.json"), &line)?;
         if let Some(ready) = &self.ready_file {
             write_atomic(ready, &line)
                 .with_context(|| format!("Writing the ready file {}", ready.display()))?;
+        }
+        if json {
+            println!("{line}");
+        } else {
+            println!("{}", facts.human());
         }
         Ok(())
     }
