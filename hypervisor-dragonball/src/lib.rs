@@ -305,7 +305,10 @@ impl Hypervisor for DragonballHypervisor {
 
     async fn console_log(&self) -> Option<PathBuf> {
         let inner = self.inner.lock().await;
-        let configured = inner.spec.as_ref().and_then(|s| s.config.console_log.clone());
+        let configured = inner
+            .spec
+            .as_ref()
+            .and_then(|s| s.config.console_log.clone());
         configured.or_else(|| inner.run_dir.as_ref().map(|d| d.join("console.log")))
     }
 

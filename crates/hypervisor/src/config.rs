@@ -192,7 +192,9 @@ mod tests {
         type Mutation = fn(&mut HypervisorConfig);
         let cases: [(&str, Mutation); 6] = [
             ("vcpus", |c| c.vcpus = 0),
-            ("console_log", |c| c.console_log = Some("console.log".into())),
+            ("console_log", |c| {
+                c.console_log = Some("console.log".into())
+            }),
             ("memory_mib", |c| c.memory_mib = 8),
             ("initrd", |c| c.initrd = Some("initrd.img".into())),
             ("network_queues", |c| c.network_queues = 0),
