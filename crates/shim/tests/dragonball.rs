@@ -14,46 +14,28 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kata-v2");
+mod common;
+
+use common::{config, guest_dir, SHIM};
+use workspace_tests::{hardware_virtualization, require_root, test_guest};
+
 const STEP_LIMIT: Duration = Duration::from_secs(60);
 
 fn require_root_and_kvm() {
-    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-    assert_eq!(
-        uid.ok(),
-        Some(0),
-        "this test needs root: it creates network namespaces and TAP devices (run `sudo make test`)"
-    );
+    require_root();
     assert!(
         Path::new("/dev/kvm").exists(),
         "/dev/kvm is missing: the Dragonball backend runs guests on KVM only"
     );
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn cpu_has_hardware_virtualization() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-}
-
 #[test]
 fn sandbox_check_reports_the_dragonball_backend_and_its_kvm_finding() {
     require_root_and_kvm();
-    let guest = repo().join(".cache/guest");
-    assert!(
-        guest.join("vmlinuz").exists(),
-        "guest assets are missing in {}: run `make guest-assets` first",
-        guest.display()
-    );
+    let guest = guest_dir();
     let out = Command::new(SHIM)
         .args(["sandbox", "check", "--config"])
-        .arg(repo().join("configs/configuration-dragonball.toml"))
+        .arg(config("configuration-dragonball.toml"))
         .env("GUEST_DIR", &guest)
         .output()
         .unwrap();
@@ -63,13 +45,7 @@ fn sandbox_check_reports_the_dragonball_backend_and_its_kvm_finding() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = |name: &str| {
-        stdout
-            .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(name))
-            .unwrap_or_else(|| panic!("no {name} line in:\n{stdout}"))
-            .to_string()
-    };
+    let line = |name: &str| common::check_line(&stdout, name);
     assert!(
         line("config").contains("hypervisor dragonball"),
         "{}",
@@ -86,7 +62,7 @@ fn sandbox_check_reports_the_dragonball_backend_and_its_kvm_finding() {
         kvm.contains("/dev/kvm opens, speaks API version 12"),
         "{kvm}"
     );
-    if cpu_has_hardware_virtualization() {
+    if hardware_virtualization() {
         assert!(kvm.starts_with("PASS"), "{kvm}");
     } else {
         assert!(
@@ -181,12 +157,7 @@ struct DbSandbox {
 
 impl DbSandbox {
     fn start(netns: &str) -> DbSandbox {
-        let elf = repo().join(".cache/testguest/testguest.elf");
-        assert!(
-            elf.exists(),
-            "the test guest {} is missing: run `make test-guest` first",
-            elf.display()
-        );
+        let elf = test_guest();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("db.toml");
         std::fs::write(

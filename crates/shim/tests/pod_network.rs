@@ -7,7 +7,6 @@
 #![cfg(feature = "qemu")]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -15,19 +14,12 @@ use std::time::{Duration, Instant};
 use workspace_tests::cni::{tc_state, CniNetwork};
 use workspace_tests::{require_root, run, unique_name};
 
-const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kata-v2");
+mod common;
+
+use common::{config, guest_dir, SHIM};
+
 const READY_LIMIT: Duration = Duration::from_secs(240);
 const EXIT_LIMIT: Duration = Duration::from_secs(60);
-
-/// `$GUEST_DIR` or the repository's `.cache/guest`, checked to hold the guest.
-fn guest_dir() -> PathBuf {
-    let assets = workspace_tests::GuestAssets::find();
-    assets
-        .kernel
-        .parent()
-        .expect("the kernel is in a directory")
-        .to_path_buf()
-}
 
 /// The shim, stopped if the test fails before it exits: SIGTERM so that it stops its VMM
 /// and removes what it created, SIGKILL if it does not exit in time.
@@ -100,7 +92,7 @@ fn sandbox_run_on_a_cni_bridge_pod_answers_on_the_cni_address_and_leaves_cni_sta
     let id = unique_name("cnisb");
     let mut child = Command::new(SHIM)
         .args(["sandbox", "run", "--json", "--config"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/configuration-qemu.toml"))
+        .arg(config("configuration-qemu.toml"))
         .args(["--id", &id, "--netns"])
         .arg(pod.path())
         .arg("--run-root")

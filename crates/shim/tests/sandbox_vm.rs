@@ -4,39 +4,18 @@
 #![cfg(feature = "qemu")]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kata-v2");
+mod common;
+
+use common::{config, guest_dir, SHIM};
+use workspace_tests::require_root;
+
 const READY_LIMIT: Duration = Duration::from_secs(240);
 const EXIT_LIMIT: Duration = Duration::from_secs(60);
-
-fn require_root() {
-    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-    assert_eq!(
-        uid.ok(),
-        Some(0),
-        "this test needs root: it creates network namespaces and TAP devices (run `sudo make test`)"
-    );
-}
-
-/// `$GUEST_DIR` or the repository's `.cache/guest`, checked to hold the guest.
-fn guest_dir() -> PathBuf {
-    let assets = workspace_tests::GuestAssets::find();
-    assets
-        .kernel
-        .parent()
-        .expect("the kernel is in a directory")
-        .to_path_buf()
-}
-
-fn config(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../configs")
-        .join(name)
-}
 
 fn shim() -> Command {
     let mut c = Command::new(SHIM);
@@ -293,13 +272,7 @@ fn sandbox_check_reports_each_host_fact_on_its_own_line() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = |name: &str| {
-        stdout
-            .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(name))
-            .unwrap_or_else(|| panic!("no {name} line in:\n{stdout}"))
-            .to_string()
-    };
+    let line = |name: &str| common::check_line(&stdout, name);
     for name in [
         "root", "tun", "iproute2", "config", "backend", "vmm", "kernel", "initrd",
     ] {
