@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use guest_agent::client::AgentClient;
 use guest_agent::protocol::InterfaceConfig;
-use hypervisor::{
-    Accelerator, AgentChannelKind, Device, DeviceConfig, DeviceId, Hypervisor, HypervisorConfig,
-};
+use hypervisor::{Accelerator, AgentChannelKind, Hypervisor, HypervisorConfig};
 use hypervisor_qemu::cmdline::Accel;
 use hypervisor_qemu::host::HostFeatures;
 use hypervisor_qemu::qmp::QmpClient;
@@ -174,12 +172,7 @@ async fn layer_once(s: &mut Samples) -> Result<()> {
     let t = Instant::now();
     let mut nic = sb.tap(1, 1)?;
     s.add("host: TAP create + up", t.elapsed());
-    sb.hv
-        .add_device(Device {
-            id: DeviceId::new("net0")?,
-            config: DeviceConfig::Network(nic.take_config()),
-        })
-        .await?;
+    sb.hv.add_device(nic.device("net0")).await?;
 
     let t0 = Instant::now();
     sb.hv.start(Duration::from_secs(60)).await?;
@@ -215,12 +208,7 @@ async fn layer_once(s: &mut Samples) -> Result<()> {
     let mut second = sb.tap(2, 1)?;
     let mac = second.mac.to_string();
     let t2 = Instant::now();
-    sb.hv
-        .add_device(Device {
-            id: DeviceId::new("net1")?,
-            config: DeviceConfig::Network(second.take_config()),
-        })
-        .await?;
+    sb.hv.add_device(second.device("net1")).await?;
     s.add(
         "host: NIC hotplug (getfd + netdev_add + device_add)",
         t2.elapsed(),

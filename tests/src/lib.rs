@@ -31,6 +31,18 @@ pub fn require_root() {
     );
 }
 
+/// An error and its sources, one per line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push('\n');
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
 /// Whether the CPU offers hardware virtualization (`vmx` or `svm` in `/proc/cpuinfo`). A
 /// nested KVM without them runs small guests but cannot run a stock Linux kernel to the end.
 pub fn hardware_virtualization() -> bool {
@@ -246,6 +258,14 @@ impl TestNic {
         self.config
             .take()
             .expect("the NIC config was already taken")
+    }
+
+    /// [`TestNic::take_config`] as a network device with the id `id`.
+    pub fn device(&mut self, id: &str) -> Device {
+        Device {
+            id: hypervisor::DeviceId::new(id).expect("a valid device id"),
+            config: hypervisor::DeviceConfig::Network(self.take_config()),
+        }
     }
 }
 

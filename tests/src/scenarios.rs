@@ -28,7 +28,7 @@ async fn booted_with_nic(backend: &dyn Backend, queues: u16) -> Result<(Sandbox,
     let mut sb = Sandbox::prepare(backend, config).await?;
     let mut nic = sb.tap(1, queues)?;
     sb.hv
-        .add_device(dev("net0", DeviceConfig::Network(nic.take_config())))
+        .add_device(nic.device("net0"))
         .await
         .context("cold-plugging the NIC")?;
     sb.start().await?;
@@ -82,7 +82,7 @@ pub async fn nic_hotplug_and_unplug(backend: &dyn Backend) -> Result<()> {
     let mut second = sb.tap(2, 2)?;
     let info = sb
         .hv
-        .add_device(dev("net1", DeviceConfig::Network(second.take_config())))
+        .add_device(second.device("net1"))
         .await
         .context("hot-plugging the second NIC")?;
     ensure!(info.hotplugged, "{info:?} is not marked hot-plugged");
@@ -264,11 +264,7 @@ pub async fn stop_is_final(backend: &dyn Backend) -> Result<()> {
         );
     }
     let mut third = sb.tap(3, 1)?;
-    match sb
-        .hv
-        .add_device(dev("net2", DeviceConfig::Network(third.take_config())))
-        .await
-    {
+    match sb.hv.add_device(third.device("net2")).await {
         Err(Error::InvalidState {
             state: VmState::Stopped,
             ..

@@ -111,18 +111,6 @@ fn disk(path: &Path, read_only: bool) -> DeviceConfig {
     })
 }
 
-/// The error and its sources, one per line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push('\n');
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
-
 fn tap_exists(ns: &netdev::NetNs, name: &str) -> bool {
     let name = name.to_string();
     ns.run(move || nix::net::if_::if_nametoindex(name.as_str()).is_ok())
@@ -167,7 +155,7 @@ async fn bad_devices_fail_clearly_and_leave_nothing_running() {
     };
     add(&vm, "net0", nic("dbnotap0", 1)).await.unwrap();
     let err = vm.start(TIMEOUT).await.unwrap_err();
-    let text = chain(&err);
+    let text = workspace_tests::error_chain(&err);
     assert!(
         text.contains("\"dbnotap0\" does not exist")
             && text.contains(&ns.path().display().to_string()),
@@ -188,7 +176,7 @@ async fn bad_devices_fail_clearly_and_leave_nothing_running() {
     // Two queue pairs on a single-queue TAP: start fails naming the TAP and the fix.
     let (vm, _dir) = prepared(Some(ns.path())).await;
     add(&vm, "net0", nic(&single, 2)).await.unwrap();
-    let text = chain(&vm.start(TIMEOUT).await.unwrap_err());
+    let text = workspace_tests::error_chain(&vm.start(TIMEOUT).await.unwrap_err());
     assert!(
         text.contains(&single) && text.contains("multi-queue TAP is needed"),
         "{text}"
@@ -206,7 +194,7 @@ async fn bad_devices_fail_clearly_and_leave_nothing_running() {
         matches!(&err, Error::InvalidConfig(c) if c.field == "network.guest_mac"),
         "{err:?}"
     );
-    let text = chain(&err);
+    let text = workspace_tests::error_chain(&err);
     assert!(
         text.contains("02:db:00:00:00:07") && text.contains("net0"),
         "{text}"
@@ -214,7 +202,7 @@ async fn bad_devices_fail_clearly_and_leave_nothing_running() {
     let err = add(&vm, "blk0", disk(Path::new("/nonexistent/disk.img"), true))
         .await
         .unwrap_err();
-    let text = chain(&err);
+    let text = workspace_tests::error_chain(&err);
     assert!(
         matches!(err, Error::Device { .. }) && text.contains("/nonexistent/disk.img"),
         "{text}"
@@ -222,7 +210,7 @@ async fn bad_devices_fail_clearly_and_leave_nothing_running() {
     let err = add(&vm, "blk1", disk(not_a_file.path(), false))
         .await
         .unwrap_err();
-    let text = chain(&err);
+    let text = workspace_tests::error_chain(&err);
     assert!(
         matches!(err, Error::Device { .. })
             && text.contains(&not_a_file.path().display().to_string()),
@@ -232,7 +220,7 @@ async fn bad_devices_fail_clearly_and_leave_nothing_running() {
     let err = add(&vm, "blk2", disk(not_a_file.path(), true))
         .await
         .unwrap_err();
-    let text = chain(&err);
+    let text = workspace_tests::error_chain(&err);
     assert!(
         text.contains("not a regular file or a block device"),
         "{text}"

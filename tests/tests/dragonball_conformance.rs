@@ -167,13 +167,7 @@ async fn the_scenario_harness_hands_over_a_named_tap_and_tears_down_an_in_proces
     });
     let mut sb = Sandbox::prepare(&TestGuest, config).await.unwrap();
     let mut nic = sb.tap(1, 1).unwrap();
-    sb.hv
-        .add_device(Device {
-            id: DeviceId::new("net0").unwrap(),
-            config: DeviceConfig::Network(nic.take_config()),
-        })
-        .await
-        .unwrap();
+    sb.hv.add_device(nic.device("net0")).await.unwrap();
     // Before start no one holds the persistent TAP.
     let link = sb.ip(&["-j", "link", "show", "dev", &nic.tap]).unwrap();
     assert!(link.contains("\"NO-CARRIER\""), "{link}");

@@ -267,18 +267,6 @@ const GUEST_OFFLOADS: [&str; 4] = [
     "tx-tcp-ecn-segmentation",
 ];
 
-/// The error and its sources, one per line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push('\n');
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
-
 fn nic(tap: &str) -> DeviceConfig {
     DeviceConfig::Network(NetworkConfig::tap(tap, MacAddress(GUEST_MAC)))
 }
@@ -444,7 +432,7 @@ async fn two_queue_pairs_on_a_single_queue_tap_fail_start_clearly() {
     config.queue_pairs = 2;
     t.add("net0", DeviceConfig::Network(config)).await.unwrap();
     let err = t.vm.start(BOOT_TIMEOUT).await.unwrap_err();
-    let chain = error_chain(&err);
+    let chain = workspace_tests::error_chain(&err);
     assert!(chain.contains("multi-queue TAP is needed"), "{chain}");
     assert!(chain.contains(&tn.tap), "{chain}");
     assert_eq!(t.vm.state().await, VmState::Stopped);
@@ -464,7 +452,7 @@ async fn a_missing_tap_fails_start_and_is_not_created() {
         .await
         .expect("added: the TAP is checked at start");
     let err = t.vm.start(BOOT_TIMEOUT).await.unwrap_err();
-    let chain = error_chain(&err);
+    let chain = workspace_tests::error_chain(&err);
     assert!(chain.contains("\"dbnotap0\" does not exist"), "{chain}");
     assert_eq!(t.vm.state().await, VmState::Stopped);
     assert!(matches!(t.wait_exit().await.reason, ExitReason::Crashed(_)));

@@ -429,13 +429,7 @@ async fn microvm_boots_with_two_queues_and_image_and_refuses_hotplug() {
     config.vcpus = 2;
     let mut sb = Sandbox::prepare(&microvm, config).await.unwrap();
     let mut nic = sb.tap(1, 2).unwrap();
-    sb.hv
-        .add_device(Device {
-            id: DeviceId::new("net0").unwrap(),
-            config: DeviceConfig::Network(nic.take_config()),
-        })
-        .await
-        .unwrap();
+    sb.hv.add_device(nic.device("net0")).await.unwrap();
     sb.start().await.unwrap();
     sb.configure(&nic).await.unwrap();
     sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
@@ -462,14 +456,7 @@ async fn microvm_boots_with_two_queues_and_image_and_refuses_hotplug() {
     assert!(!sb.hv.capabilities().await.network_hotplug);
 
     let mut second = sb.tap(2, 1).unwrap();
-    let err = sb
-        .hv
-        .add_device(Device {
-            id: DeviceId::new("net1").unwrap(),
-            config: DeviceConfig::Network(second.take_config()),
-        })
-        .await
-        .unwrap_err();
+    let err = sb.hv.add_device(second.device("net1")).await.unwrap_err();
     assert!(err.is_unsupported(), "{err}");
     assert!(err.to_string().contains("microvm"), "{err}");
     let pid = sb.hv.pids().await.unwrap().vmm;
@@ -570,13 +557,7 @@ async fn a_restarted_runtime_reattaches_from_saved_state() {
     let assets = GuestAssets::find();
     let mut sb = Sandbox::prepare(&QEMU, QEMU.config(&assets)).await.unwrap();
     let mut nic = sb.tap(1, 1).unwrap();
-    sb.hv
-        .add_device(Device {
-            id: DeviceId::new("net0").unwrap(),
-            config: DeviceConfig::Network(nic.take_config()),
-        })
-        .await
-        .unwrap();
+    sb.hv.add_device(nic.device("net0")).await.unwrap();
     sb.start().await.unwrap();
     sb.configure(&nic).await.unwrap();
     sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
@@ -750,10 +731,7 @@ async fn q35_failed_hotplugs_roll_back_everything() {
         .unwrap();
     let qemu = backend.hypervisor();
     let mut nic = sb.tap(1, 1).unwrap();
-    sb.hv
-        .add_device(device("net0", DeviceConfig::Network(nic.take_config())))
-        .await
-        .unwrap();
+    sb.hv.add_device(nic.device("net0")).await.unwrap();
     sb.start().await.unwrap();
     sb.configure(&nic).await.unwrap();
     sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
@@ -775,11 +753,7 @@ async fn q35_failed_hotplugs_roll_back_everything() {
     .await
     .unwrap();
     let mut second = sb.tap(2, 2).unwrap();
-    let err = sb
-        .hv
-        .add_device(device("net2", DeviceConfig::Network(second.take_config())))
-        .await
-        .unwrap_err();
+    let err = sb.hv.add_device(second.device("net2")).await.unwrap_err();
     assert_eq!(
         failed_qmp_command(&err, "net2", "Adding the netdev of").unwrap(),
         "netdev_add"
@@ -807,11 +781,7 @@ async fn q35_failed_hotplugs_roll_back_everything() {
     .await
     .unwrap();
     let mut third = sb.tap(3, 2).unwrap();
-    let err = sb
-        .hv
-        .add_device(device("net3", DeviceConfig::Network(third.take_config())))
-        .await
-        .unwrap_err();
+    let err = sb.hv.add_device(third.device("net3")).await.unwrap_err();
     assert_eq!(
         failed_qmp_command(&err, "net3", "Hot-plugging network").unwrap(),
         "device_add"
@@ -873,10 +843,7 @@ async fn q35_failed_hotplugs_roll_back_everything() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut third = sb.tap(3, 2).unwrap();
-    sb.hv
-        .add_device(device("net3", DeviceConfig::Network(third.take_config())))
-        .await
-        .unwrap();
+    sb.hv.add_device(third.device("net3")).await.unwrap();
     assert_eq!(tun_fds(pid).unwrap(), tun_before + 2);
     configure_when_seen(&mut sb, &third).await.unwrap();
     sb.wait_ping(&third.guest_ip, Duration::from_secs(60))
