@@ -26,9 +26,8 @@ pub struct HostFeatures {
 impl HostFeatures {
     /// Probes the running host.
     pub fn probe() -> Self {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         HostFeatures {
-            hw_virt: cpu_has_hw_virt(&cpuinfo),
+            hw_virt: hypervisor::host::probe_hardware_virtualization().unwrap_or(false),
             kvm_device: opens_rw("/dev/kvm"),
             vhost_net: opens_rw("/dev/vhost-net"),
             vhost_vsock: opens_rw("/dev/vhost-vsock"),
@@ -59,14 +58,6 @@ impl HostFeatures {
     }
 }
 
-fn cpu_has_hw_virt(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(|l| l.split_whitespace())
-        .any(|f| f == "vmx" || f == "svm")
-}
-
 fn opens_rw(path: &str) -> bool {
     Path::new(path).exists() && OpenOptions::new().read(true).write(true).open(path).is_ok()
 }
@@ -81,15 +72,6 @@ mod tests {
         vhost_net: false,
         vhost_vsock: false,
     };
-
-    #[test]
-    fn cpu_flags_are_read_as_words() {
-        assert!(cpu_has_hw_virt("flags\t: fpu vme vmx sse\n"));
-        assert!(cpu_has_hw_virt("flags\t: fpu svm\n"));
-        assert!(!cpu_has_hw_virt(
-            "flags\t: fpu vmxnet sse\nmodel name : vmx\n"
-        ));
-    }
 
     #[test]
     fn a_kvm_node_without_cpu_support_falls_back_to_tcg() {

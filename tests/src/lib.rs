@@ -46,11 +46,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 /// Whether the CPU offers hardware virtualization (`vmx` or `svm` in `/proc/cpuinfo`). A
 /// nested KVM without them runs small guests but cannot run a stock Linux kernel to the end.
 pub fn hardware_virtualization() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    hypervisor::host::probe_hardware_virtualization().unwrap_or(false)
 }
 
 /// The guest kernel and initramfs built by `make guest-assets`.

@@ -48,6 +48,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod host;
 pub mod manager;
 pub mod state;
 #[cfg(any(test, feature = "test-utils"))]

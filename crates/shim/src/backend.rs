@@ -209,9 +209,12 @@ pub fn probe_host(
                     })
                     .map_err(|e| format!("{e}: the Dragonball backend has no software fallback"))
             };
-            let kvm_caveat = match (&accelerator, cpu_virtualization()) {
-                (Ok(_), CpuVirt::Absent) => Some(NESTED_KVM_CAVEAT.to_string()),
-                (Ok(_), CpuVirt::Unknown(why)) => {
+            let kvm_caveat = match (
+                &accelerator,
+                hypervisor::host::probe_hardware_virtualization(),
+            ) {
+                (Ok(_), Ok(false)) => Some(NESTED_KVM_CAVEAT.to_string()),
+                (Ok(_), Err(why)) => {
                     Some(format!("cannot tell whether the CPU has vmx/svm ({why})"))
                 }
                 _ => None,
@@ -236,40 +239,6 @@ pub fn probe_host(
 #[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
 const NESTED_KVM_CAVEAT: &str = "the CPU advertises no vmx/svm (a nested KVM): a minimal guest runs, but a Linux guest does not boot on this host (it stops on instructions this KVM cannot emulate); boot Linux under Dragonball on a host with hardware virtualization, or use the QEMU backend (TCG) here";
 
-/// Whether `/proc/cpuinfo` shows hardware virtualization.
-#[derive(Debug, PartialEq, Eq)]
-#[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
-enum CpuVirt {
-    Present,
-    Absent,
-    Unknown(String),
-}
-
-#[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
-fn cpu_virtualization() -> CpuVirt {
-    match std::fs::read_to_string("/proc/cpuinfo") {
-        Ok(text) => cpu_virtualization_in(&text),
-        Err(e) => CpuVirt::Unknown(format!("/proc/cpuinfo: {e}")),
-    }
-}
-
-#[cfg_attr(not(feature = "dragonball"), allow(dead_code))]
-fn cpu_virtualization_in(cpuinfo: &str) -> CpuVirt {
-    let mut flag_lines = cpuinfo
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(k, _)| k.trim() == "flags")
-        .peekable();
-    if flag_lines.peek().is_none() {
-        return CpuVirt::Unknown("no flags line in /proc/cpuinfo".into());
-    }
-    if flag_lines.any(|(_, v)| v.split_whitespace().any(|f| f == "vmx" || f == "svm")) {
-        CpuVirt::Present
-    } else {
-        CpuVirt::Absent
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,22 +262,6 @@ mod tests {
             err.contains("make build HYPERVISOR=dragonball or all"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn cpu_flags_tell_hardware_virtualization() {
-        let with = "processor\t: 0\nflags\t\t: fpu vme vmx sse\n";
-        let without = "processor\t: 0\nflags\t\t: fpu vme hypervisor sse\n";
-        assert_eq!(cpu_virtualization_in(with), CpuVirt::Present);
-        assert_eq!(
-            cpu_virtualization_in(&without.replace("vme", "svm")),
-            CpuVirt::Present
-        );
-        assert_eq!(cpu_virtualization_in(without), CpuVirt::Absent);
-        assert!(matches!(
-            cpu_virtualization_in("processor\t: 0\n"),
-            CpuVirt::Unknown(_)
-        ));
     }
 
     #[test]
