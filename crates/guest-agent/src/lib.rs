@@ -5,7 +5,8 @@
 //! on the virtio-serial port `agent.0` and, when the guest has a vsock device, on
 //! AF_VSOCK port 1024 (`agent.port=` on the kernel command line changes it).
 //! It reports health, lists and configures network interfaces and runs programs;
-//! see `PROTOCOL.md` beside this crate's manifest.
+//! see `PROTOCOL.md` beside this crate's manifest. When the guest cannot serve, its init says
+//! why on the console ([`console`]).
 //!
 //! This crate owns the wire format and both ends of it. The library needs only
 //! serde; the binary only std, serde and nix, so it stays small and static. The
@@ -26,6 +27,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod console;
 pub mod protocol;
 
 #[cfg(feature = "client")]
