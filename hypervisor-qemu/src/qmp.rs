@@ -6,22 +6,32 @@
 //! timeout, events fanned out to any number of waiters, `SCM_RIGHTS` fds on the very write that
 //! carries `getfd`, and an error that says which command failed with QEMU's own `desc`.
 //!
-//! One reader task owns the read half: replies go to the waiting command by `id`, events to a
-//! broadcast channel. Writes are serialized by a mutex so an fd always travels with its own
-//! command.
+//! Two tasks own the socket. The writer task owns the write half: [`QmpClient::execute`]
+//! hands it one complete line (and, for `getfd`, duplicates of the fds, sent on the first
+//! segment of that line) through a channel, in one synchronous step. Dropping an `execute`
+//! future therefore either queued the whole command or nothing, and never leaves half a line
+//! on the socket. The reader task owns the read half: replies go to the waiting command by
+//! `id`, events to every subscriber's own unbounded queue, so a slow subscriber loses none.
+//!
+//! Nothing is dropped silently. A line that is not JSON, or an error reply without an `id`
+//! (QEMU's answer to a command it could not parse), cannot be matched to a command, so it
+//! fails every pending command at once with [`QmpError::Unmatched`] naming the line. When the
+//! connection ends (EOF, a read or write error), every pending command and every event
+//! subscriber fails at once with [`QmpError::Closed`] giving the cause, and so does anything
+//! issued afterwards.
 
 use std::collections::HashMap;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// Errors of the QMP client.
@@ -54,12 +64,40 @@ pub enum QmpError {
         /// The limit.
         timeout: Duration,
     },
-    /// The connection closed (usually: QEMU exited).
-    #[error("the QMP connection closed while waiting for {0}")]
-    Closed(String),
+    /// The connection ended (usually: QEMU exited).
+    #[error("the QMP connection closed while waiting for {waiting_for}: {reason}")]
+    Closed {
+        /// The reply or event that was awaited.
+        waiting_for: String,
+        /// Why the connection ended (`QEMU closed the socket`, a read or write error).
+        reason: String,
+    },
+    /// QEMU sent something that cannot be matched to the awaited command: a line that is not
+    /// JSON, or an error reply without an `id`.
+    #[error("QMP command {command} failed: QEMU sent a message no command can claim: {line}")]
+    Unmatched {
+        /// The command that was waiting.
+        command: String,
+        /// The line QEMU sent.
+        line: String,
+    },
     /// QEMU sent something that is not QMP.
     #[error("unexpected QMP message: {0}")]
     Protocol(String),
+}
+
+impl QmpError {
+    /// True when the connection is gone (QEMU exited or closed the monitor): nothing more can
+    /// be asked on it.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, QmpError::Closed { .. })
+    }
+
+    /// True when QEMU did not answer in time: the command may still run (QMP handles commands
+    /// in order, so a later command's answer proves the earlier one ran).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, QmpError::Timeout { .. })
+    }
 }
 
 /// Result alias of this module.
@@ -74,24 +112,98 @@ pub struct QmpEvent {
     pub data: Value,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value>>>>>;
+/// The events of one subscriber, queued without bound from the moment it subscribed; see
+/// [`QmpClient::subscribe`]. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct QmpEvents {
+    rx: mpsc::UnboundedReceiver<QmpEvent>,
+}
+
+impl QmpEvents {
+    /// The next queued event, if any, without waiting.
+    pub fn try_next(&mut self) -> Option<QmpEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// What a pending command receives: its `return` value, or why it failed.
+enum Reply {
+    Return(Value),
+    Error { class: String, desc: String },
+    Unmatched(String),
+}
+
+/// State shared by the client, the reader and the writer, under one lock so that a command
+/// or subscriber registered after the close is refused rather than forgotten.
+#[derive(Default)]
+struct Conn {
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    subscribers: Vec<mpsc::UnboundedSender<QmpEvent>>,
+    /// Why the connection ended, once it has.
+    closed: Option<String>,
+}
+
+type Shared = Arc<Mutex<Conn>>;
+
+fn lock(conn: &Shared) -> MutexGuard<'_, Conn> {
+    conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks the connection closed with `reason`; dropping the pending senders and the
+/// subscribers' queues wakes every waiter.
+fn close(conn: &Shared, reason: String) {
+    let mut c = lock(conn);
+    if c.closed.is_none() {
+        c.closed = Some(reason);
+    }
+    c.pending.clear();
+    c.subscribers.clear();
+}
+
+/// One complete command line for the writer task, with the fds that travel on it.
+struct Outgoing {
+    line: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+/// Removes a command's registration when its `execute` future ends or is dropped.
+struct PendingGuard<'a> {
+    conn: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.conn).pending.remove(&self.id);
+    }
+}
 
 /// A connected, capability-negotiated QMP session.
 #[derive(Debug)]
 pub struct QmpClient {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
-    pending: Pending,
-    events: broadcast::Sender<QmpEvent>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    conn: Shared,
     next_id: AtomicU64,
-    closed: watch::Receiver<bool>,
     reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
     /// QEMU's version from the greeting, `major.minor.micro`.
     pub version: String,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("pending", &self.pending.len())
+            .field("subscribers", &self.subscribers.len())
+            .field("closed", &self.closed)
+            .finish()
+    }
 }
 
 impl Drop for QmpClient {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
     }
 }
 
@@ -125,7 +237,10 @@ impl QmpClient {
                 source,
             })?;
         if n == 0 {
-            return Err(QmpError::Closed("the QMP greeting".into()));
+            return Err(QmpError::Closed {
+                waiting_for: "the QMP greeting".into(),
+                reason: "QEMU closed the socket".into(),
+            });
         }
         let greeting: Value = serde_json::from_str(&greeting)
             .map_err(|_| QmpError::Protocol(greeting.trim().to_string()))?;
@@ -135,17 +250,16 @@ impl QmpClient {
         }
         let version = format!("{}.{}.{}", v["major"], v["minor"], v["micro"]);
 
-        let (events, _) = broadcast::channel(256);
-        let pending: Pending = Arc::default();
-        let (closed_tx, closed) = watch::channel(false);
-        let reader = tokio::spawn(read_loop(lines, pending.clone(), events.clone(), closed_tx));
+        let conn: Shared = Arc::default();
+        let (outgoing, queue) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_loop(lines, conn.clone()));
+        let writer = tokio::spawn(write_loop(write, queue, conn.clone()));
         let client = QmpClient {
-            writer: tokio::sync::Mutex::new(write),
-            pending,
-            events,
+            outgoing,
+            conn,
             next_id: AtomicU64::new(1),
-            closed,
             reader,
+            writer,
             version,
         };
         client
@@ -154,14 +268,27 @@ impl QmpClient {
         Ok(client)
     }
 
-    /// True once QEMU closed the connection (it exited, or another client took over).
+    /// True once the connection ended (QEMU exited, or another client took over).
     pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+        lock(&self.conn).closed.is_some()
     }
 
-    /// Subscribes to events. Subscribe *before* issuing the command whose event you await.
-    pub fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
-        self.events.subscribe()
+    /// Why the connection ended, once it has.
+    pub fn closed_reason(&self) -> Option<String> {
+        lock(&self.conn).closed.clone()
+    }
+
+    /// Subscribes to events: every event read from now on is queued for this subscriber until
+    /// it takes it or drops the [`QmpEvents`]. Subscribe *before* issuing the command whose
+    /// event you await.
+    pub fn subscribe(&self) -> QmpEvents {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut c = lock(&self.conn);
+        // After the close the sender is dropped here, so the subscriber sees the end at once.
+        if c.closed.is_none() {
+            c.subscribers.push(tx);
+        }
+        QmpEvents { rx }
     }
 
     /// Runs `command` with `arguments` and returns its `return` value.
@@ -177,6 +304,9 @@ impl QmpClient {
 
     /// Runs `command`, sending `fds` with `SCM_RIGHTS` on the same write (for `getfd` and
     /// `add-fd`).
+    ///
+    /// Cancellation-safe: the command is queued whole for the writer task before the first
+    /// await, so dropping the future leaves the stream in sync; a late reply is discarded.
     pub async fn execute_with_fds(
         &self,
         command: &str,
@@ -193,71 +323,89 @@ impl QmpClient {
         msg.insert("id".into(), json!(id));
         let mut line = serde_json::to_vec(&Value::Object(msg)).expect("JSON values serialize");
         line.push(b'\n');
+        // The writer sends after this call returns, so it needs fds of its own.
+        let fds = fds
+            .iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|source| QmpError::Io {
+                what: format!("duplicating the fds passed with {command}"),
+                source,
+            })?;
 
         let (tx, rx) = oneshot::channel();
-        self.lock_pending().insert(id, tx);
-        // The reader marks the connection closed before it drops the pending senders, so a
-        // command registered after that is answered here rather than by its timeout.
-        if self.is_closed() {
-            self.lock_pending().remove(&id);
-            return Err(QmpError::Closed(format!("the reply to {command}")));
+        {
+            let mut c = lock(&self.conn);
+            if let Some(reason) = &c.closed {
+                return Err(QmpError::Closed {
+                    waiting_for: format!("the reply to {command}"),
+                    reason: reason.clone(),
+                });
+            }
+            c.pending.insert(id, tx);
         }
-        let sent = self.send(&line, fds).await;
-        if let Err(e) = sent {
-            self.lock_pending().remove(&id);
-            return Err(e);
+        let _registered = PendingGuard {
+            conn: &self.conn,
+            id,
+        };
+        if self.outgoing.send(Outgoing { line, fds }).is_err() {
+            return Err(self.closed_error(command));
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => reply.map_err(|e| match e {
-                QmpError::Command { class, desc, .. } => QmpError::Command {
-                    command: command.into(),
-                    class,
-                    desc,
-                },
-                other => other,
-            }),
-            Ok(Err(_)) => Err(QmpError::Closed(format!("the reply to {command}"))),
+        let reply = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => return Err(self.closed_error(command)),
             Err(_) => {
-                self.lock_pending().remove(&id);
-                Err(QmpError::Timeout {
+                return Err(QmpError::Timeout {
                     command: command.into(),
                     timeout,
                 })
             }
+        };
+        match reply {
+            Reply::Return(v) => Ok(v),
+            Reply::Error { class, desc } => Err(QmpError::Command {
+                command: command.into(),
+                class,
+                desc,
+            }),
+            Reply::Unmatched(line) => Err(QmpError::Unmatched {
+                command: command.into(),
+                line,
+            }),
         }
     }
 
-    /// Waits for an event named `name` whose data satisfies `matches`, on a receiver taken
-    /// with [`subscribe`](Self::subscribe) before the triggering command.
+    fn closed_error(&self, waiting_for: &str) -> QmpError {
+        QmpError::Closed {
+            waiting_for: format!("the reply to {waiting_for}"),
+            reason: self
+                .closed_reason()
+                .unwrap_or_else(|| "the QMP tasks ended".into()),
+        }
+    }
+
+    /// Waits for an event named `name` whose data satisfies `matches`, on a subscription taken
+    /// with [`subscribe`](Self::subscribe) before the triggering command. Events that arrived
+    /// before the connection closed are still delivered; after them, the close is an error.
     pub async fn wait_event(
         &self,
-        rx: &mut broadcast::Receiver<QmpEvent>,
+        events: &mut QmpEvents,
         name: &str,
         matches: impl Fn(&Value) -> bool,
         timeout: Duration,
     ) -> Result<QmpEvent> {
-        let mut closed = self.closed.clone();
         let wait = async {
-            loop {
-                tokio::select! {
-                    ev = rx.recv() => match ev {
-                        Ok(ev) if ev.name == name && matches(&ev.data) => return Ok(ev),
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(broadcast::error::RecvError::Closed) => {
-                            return Err(QmpError::Closed(format!("event {name}")))
-                        }
-                    },
-                    _ = closed.wait_for(|c| *c) => {
-                        // Deliver what arrived before the close (QEMU's last events).
-                        while let Ok(ev) = rx.try_recv() {
-                            if ev.name == name && matches(&ev.data) {
-                                return Ok(ev);
-                            }
-                        }
-                        return Err(QmpError::Closed(format!("event {name}")));
-                    }
+            while let Some(ev) = events.rx.recv().await {
+                if ev.name == name && matches(&ev.data) {
+                    return Ok(ev);
                 }
             }
+            Err(QmpError::Closed {
+                waiting_for: format!("event {name}"),
+                reason: self
+                    .closed_reason()
+                    .unwrap_or_else(|| "the QMP tasks ended".into()),
+            })
         };
         tokio::time::timeout(timeout, wait)
             .await
@@ -266,84 +414,93 @@ impl QmpClient {
                 timeout,
             })?
     }
+}
 
-    async fn send(&self, line: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
-        let mut writer = self.writer.lock().await;
-        let io_err = |source| QmpError::Io {
-            what: "writing a QMP command".into(),
-            source,
-        };
-        if fds.is_empty() {
-            return writer.write_all(line).await.map_err(io_err);
+/// Writes each queued line whole, its fds on the first segment. A write error ends the
+/// connection for everyone.
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<Outgoing>,
+    conn: Shared,
+) {
+    while let Some(Outgoing { line, fds }) = queue.recv().await {
+        if let Err(e) = send(&mut writer, &line, &fds).await {
+            close(&conn, format!("writing a command failed: {e}"));
+            return;
         }
-        // The fds ride on the first segment; QEMU takes them with the command it parses.
-        let stream: &UnixStream = (*writer).as_ref();
-        let mut written = netdev::send_with_fds_async(stream, line, fds)
-            .await
-            .map_err(|e| io_err(e.into()))?;
-        while written < line.len() {
-            written += netdev::send_with_fds_async(stream, &line[written..], &[])
-                .await
-                .map_err(|e| io_err(e.into()))?;
-        }
-        Ok(())
-    }
-
-    fn lock_pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<Value>>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-async fn read_loop(
-    mut lines: BufReader<OwnedReadHalf>,
-    pending: Pending,
-    events: broadcast::Sender<QmpEvent>,
-    closed: watch::Sender<bool>,
-) {
+async fn send(writer: &mut OwnedWriteHalf, line: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+    if fds.is_empty() {
+        return writer.write_all(line).await;
+    }
+    // The fds ride on the first segment; QEMU takes them with the command it parses.
+    let stream: &UnixStream = writer.as_ref();
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
+    let mut written = netdev::send_with_fds_async(stream, line, &borrowed).await?;
+    while written < line.len() {
+        written += netdev::send_with_fds_async(stream, &line[written..], &[]).await?;
+    }
+    Ok(())
+}
+
+async fn read_loop(mut lines: BufReader<OwnedReadHalf>, conn: Shared) {
     let mut line = String::new();
-    loop {
+    let reason = loop {
         line.clear();
         match lines.read_line(&mut line).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break "QEMU closed the socket".to_string(),
+            Err(e) => break format!("reading failed: {e}"),
             Ok(_) => {}
         }
-        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
-            continue;
+        dispatch(&conn, line.trim_end());
+    };
+    close(&conn, reason);
+}
+
+/// Routes one line: an event to every subscriber, a reply to its command; anything that no
+/// command can claim fails every pending command with the line.
+fn dispatch(conn: &Shared, line: &str) {
+    let mut c = lock(conn);
+    let Ok(msg) = serde_json::from_str::<Value>(line) else {
+        fail_pending(&mut c, line);
+        return;
+    };
+    if let Some(name) = msg["event"].as_str() {
+        let ev = QmpEvent {
+            name: name.to_string(),
+            data: msg["data"].clone(),
         };
-        if let Some(name) = msg["event"].as_str() {
-            let _ = events.send(QmpEvent {
-                name: name.to_string(),
-                data: msg["data"].clone(),
-            });
-            continue;
-        }
-        let Some(id) = msg["id"].as_u64() else {
-            continue;
-        };
-        let Some(waiter) = pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-        else {
-            continue;
-        };
-        let reply = if let Some(err) = msg.get("error") {
-            Err(QmpError::Command {
-                command: String::new(),
-                class: err["class"].as_str().unwrap_or("Unknown").to_string(),
-                desc: err["desc"].as_str().unwrap_or_default().to_string(),
-            })
-        } else {
-            Ok(msg.get("return").cloned().unwrap_or(Value::Null))
-        };
-        let _ = waiter.send(reply);
+        // A failed send means the subscriber dropped its queue: prune it.
+        c.subscribers.retain(|s| s.send(ev.clone()).is_ok());
+        return;
     }
-    // Closed first (see `execute_with_fds`), then dropping the senders wakes every waiter
-    // with `Closed`.
-    closed.send_replace(true);
-    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    let Some(id) = msg["id"].as_u64() else {
+        // Every command of this client carries an id: a reply without one is QEMU's answer to
+        // a command it could not parse (an error), and it belongs to one of the pending.
+        fail_pending(&mut c, line);
+        return;
+    };
+    // A reply whose command timed out or was dropped: nobody waits for it.
+    let Some(waiter) = c.pending.remove(&id) else {
+        return;
+    };
+    let reply = if let Some(err) = msg.get("error") {
+        Reply::Error {
+            class: err["class"].as_str().unwrap_or("Unknown").to_string(),
+            desc: err["desc"].as_str().unwrap_or_default().to_string(),
+        }
+    } else {
+        Reply::Return(msg.get("return").cloned().unwrap_or(Value::Null))
+    };
+    let _ = waiter.send(reply);
+}
+
+fn fail_pending(c: &mut Conn, line: &str) {
+    for (_, waiter) in c.pending.drain() {
+        let _ = waiter.send(Reply::Unmatched(line.to_string()));
+    }
 }
 
 #[cfg(test)]
@@ -510,7 +667,7 @@ mod tests {
         let (first, second, ()) = tokio::join!(first, second, script);
         assert_eq!(first.unwrap(), json!({"running": true}));
         assert_eq!(second.unwrap(), json!({"name": "sb"}));
-        let ev = events.try_recv().expect("the event was delivered");
+        let ev = events.try_next().expect("the event was delivered");
         assert_eq!(ev.name, "RESUME");
     }
 
@@ -606,8 +763,8 @@ mod tests {
             client.wait_event(&mut events, "SHUTDOWN", |_| true, LONG),
             script
         );
-        assert!(matches!(reply, Err(QmpError::Closed(_))), "{reply:?}");
-        assert!(matches!(ev, Err(QmpError::Closed(_))), "{ev:?}");
+        assert!(matches!(reply, Err(QmpError::Closed { .. })), "{reply:?}");
+        assert!(matches!(ev, Err(QmpError::Closed { .. })), "{ev:?}");
         assert!(client.is_closed());
         // A command after the close fails at once, not after its timeout.
         let late = tokio::time::timeout(
@@ -617,7 +774,7 @@ mod tests {
         .await
         .expect("a command on a closed connection returns at once");
         assert!(
-            matches!(late, Err(QmpError::Closed(_) | QmpError::Io { .. })),
+            matches!(late, Err(QmpError::Closed { .. } | QmpError::Io { .. })),
             "{late:?}"
         );
     }
@@ -649,5 +806,165 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert_eq!((got.dev(), got.ino()), (sent.dev(), sent.ino()));
         assert_eq!(got.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_execute_leaves_the_stream_in_sync_for_the_next_command() {
+        let (client, mut fake) = connected().await;
+        // Polled once (the command is queued), then dropped before any reply.
+        let dropped = tokio::time::timeout(
+            Duration::ZERO,
+            client.execute("device_add", Some(json!({"id": "dev-net1"})), LONG),
+        )
+        .await;
+        assert!(
+            dropped.is_err(),
+            "the command cannot have been answered yet"
+        );
+        let script = async {
+            let (first, _) = fake.recv().await;
+            assert_eq!(
+                first["execute"], "device_add",
+                "the dropped command went out whole"
+            );
+            assert_eq!(first["arguments"], json!({"id": "dev-net1"}));
+            let next = fake.expect("query-status").await;
+            // The dropped command's late reply comes first and must not be taken for the next.
+            fake.send(json!({"return": {"late": true}, "id": first["id"]}))
+                .await;
+            fake.send(json!({"return": {"running": true}, "id": next}))
+                .await;
+        };
+        let (reply, ()) = tokio::join!(client.execute("query-status", None, LONG), script);
+        assert_eq!(reply.unwrap(), json!({"running": true}));
+        assert_eq!(
+            lock(&client.conn).pending.len(),
+            0,
+            "no registration outlives its command"
+        );
+    }
+
+    /// Runs `command` while the fake answers with `line`, and returns the error and how long
+    /// the command took.
+    async fn failed_by(line: &str) -> (QmpError, Duration) {
+        let (client, mut fake) = connected().await;
+        let script = async {
+            fake.expect("device_add").await;
+            fake.stream
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .unwrap();
+        };
+        let began = std::time::Instant::now();
+        let (reply, ()) = tokio::join!(client.execute("device_add", None, LONG), script);
+        let took = began.elapsed();
+        // The connection stays usable after such a line.
+        let script = async {
+            let id = fake.expect("query-status").await;
+            fake.send(json!({"return": {}, "id": id})).await;
+        };
+        let (after, ()) = tokio::join!(client.execute("query-status", None, LONG), script);
+        after.expect("the next command works");
+        (reply.unwrap_err(), took)
+    }
+
+    #[tokio::test]
+    async fn an_error_reply_without_id_fails_the_pending_command_at_once() {
+        let line = r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'x'"}}"#;
+        let (err, took) = failed_by(line).await;
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert!(matches!(err, QmpError::Unmatched { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("device_add"), "{text}");
+        assert!(text.contains("JSON parse error, invalid keyword"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_line_that_is_not_json_fails_the_pending_command_at_once() {
+        let (err, took) = failed_by("garbage {{ not qmp").await;
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert!(matches!(err, QmpError::Unmatched { .. }), "{err}");
+        assert!(err.to_string().contains("garbage {{ not qmp"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_close_fails_every_command_and_subscriber_at_once_with_the_reason() {
+        let (client, mut fake) = connected().await;
+        let mut a = client.subscribe();
+        let mut b = client.subscribe();
+        let script = async {
+            fake.expect("device_del").await;
+            fake.expect("query-pci").await;
+            drop(fake);
+        };
+        let began = std::time::Instant::now();
+        let (r1, r2, e1, e2, ()) = tokio::join!(
+            client.execute("device_del", None, LONG),
+            async {
+                tokio::task::yield_now().await;
+                client.execute("query-pci", None, LONG).await
+            },
+            client.wait_event(&mut a, "DEVICE_DELETED", |_| true, LONG),
+            client.wait_event(&mut b, "SHUTDOWN", |_| true, LONG),
+            script
+        );
+        assert!(began.elapsed() < Duration::from_secs(2));
+        for err in [
+            r1.unwrap_err(),
+            r2.unwrap_err(),
+            e1.unwrap_err(),
+            e2.unwrap_err(),
+        ] {
+            assert!(err.is_closed(), "{err}");
+            assert!(err.to_string().contains("QEMU closed the socket"), "{err}");
+        }
+        // A subscriber that comes after the close learns it at once too.
+        let mut late = client.subscribe();
+        let err = client
+            .wait_event(&mut late, "DEVICE_DELETED", |_| true, LONG)
+            .await
+            .unwrap_err();
+        assert!(err.is_closed(), "{err}");
+        assert_eq!(
+            client.closed_reason().as_deref(),
+            Some("QEMU closed the socket")
+        );
+    }
+
+    #[tokio::test]
+    async fn ten_thousand_events_reach_a_slow_subscriber_and_dropped_ones_are_pruned() {
+        let (client, mut fake) = connected().await;
+        let mut slow = client.subscribe();
+        let gone = client.subscribe();
+        drop(gone);
+        const N: usize = 10_000;
+        let script = async {
+            let mut burst = String::new();
+            for i in 0..N {
+                burst.push_str(
+                    &json!({"event": "DEVICE_DELETED", "data": {"device": format!("dev-{i}")}})
+                        .to_string(),
+                );
+                burst.push('\n');
+            }
+            fake.stream.write_all(burst.as_bytes()).await.unwrap();
+            // Replies are read after the events before them: this one proves all arrived.
+            let id = fake.expect("query-status").await;
+            fake.send(json!({"return": {}, "id": id})).await;
+        };
+        let (reply, ()) = tokio::join!(client.execute("query-status", None, LONG), script);
+        reply.unwrap();
+        assert_eq!(
+            lock(&client.conn).subscribers.len(),
+            1,
+            "the dropped one is pruned"
+        );
+        // The last one is found by waiting; every one before it is still queued in order.
+        let mut seen = 0;
+        while let Some(ev) = slow.try_next() {
+            assert_eq!(ev.data["device"], format!("dev-{seen}"));
+            seen += 1;
+        }
+        assert_eq!(seen, N);
     }
 }
