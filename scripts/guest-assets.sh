@@ -5,10 +5,17 @@
 # Outputs (in $GUEST_DIR, default $REPO/.cache/guest, which git ignores):
 #   vmlinuz         the kernel bzImage
 #   initramfs.img   gzip-compressed cpio (newc) archive with /init
-#   VERSION         manifest: kernel version, package names and versions, modules
+#   VERSION         manifest: what the outputs were built from (kernel and busybox
+#                   package names, versions and .deb digests, module list, agent and
+#                   script digests) and the digests of the outputs themselves
 #
-# Steps whose outputs exist and are newer than their inputs are skipped, so a
-# second run only rebuilds what changed (cargo decides for the agent itself).
+# Freshness is decided by content, never by mtimes (`dpkg-deb -x` keeps a package's
+# own mtimes): the packages apt resolves now are downloaded at exactly that version,
+# and when any input of the manifest differs from the recorded one, or an output no
+# longer matches its recorded digest, vmlinuz and the initramfs are rebuilt together
+# from one unpacked kernel package. Before they replace the old ones, the bzImage's
+# version string and every module's vermagic are checked against that package's
+# kernel version. (cargo decides for the agent itself.)
 #
 # Nothing is installed on the host except missing tools (cpio, gzip, kmod, file):
 # the kernel and busybox-static packages are downloaded and unpacked into the cache.
@@ -46,17 +53,7 @@ start_ns=$(date +%s%N)
 log() { printf 'guest-assets: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# True when $1 is missing or older than any of the remaining paths.
-stale() {
-    local out=$1; shift
-    [[ -e $out ]] || return 0
-    local input
-    for input in "$@"; do
-        [[ $input -nt $out ]] && return 0
-    done
-    return 1
-}
-
+sha256() { sha256sum "$1" | cut -d' ' -f1; }
 ensure_tools() {
     local -A need=([cpio]=cpio [gzip]=gzip [modinfo]=kmod [depmod]=kmod [file]=file [dpkg-deb]=dpkg)
     local missing=() tool
@@ -87,27 +84,47 @@ resolve_kernel_package() {
     echo "$pkg"
 }
 
-# Downloads package $1 into $DEB_DIR unless a .deb of it is already there;
-# prints the .deb path.
+# Prints the version of package $1 that apt would install now (refreshing the
+# package lists once if it knows none).
+candidate_version() {
+    local pkg=$1 v
+    v=$(apt-cache policy "$pkg" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')
+    if [[ -z $v || $v == "(none)" ]]; then
+        apt-get update >/dev/null
+        v=$(apt-cache policy "$pkg" | awk '$1 == "Candidate:" { print $2; exit }')
+    fi
+    [[ -n $v && $v != "(none)" ]] || die "apt knows no installable version of $pkg"
+    echo "$v"
+}
+
+# Downloads version $2 of package $1 into $DEB_DIR unless that exact .deb is there,
+# removes other versions of it, and prints the .deb path.
 download_deb() {
-    local pkg=$1 deb
-    deb=$(compgen -G "$DEB_DIR/${pkg}_*.deb" | head -n1 || true)
+    local pkg=$1 version=$2 deb old
+    # apt-get download writes the epoch's ':' as %3a.
+    deb=$(compgen -G "$DEB_DIR/${pkg}_${version//:/%3a}_*.deb" | head -n1 || true)
     if [[ -z $deb ]]; then
-        log "downloading $pkg"
-        if ! (cd "$DEB_DIR" && apt-get download "$pkg" >/dev/null 2>&1); then
+        log "downloading $pkg $version"
+        if ! (cd "$DEB_DIR" && apt-get download "$pkg=$version" >/dev/null 2>&1); then
             log "download failed; refreshing package lists"
             apt-get update >/dev/null
-            (cd "$DEB_DIR" && apt-get download "$pkg" >/dev/null)
+            (cd "$DEB_DIR" && apt-get download "$pkg=$version" >/dev/null)
         fi
-        deb=$(compgen -G "$DEB_DIR/${pkg}_*.deb" | head -n1) || die "no .deb for $pkg"
+        deb=$(compgen -G "$DEB_DIR/${pkg}_${version//:/%3a}_*.deb" | head -n1) ||
+            die "apt-get download $pkg=$version left no .deb in $DEB_DIR"
     fi
+    for old in "$DEB_DIR/${pkg}"_*.deb; do
+        [[ $old == "$deb" ]] || rm -f "$old"
+    done
     echo "$deb"
 }
 
-# Unpacks $1 (.deb) into directory $2 when the deb is newer than the last unpack.
+# Unpacks $1 (.deb) into directory $2 unless that very .deb (by digest) is what the
+# directory holds.
 extract_deb() {
-    local deb=$1 root=$2
-    if stale "$root/.extracted" "$deb"; then
+    local deb=$1 root=$2 digest
+    digest=$(sha256 "$deb")
+    if [[ $(cat "$root/.extracted" 2>/dev/null) != "$digest" ]]; then
         log "unpacking $(basename "$deb")"
         rm -rf "$root"
         mkdir -p "$root"
@@ -119,7 +136,7 @@ extract_deb() {
                 depmod -b "$root" "$(basename "$kver")"
             done
         fi
-        touch "$root/.extracted"
+        echo "$digest" >"$root/.extracted"
     fi
 }
 
@@ -160,9 +177,21 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 
+# A guest that cannot serve says why on the console (the host reports this line) and
+# powers off at once, rather than looking ready to a host that then waits for an agent.
+fail() {
+    echo "guest-init: error: $*"
+    poweroff -f
+    sleep 5
+    exit 1
+}
+
 while read -r module; do
-    insmod "/lib/modules/$module.ko" || echo "guest-init: insmod $module failed"
+    if ! out=$(insmod "/lib/modules/$module.ko" 2>&1); then
+        fail "module $module did not load: ${out:-insmod failed}; kernel says: $(dmesg | tail -n 1)"
+    fi
 done </lib/modules/load-order
+[ -x /sbin/guest-agent ] || fail "/sbin/guest-agent is missing"
 
 ip link set lo up
 hostname guest
@@ -178,19 +207,17 @@ done
 
 echo "guest-init: ready"
 /sbin/guest-agent
-echo "guest-init: guest-agent exited with status $?, powering off"
+status=$?
+[ "$status" -eq 0 ] || fail "guest-agent exited with status $status"
+echo "guest-init: guest-agent exited, powering off"
 poweroff -f
 EOF
     chmod 0755 "$1"
 }
 
+# Builds the initramfs into $1.
 build_initramfs() {
-    local out=$GUEST_DIR/initramfs.img
-    local inputs=("$AGENT_BIN" "$BUSYBOX_ROOT/.extracted" "$KERNEL_ROOT/.extracted" "${BASH_SOURCE[0]}")
-    if ! stale "$out" "${inputs[@]}"; then
-        log "initramfs is up to date"
-        return
-    fi
+    local out=$1
     log "building initramfs"
     local step_ns
     step_ns=$(date +%s%N)
@@ -218,6 +245,7 @@ build_initramfs() {
         *) cp "$src" "$dst" ;;
         esac
         echo "$name" >>"$STAGING/lib/modules/load-order"
+        check_vermagic "$dst" "$name"
     done
 
     write_init "$STAGING/init"
@@ -227,24 +255,58 @@ build_initramfs() {
     echo "root:x:0:0:root:/root:/bin/sh" >"$STAGING/etc/passwd"
 
     (cd "$STAGING" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
-        cpio --quiet --null -o -H newc --owner=0:0 --reproducible | gzip -6n) >"$out.tmp"
-    mv "$out.tmp" "$out"
+        cpio --quiet --null -o -H newc --owner=0:0 --reproducible | gzip -6n) >"$out"
     log "initramfs built in $((($(date +%s%N) - step_ns) / 1000000)) ms ($(du -k "$out" | cut -f1) KiB)"
 }
 
-write_manifest() {
-    local out=$GUEST_DIR/VERSION tmp
-    tmp=$(mktemp "$GUEST_DIR/.VERSION.XXXXXX")
-    chmod 0644 "$tmp"
-    {
-        echo "KERNEL_VERSION=$KVER"
-        echo "KERNEL_PACKAGE=$KERNEL_PKG"
-        echo "KERNEL_PACKAGE_VERSION=$(dpkg-deb -f "$KERNEL_DEB" Version)"
-        echo "BUSYBOX_PACKAGE_VERSION=$(dpkg-deb -f "$BUSYBOX_DEB" Version)"
-        echo "MODULES=${MODULES[*]}"
-        echo "AGENT_SHA256=$(sha256sum "$AGENT_BIN" | cut -d' ' -f1)"
-    } >"$tmp"
-    if cmp -s "$tmp" "$out"; then rm -f "$tmp"; else mv "$tmp" "$out"; fi
+# Fails unless module file $1 (named $2) was built for kernel $KVER.
+check_vermagic() {
+    local magic
+    magic=$(modinfo -F vermagic "$1")
+    [[ $magic == "$KVER "* ]] ||
+        die "module $2 is built for ${magic%% *}, not for kernel $KVER of $KERNEL_PKG: its package and the kernel's disagree"
+}
+
+# Fails unless bzImage $1 is kernel $KVER.
+check_kernel() {
+    local what
+    what=$(file -b "$1")
+    [[ $what == *"version $KVER "* ]] ||
+        die "$1 is not kernel $KVER ($KERNEL_PKG $KERNEL_PKG_VERSION): file says: $what"
+}
+
+# Prints the inputs part of the manifest: everything the outputs are built from.
+inputs_manifest() {
+    echo "KERNEL_VERSION=$KVER"
+    echo "KERNEL_PACKAGE=$KERNEL_PKG"
+    echo "KERNEL_PACKAGE_VERSION=$KERNEL_PKG_VERSION"
+    echo "KERNEL_DEB_SHA256=$(sha256 "$KERNEL_DEB")"
+    echo "BUSYBOX_PACKAGE_VERSION=$BUSYBOX_VERSION"
+    echo "BUSYBOX_DEB_SHA256=$(sha256 "$BUSYBOX_DEB")"
+    echo "MODULES=${MODULES[*]}"
+    echo "AGENT_SHA256=$(sha256 "$AGENT_BIN")"
+    echo "SCRIPT_SHA256=$(sha256 "${BASH_SOURCE[0]}")"
+}
+
+# True when VERSION records exactly these inputs and both outputs still match their
+# recorded digests.
+up_to_date() {
+    local manifest=$GUEST_DIR/VERSION
+    [[ -f $manifest && -f $GUEST_DIR/vmlinuz && -f $GUEST_DIR/initramfs.img ]] || return 1
+    [[ $(grep -v '_OUTPUT_SHA256=' "$manifest") == "$1" ]] || return 1
+    grep -qx "VMLINUZ_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/vmlinuz")" "$manifest" &&
+        grep -qx "INITRAMFS_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/initramfs.img")" "$manifest"
+}
+
+# Tells which recorded input differs from the current ones (for the log).
+what_changed() {
+    local manifest=$GUEST_DIR/VERSION
+    [[ -f $manifest ]] || { echo "no manifest yet"; return; }
+    local changed
+    changed=$(diff <(grep -v '_OUTPUT_SHA256=' "$manifest") <(echo "$1") |
+        sed -n 's/^> \([A-Z0-9_]*\)=.*/\1/p' | tr '\n' ' ')
+    echo "${changed% }"
+    [[ -n $changed ]] || echo "an output no longer matches its recorded digest"
 }
 
 main() {
@@ -253,25 +315,42 @@ main() {
 
     KERNEL_PKG=$(resolve_kernel_package)
     KVER=${KERNEL_PKG#linux-image-}
-    KERNEL_DEB=$(download_deb "$KERNEL_PKG")
-    BUSYBOX_DEB=$(download_deb busybox-static)
+    KERNEL_PKG_VERSION=$(candidate_version "$KERNEL_PKG")
+    BUSYBOX_VERSION=$(candidate_version busybox-static)
+    KERNEL_DEB=$(download_deb "$KERNEL_PKG" "$KERNEL_PKG_VERSION")
+    BUSYBOX_DEB=$(download_deb busybox-static "$BUSYBOX_VERSION")
+    build_agent
     extract_deb "$KERNEL_DEB" "$KERNEL_ROOT"
     extract_deb "$BUSYBOX_DEB" "$BUSYBOX_ROOT"
 
+    local inputs
+    inputs=$(inputs_manifest)
+    if up_to_date "$inputs"; then
+        log "kernel $KVER ($KERNEL_PKG_VERSION): $GUEST_DIR/{vmlinuz,initramfs.img,VERSION} are up to date"
+        return
+    fi
+    log "rebuilding: $(what_changed "$inputs")"
+
     local bzimage=$KERNEL_ROOT/boot/vmlinuz-$KVER
     [[ -f $bzimage ]] || die "no $bzimage in $KERNEL_DEB"
-    if stale "$GUEST_DIR/vmlinuz" "$bzimage"; then
-        # Copy then rename, so a VM starting meanwhile never reads half a file.
-        cp "$bzimage" "$GUEST_DIR/vmlinuz.tmp"
-        mv "$GUEST_DIR/vmlinuz.tmp" "$GUEST_DIR/vmlinuz"
-    fi
-
-    build_agent
-    build_initramfs
-    write_manifest
+    check_kernel "$bzimage"
+    # Both outputs are made aside and checked, then replace the old ones together, with
+    # the manifest last: a VM starting meanwhile never reads half a file, and an
+    # interrupted run leaves a manifest that does not match, so the next run rebuilds.
+    rm -f "$GUEST_DIR/VERSION"
+    cp "$bzimage" "$GUEST_DIR/vmlinuz.tmp"
+    build_initramfs "$GUEST_DIR/initramfs.img.tmp"
+    mv "$GUEST_DIR/vmlinuz.tmp" "$GUEST_DIR/vmlinuz"
+    mv "$GUEST_DIR/initramfs.img.tmp" "$GUEST_DIR/initramfs.img"
+    {
+        echo "$inputs"
+        echo "VMLINUZ_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/vmlinuz")"
+        echo "INITRAMFS_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/initramfs.img")"
+    } >"$GUEST_DIR/VERSION.tmp"
+    mv "$GUEST_DIR/VERSION.tmp" "$GUEST_DIR/VERSION"
 
     local elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
-    log "kernel $KVER; $GUEST_DIR/{vmlinuz,initramfs.img,VERSION} ready in ${elapsed_ms} ms"
+    log "kernel $KVER ($KERNEL_PKG_VERSION); $GUEST_DIR/{vmlinuz,initramfs.img,VERSION} built in ${elapsed_ms} ms"
 }
 
 main "$@"
