@@ -188,7 +188,8 @@ fail() {
 
 while read -r module; do
     if ! out=$(insmod "/lib/modules/$module.ko" 2>&1); then
-        fail "module $module did not load: ${out:-insmod failed}; kernel says: $(dmesg | tail -n 1)"
+        why=$(dmesg | grep -F "$module" | tail -n 1 | sed 's/^\[[^]]*\] *//')
+        fail "module $module did not load: ${out:-insmod failed}${why:+; kernel: $why}"
     fi
 done </lib/modules/load-order
 [ -x /sbin/guest-agent ] || fail "/sbin/guest-agent is missing"

@@ -6,6 +6,7 @@
 //! the namespace, the guest agent's view, `/proc/PID/fd`, leftover devices and files.
 
 pub mod cni;
+pub mod qemu;
 pub mod scenarios;
 
 use std::io::Write;
@@ -368,20 +369,36 @@ impl Sandbox {
         run("ip", &[&["-n", self.ns().name()], args].concat())
     }
 
-    /// Boots and waits for the agent.
+    /// Boots and waits for the agent. A VM that exits meanwhile fails this at once, naming
+    /// its exit and the error the guest's init printed on the console, if any.
     pub async fn start(&mut self) -> Result<()> {
         self.start_vm().await?;
-        let mut agent = match self.hv.agent_address().await? {
-            AgentAddress::VirtioSerial { path } => AgentClient::connect_serial(&path).await?,
-            AgentAddress::Vsock { cid, port } => AgentClient::connect_vsock(cid, port).await?,
-            AgentAddress::HybridVsock { path, port } => {
-                AgentClient::connect_hybrid_vsock(&path, port).await?
+        let address = self.hv.agent_address().await?;
+        let ready = async {
+            let mut agent = match address {
+                AgentAddress::VirtioSerial { path } => AgentClient::connect_serial(&path).await?,
+                AgentAddress::Vsock { cid, port } => AgentClient::connect_vsock(cid, port).await?,
+                AgentAddress::HybridVsock { path, port } => {
+                    AgentClient::connect_hybrid_vsock(&path, port).await?
+                }
+            };
+            agent
+                .wait_ready(Duration::from_secs(90))
+                .await
+                .context("waiting for the guest agent")?;
+            anyhow::Ok(agent)
+        };
+        let agent = tokio::select! {
+            agent = ready => agent?,
+            exit = self.hv.wait_exit() => {
+                let exit = exit.context("waiting for the VM to exit")?;
+                let console = self.hv.console_log().await;
+                match console.as_deref().and_then(guest_agent::console::init_failure_in) {
+                    Some(why) => bail!("the guest failed to start: {why} (VM exit: {exit})"),
+                    None => bail!("the VM exited before its agent answered: {exit}"),
+                }
             }
         };
-        agent
-            .wait_ready(Duration::from_secs(90))
-            .await
-            .context("waiting for the guest agent")?;
         self.agent = Some(agent);
         Ok(())
     }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -13,98 +13,12 @@ use hypervisor::{
     Accelerator, Device, DeviceConfig, DeviceId, Error, Hypervisor, HypervisorConfig, SandboxSpec,
 };
 use hypervisor_qemu::qmp::QmpError;
-use hypervisor_qemu::{QemuHypervisor, QemuOptions};
+use hypervisor_qemu::QemuHypervisor;
 use serde_json::json;
+use workspace_tests::qemu::{Kept, Qemu};
 use workspace_tests::{fd_targets, scenarios, test_logger, Backend, GuestAssets, Sandbox, TestNic};
 
-struct Qemu {
-    machine: &'static str,
-    /// The configuration's root filesystem `image`.
-    image: Option<PathBuf>,
-}
-
-const QEMU: Qemu = Qemu {
-    machine: "q35",
-    image: None,
-};
-
-impl Qemu {
-    fn options(run_root: &Path) -> QemuOptions {
-        QemuOptions {
-            run_root: run_root.to_path_buf(),
-            ..Default::default()
-        }
-    }
-}
-
-impl Backend for Qemu {
-    fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
-        Arc::new(QemuHypervisor::new(test_logger(), Self::options(run_root)))
-    }
-
-    fn config(&self, assets: &GuestAssets) -> HypervisorConfig {
-        HypervisorConfig {
-            kernel: assets.kernel.clone(),
-            initrd: Some(assets.initrd.clone()),
-            image: self.image.clone(),
-            machine_type: Some(self.machine.into()),
-            memory_mib: 256,
-            ..Default::default()
-        }
-    }
-
-    fn can_boot(&self) -> Result<(), String> {
-        let qemu = QemuOptions::default().default_binary;
-        if qemu.exists() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} is missing: run `make deps` (Debian package qemu-system-x86)",
-                qemu.display()
-            ))
-        }
-    }
-}
-
-/// A QEMU backend that keeps what it created, for checks only QEMU offers (raw QMP, its run
-/// directory).
-struct Kept {
-    qemu: Qemu,
-    last: Mutex<Option<(Arc<QemuHypervisor>, PathBuf)>>,
-}
-
-impl Kept {
-    fn new(qemu: Qemu) -> Kept {
-        Kept {
-            qemu,
-            last: Mutex::new(None),
-        }
-    }
-
-    fn hypervisor(&self) -> Arc<QemuHypervisor> {
-        self.last.lock().unwrap().clone().expect("created").0
-    }
-
-    fn run_root(&self) -> PathBuf {
-        self.last.lock().unwrap().clone().expect("created").1
-    }
-}
-
-impl Backend for Kept {
-    fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
-        let hv = Arc::new(QemuHypervisor::new(test_logger(), Qemu::options(run_root)));
-        *self.last.lock().unwrap() = Some((hv.clone(), run_root.to_path_buf()));
-        hv
-    }
-
-    fn config(&self, assets: &GuestAssets) -> HypervisorConfig {
-        self.qemu.config(assets)
-    }
-
-    fn can_boot(&self) -> Result<(), String> {
-        self.qemu.can_boot()
-    }
-}
+const QEMU: Qemu = Qemu::Q35;
 
 /// Writes a 1 MiB file with a known pattern and returns its sha256.
 fn pattern_image(path: &Path) -> Result<String> {

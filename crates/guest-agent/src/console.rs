@@ -56,7 +56,10 @@ mod tests {
     #[test]
     fn a_console_without_an_error_line_has_no_failure() {
         assert_eq!(init_failure(""), None);
-        assert_eq!(init_failure("guest-init: ready\nguest-init: errors ahead\n"), None);
+        assert_eq!(
+            init_failure("guest-init: ready\nguest-init: errors ahead\n"),
+            None
+        );
         assert_eq!(init_failure_in(Path::new("/nonexistent/console.log")), None);
     }
 }
