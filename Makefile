@@ -21,7 +21,7 @@ SHIM_FEATSETS := "" "--features qemu" "--features dragonball" "--features qemu,d
 
 export GUEST_DIR
 
-.PHONY: help build test check demo bench footprint guest-assets test-guest deps clean
+.PHONY: help build test check demo bench soak footprint guest-assets test-guest deps clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,6 +69,11 @@ check: ## fmt, clippy -D warnings on every feature combination, docs -D warnings
 
 demo: deps guest-assets ## Boot a sandbox, ping it, hotplug a NIC, tear down
 	@scripts/demo.sh
+
+SOAK_TAPS      ?= 1000
+SOAK_SANDBOXES ?= 200
+soak: deps guest-assets ## TAP and sandbox cycles in one process: fds, threads, RSS first vs last
+	$(CARGO) run --profile bench -p workspace-tests --example soak -- $(SOAK_TAPS) $(SOAK_SANDBOXES)
 
 footprint: ## Shim size, crate count, clean build time per backend set -> BENCHMARKS.md
 	@scripts/footprint.sh
