@@ -18,6 +18,10 @@
 //!
 //! Attach is all or nothing: a failure half-way undoes the steps done.
 //!
+//! A runtime that must survive its own crash records [`plan`]'s answer (interface, ifindex,
+//! TAP name, persistence) before attaching; [`detach_planned`] later removes whatever part of
+//! it exists, with no [`Endpoint`] at hand.
+//!
 //! Supported kinds: veth, macvlan and ipvlan (a redirect works on any of them). Other kinds
 //! are reported as unsupported instead of being skipped.
 //!
@@ -168,20 +172,42 @@ pub struct Endpoint {
     pub guest: GuestInterface,
 }
 
-/// Scans the namespace and attaches every interface in it. All or nothing.
-pub async fn attach_all(ns: &NetnsHandle, opts: &AttachOptions) -> Result<Vec<Endpoint>> {
-    let snapshot = scan(ns).await?;
-    attach(ns, &snapshot, opts).await
+/// What attaching one interface adds, known before anything is added: enough to undo the
+/// attach later from a record, without the process (and the [`Endpoint`]) that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachPlan {
+    /// The CNI interface that gets an ingress qdisc and a redirect filter.
+    pub interface: String,
+    /// Its ifindex when planned (a re-created interface of the same name is not ours).
+    pub interface_index: u32,
+    /// The TAP that is created, with an ingress qdisc and a redirect filter of its own.
+    pub tap: String,
+    /// Whether the TAP is persistent ([`TapHandoff::Name`]) and must be deleted.
+    pub persistent: bool,
 }
 
-/// Attaches every interface of `snapshot` (a [`scan`] of `ns`). All or nothing: an
-/// interface that is gone by now is [`Error::Vanished`], and what was attached before the
-/// failure is detached.
-pub async fn attach(
+/// What [`attach`] will add for each interface of `snapshot` (a [`scan`] of `ns`), in the
+/// order it adds them, or
+/// the error it would fail with before adding anything.
+pub fn plan(
     ns: &NetnsHandle,
     snapshot: &NetnsSnapshot,
     opts: &AttachOptions,
-) -> Result<Vec<Endpoint>> {
+) -> Result<Vec<AttachPlan>> {
+    Ok(candidates(ns, snapshot)?
+        .into_iter()
+        .enumerate()
+        .map(|(n, iface)| AttachPlan {
+            interface: iface.name.clone(),
+            interface_index: iface.index,
+            tap: tap_name(n),
+            persistent: opts.handoff == TapHandoff::Name,
+        })
+        .collect())
+}
+
+/// The interfaces [`attach`] connects, checked to be connectable.
+fn candidates<'a>(ns: &NetnsHandle, snapshot: &'a NetnsSnapshot) -> Result<Vec<&'a Interface>> {
     let candidates: Vec<&Interface> = snapshot
         .interfaces
         .iter()
@@ -196,6 +222,61 @@ pub async fn attach(
             kind: bad.kind.to_string(),
         });
     }
+    Ok(candidates)
+}
+
+/// The TAP of the `n`th interface.
+fn tap_name(n: usize) -> String {
+    format!("tap{n}_kata")
+}
+
+/// Undoes what attaching `plan` may have added, whatever part of it exists: the ingress
+/// qdiscs (with their filters) of the interface, if it is still the planned one, and of the
+/// TAP, and the TAP itself (a TAP that is not persistent is normally gone with its last fd;
+/// one still there is deleted too). Returns what was removed, as people read it.
+pub async fn detach_planned(ns: &NetnsHandle, plan: &AttachPlan) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let snapshot = scan(ns).await?;
+    let iface = snapshot
+        .interfaces
+        .iter()
+        .find(|i| i.index == plan.interface_index && i.name == plan.interface);
+    if let Some(iface) = iface {
+        if tc::del_ingress_if_any(ns, iface.index).await? {
+            removed.push(format!("ingress qdisc of {}", plan.interface));
+        }
+    }
+    if let Some(tap) = snapshot.interfaces.iter().find(|i| i.name == plan.tap) {
+        if tc::del_ingress_if_any(ns, tap.index).await? {
+            removed.push(format!("ingress qdisc of {}", plan.tap));
+        }
+        match delete_tap(ns, &plan.tap).await {
+            Ok(()) => removed.push(format!("TAP {}", plan.tap)),
+            Err(Error::TapDelete {
+                source: netdev::Error::TapNotFound { .. },
+                ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+/// Scans the namespace and attaches every interface in it. All or nothing.
+pub async fn attach_all(ns: &NetnsHandle, opts: &AttachOptions) -> Result<Vec<Endpoint>> {
+    let snapshot = scan(ns).await?;
+    attach(ns, &snapshot, opts).await
+}
+
+/// Attaches every interface of `snapshot` (a [`scan`] of `ns`). All or nothing: an
+/// interface that is gone by now is [`Error::Vanished`], and what was attached before the
+/// failure is detached.
+pub async fn attach(
+    ns: &NetnsHandle,
+    snapshot: &NetnsSnapshot,
+    opts: &AttachOptions,
+) -> Result<Vec<Endpoint>> {
+    let candidates = candidates(ns, snapshot)?;
     let mut done: Vec<Endpoint> = Vec::new();
     for (n, iface) in candidates.into_iter().enumerate() {
         match attach_one(ns, iface, snapshot, n, opts).await {
@@ -222,7 +303,7 @@ async fn attach_one(
         name: iface.name.clone(),
         kind: format!("{} without a MAC address", iface.kind),
     })?;
-    let tap_name = format!("tap{n}_kata");
+    let tap_name = tap_name(n);
     let queues = opts.queues.max(1);
     let persistent = opts.handoff == TapHandoff::Name;
     let (netns, name, mtu) = (ns.netns.clone(), tap_name.clone(), iface.mtu);

@@ -81,3 +81,22 @@ pub(crate) async fn del_ingress(ns: &NetnsHandle, index: u32) -> Result<()> {
         message: e.to_string(),
     })
 }
+
+/// Deletes the ingress qdisc of `index` if it has one; `false` when there was none.
+pub(crate) async fn del_ingress_if_any(ns: &NetnsHandle, index: u32) -> Result<bool> {
+    let mut req = ns.handle.qdisc().del(index as i32);
+    let msg = req.message_mut();
+    msg.header.parent = netlink_packet_route::tc::TcHandle::INGRESS;
+    msg.header.handle = netlink_packet_route::tc::TcHandle::from(0xffff_0000);
+    match req.execute().await {
+        Ok(()) => Ok(true),
+        // No qdisc: ENOENT or EINVAL, depending on the kernel; the device gone: ENODEV.
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => {
+            Ok(false)
+        }
+        Err(e) => Err(Error::Netlink {
+            step: format!("Removing the ingress qdisc of interface {index}"),
+            message: e.to_string(),
+        }),
+    }
+}
