@@ -71,7 +71,7 @@ pub use error::{Error, Result};
 pub use handoff::send_with_fds_async;
 pub use handoff::{send_with_fds, ChildFds};
 pub use name::{validate as validate_name, MAX_NAME_LEN};
-pub use netns::{run_in, NetNs, NETNS_RUN_DIR};
+pub use netns::{delete_path as delete_netns, run_in, NetNs, NETNS_RUN_DIR};
 pub use reaper::Reaper;
 pub use tap::{
     adopt, attach_queue, delete_tap, AdoptedTap, LinkState, Offloads, Tap, TapBuilder, TapFlags,

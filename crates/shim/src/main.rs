@@ -8,8 +8,11 @@
 //! - `sandbox run --config FILE [--netns PATH] [--id ID]` boots a sandbox VM with a TAP NIC
 //!   (or, in a namespace CNI prepared, one per pod interface, connected by tc redirection),
 //!   gives the guest its addresses and routes through its agent, prints the facts, and
-//!   removes everything it created on SIGINT or SIGTERM;
+//!   removes everything it created on SIGINT or SIGTERM (exit status 0; 1 when it failed;
+//!   3 when a second signal forced the teardown, see [`sandbox`]);
 //! - `sandbox hotplug-nic --id ID` hot-plugs one more NIC into a running sandbox;
+//! - `sandbox cleanup --id ID` removes what a `sandbox run` that died left, from the record
+//!   it kept in its run directory ([`records`], [`cleanup`]);
 //! - `sandbox check [--config FILE]` says whether this host can run one.
 //!
 //! The containerd shim v2 protocol (`start`, `delete`, ttrpc) is not part of this build.
@@ -26,11 +29,14 @@
 
 mod backend;
 mod check;
+mod cleanup;
 mod config;
 mod facts;
 mod logging;
 mod net;
 mod pod;
+mod procfs;
+mod records;
 mod sandbox;
 
 use std::path::PathBuf;
@@ -74,7 +80,20 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum SandboxCommand {
     /// Boot a sandbox, print its facts, stay until SIGINT/SIGTERM, then remove it.
+    ///
+    /// The first SIGINT/SIGTERM cancels whatever is in progress (boot, agent wait, a
+    /// hotplug) and removes the sandbox; a second one during that teardown forces it: the
+    /// VMM is killed and what the sandbox's record lists is removed.
+    ///
+    /// Exit status: 0 = stopped on request and removed; 1 = failed (the error says why;
+    /// what was created is removed); 3 = the teardown was forced by a second signal.
+    ///
+    /// Everything created is recorded in the run directory as it is created: if this
+    /// process dies, `sandbox cleanup --id ID` removes what it left.
     Run(RunArgs),
+    /// Remove what a `sandbox run` that died left (VMM, namespace, TAPs, tc state, files),
+    /// from its record; refuses while that shim runs; succeeds when there is nothing left.
+    Cleanup(CleanupArgs),
     /// Hot-plug one more NIC into a running sandbox and give the guest an address on it.
     HotplugNic(TargetArgs),
     /// Print the facts of a running sandbox.
@@ -137,6 +156,15 @@ struct RunRoot {
 }
 
 #[derive(Debug, Args)]
+struct CleanupArgs {
+    /// Id of the sandbox to remove.
+    #[arg(long)]
+    id: String,
+    #[command(flatten)]
+    root: RunRoot,
+}
+
+#[derive(Debug, Args)]
 struct CheckArgs {
     /// Kata configuration file: also check its backend and guest assets.
     #[arg(long, short)]
@@ -196,6 +224,11 @@ fn main() -> ExitCode {
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let code = if e.downcast_ref::<sandbox::Forced>().is_some() {
+                ExitCode::from(sandbox::EXIT_FORCED)
+            } else {
+                ExitCode::FAILURE
+            };
             // JSON consumers get the error as a record; people get one plain line.
             if cli.log_format == LogFormat::Json {
                 slog::error!(log, "failed"; "error" => format!("{e:#}"));
@@ -205,7 +238,7 @@ fn main() -> ExitCode {
             if cli.log_format == LogFormat::Text {
                 eprintln!("containerd-shim-kata-v2: error: {e:#}");
             }
-            return ExitCode::FAILURE;
+            return code;
         }
     };
     drop(log);
@@ -229,6 +262,9 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
                 agent_timeout: Duration::from_secs(a.agent_timeout),
             };
             sandbox::run(log, opts).await
+        }
+        Command::Sandbox(SandboxCommand::Cleanup(c)) => {
+            cleanup::command(&c.root.run_root, &c.id).await
         }
         Command::Sandbox(SandboxCommand::HotplugNic(t)) => {
             match sandbox::request(&t.root.run_root, &t.id, ControlRequest::HotplugNic).await? {

@@ -14,6 +14,7 @@ use guest_agent::protocol::RouteConfig;
 use slog::info;
 
 use crate::net::NicPlan;
+use crate::records::{EndpointRecord, Records};
 
 /// The endpoints attached in a given namespace.
 #[derive(Debug)]
@@ -24,28 +25,44 @@ pub struct PodNetwork {
 }
 
 /// Attaches every interface of `netns`; `None` when it holds none but `lo` (the shim then
-/// makes its own TAP). Any other failure leaves nothing attached.
+/// makes its own TAP). Any other failure leaves nothing attached. What will be added is
+/// recorded in `records` before it is added, and unrecorded when attaching fails.
 pub async fn attach(
     log: &slog::Logger,
     netns: &Path,
     opts: &AttachOptions,
+    records: &mut Records,
 ) -> Result<Option<PodNetwork>> {
     let began = Instant::now();
     let ns = NetnsHandle::connect(netns)
         .await
         .with_context(|| format!("Opening route netlink in {}", netns.display()))?;
-    let endpoints = match endpoint::attach_all(&ns, opts).await {
-        Ok(eps) => eps,
+    let failed = |e: endpoint::Error| {
+        anyhow::Error::from(e).context(format!(
+            "Connecting the interfaces of {} to TAPs",
+            netns.display()
+        ))
+    };
+    let snapshot = endpoint::scan(&ns).await.map_err(failed)?;
+    let plans = match endpoint::plan(&ns, &snapshot, opts) {
+        Ok(plans) => plans,
         Err(endpoint::Error::NoInterfaces(_)) => {
             info!(log, "no pod interface in the namespace: the shim makes its own TAP";
                 "netns" => netns.display().to_string());
             return Ok(None);
         }
+        Err(e) => return Err(failed(e)),
+    };
+    records.update(|r| {
+        r.endpoints
+            .extend(plans.iter().map(|p| EndpointRecord::new(netns, p)))
+    })?;
+    let endpoints = match endpoint::attach(&ns, &snapshot, opts).await {
+        Ok(eps) => eps,
         Err(e) => {
-            return Err(anyhow::Error::from(e).context(format!(
-                "Connecting the interfaces of {} to TAPs",
-                netns.display()
-            )))
+            // Attach undid its steps: nothing of the plan is left to record.
+            records.update(|r| r.endpoints.clear())?;
+            return Err(failed(e));
         }
     };
     for ep in &endpoints {

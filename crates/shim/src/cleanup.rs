@@ -1,0 +1,200 @@
+//! Removing a sandbox from its record alone ([`crate::records`]): what `sandbox cleanup`
+//! does for a sandbox whose shim died, what a forced teardown does, and the last sweep of
+//! every teardown.
+//!
+//! In order: the VMM (SIGKILL, only if the recorded pid still names the recorded process;
+//! also any VMM of that sandbox the shim spawned but died before recording), the pod
+//! endpoints' qdiscs, filters and TAPs, the shim's TAPs, the owned namespace, the backend's
+//! run directory, the ready file, and the run directory with the record last, so that an
+//! interrupted cleanup can run again.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::net;
+use crate::procfs::{self, ProcessStamp};
+use crate::records::{self, Existing, Record};
+use crate::sandbox::state_dir;
+
+/// How long a killed VMM may take to be gone.
+const KILL_LIMIT: Duration = Duration::from_secs(10);
+/// How long a TAP handed over as fds may take to go once its last fd closed.
+const TAP_GONE_LIMIT: Duration = Duration::from_secs(2);
+
+/// What a removal did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// What was removed, as people read it.
+    pub removed: Vec<String>,
+    /// What could not be removed, and why.
+    pub problems: Vec<String>,
+}
+
+/// Removes everything `record` lists that still exists, then `state_dir`.
+pub async fn remove(record: &Record, state_dir: &Path) -> Report {
+    let mut report = Report::default();
+    kill_vmms(record, &mut report);
+    for ep in &record.endpoints {
+        if !ep.netns.exists() {
+            continue;
+        }
+        let detached = async {
+            let ns = endpoint::NetnsHandle::connect(&ep.netns).await?;
+            endpoint::detach_planned(&ns, &ep.plan()).await
+        }
+        .await;
+        match detached {
+            Ok(items) => report.removed.extend(
+                items
+                    .into_iter()
+                    .map(|i| format!("{i} in {}", ep.netns.display())),
+            ),
+            Err(e) => report.problems.push(format!(
+                "detaching pod interface {} from TAP {}: {:#}",
+                ep.interface,
+                ep.tap,
+                anyhow::Error::from(e)
+            )),
+        }
+    }
+    for tap in &record.taps {
+        remove_tap(tap, &mut report).await;
+    }
+    if let Some(ns) = record.netns.as_ref().filter(|n| n.owned) {
+        if ns.path.exists() {
+            match netdev::delete_netns(&ns.path) {
+                Ok(()) => report
+                    .removed
+                    .push(format!("network namespace {}", ns.path.display())),
+                Err(e) => report.problems.push(format!(
+                    "deleting network namespace {}: {e}",
+                    ns.path.display()
+                )),
+            }
+        }
+    }
+    if let Some(dir) = &record.backend_dir {
+        remove_path(dir, "backend run directory", &mut report);
+    }
+    if let Some(ready) = &record.ready_file {
+        remove_path(ready, "ready file", &mut report);
+    }
+    remove_path(state_dir, "run directory", &mut report);
+    report
+}
+
+fn kill_vmms(record: &Record, report: &mut Report) {
+    let mut vmms: Vec<ProcessStamp> = record.vmm.into_iter().collect();
+    if let Some(ns) = &record.netns {
+        for found in procfs::find_vmms(&record.id, &ns.path, &record.owner) {
+            if !vmms.contains(&found) {
+                vmms.push(found);
+            }
+        }
+    }
+    for vmm in vmms {
+        match vmm.kill(KILL_LIMIT) {
+            Ok(true) => report
+                .removed
+                .push(format!("VMM process {} (killed)", vmm.pid)),
+            Ok(false) => {}
+            Err(e) => report.problems.push(e),
+        }
+    }
+}
+
+async fn remove_tap(tap: &records::TapRecord, report: &mut Report) {
+    if !tap.netns.exists() {
+        return;
+    }
+    let present = || net::taps_in(&tap.netns).map(|all| all.contains(&tap.name));
+    // A TAP handed over as fds goes when its last fd closes, after an RCU grace period.
+    let began = Instant::now();
+    loop {
+        match present() {
+            Ok(false) => return,
+            Ok(true) if tap.persistent || began.elapsed() > TAP_GONE_LIMIT => break,
+            Ok(true) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => {
+                report
+                    .problems
+                    .push(format!("listing TAPs in {}: {e:#}", tap.netns.display()));
+                return;
+            }
+        }
+    }
+    match netdev::delete_tap(&tap.name, Some(&tap.netns)) {
+        Ok(()) => report
+            .removed
+            .push(format!("TAP {} in {}", tap.name, tap.netns.display())),
+        Err(netdev::Error::TapNotFound { .. }) => {}
+        Err(e) => report
+            .problems
+            .push(format!("deleting TAP {}: {e}", tap.name)),
+    }
+}
+
+fn remove_path(path: &Path, what: &str, report: &mut Report) {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match removed {
+        Ok(()) => report.removed.push(format!("{what} {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => report
+            .problems
+            .push(format!("removing {what} {}: {e}", path.display())),
+    }
+}
+
+/// `sandbox cleanup --id ID`: removes a sandbox whose shim is gone, and prints what it
+/// removed. Refuses while the owner runs; succeeds, saying so, when there is nothing.
+pub async fn command(run_root: &Path, id: &str) -> Result<()> {
+    let dir = state_dir(run_root, id);
+    let mut report = Report::default();
+    let parent = dir.parent().expect("a run directory has a parent");
+    for stale in records::stale_claims(parent, id) {
+        remove_path(&stale, "unfinished run directory", &mut report);
+    }
+    match records::existing(&dir) {
+        Existing::None => {}
+        Existing::Alive(r) => bail!(
+            "sandbox {id} is owned by a running shim (pid {}): stop it with SIGTERM (kill -TERM {}); it removes everything itself",
+            r.owner.pid,
+            r.owner.pid
+        ),
+        Existing::Dead(r) => {
+            let done = remove(&r, &dir).await;
+            report.removed.extend(done.removed);
+            report.problems.extend(done.problems);
+        }
+        Existing::Unrecorded(why) => {
+            // Claims are atomic with their record: a directory without one is no live
+            // sandbox's, and lists nothing else to remove.
+            eprintln!("sandbox {id}: no record ({why}); removing the run directory only");
+            remove_path(&dir, "run directory", &mut report);
+        }
+    }
+    if report.removed.is_empty() && report.problems.is_empty() {
+        println!(
+            "sandbox {id}: nothing to clean up (no run directory under {})",
+            run_root.display()
+        );
+        return Ok(());
+    }
+    for item in &report.removed {
+        println!("removed {item}");
+    }
+    if !report.problems.is_empty() {
+        bail!(
+            "Cleaning up sandbox {id}: {} (run it again once fixed)",
+            report.problems.join("; ")
+        );
+    }
+    println!("sandbox {id}: cleaned up");
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The record of what a sandbox created, kept in its run directory (`record.json`) and
+//! rewritten (write, then rename) as each thing is created: before the step when its name
+//! is known in advance (the owned namespace, the backend's run directory, the pod endpoints,
+//! the ready file), right after it otherwise (a TAP, the VMM). A shim that dies at any point
+//! leaves a record covering what exists, from which [`crate::cleanup`] removes it.
+//!
+//! The run directory is claimed atomically with its first record in it (a private directory
+//! renamed into place), so a run directory without a record is never a live sandbox's.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::procfs::ProcessStamp;
+
+/// File name of the record inside the run directory.
+pub const RECORD_FILE: &str = "record.json";
+
+/// Everything a sandbox created that outlives its shim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Sandbox id.
+    pub id: String,
+    /// The `sandbox run` process that owns the sandbox.
+    pub owner: ProcessStamp,
+    /// The namespace the NICs live in, and whether the sandbox created it (and deletes it).
+    #[serde(default)]
+    pub netns: Option<NetnsRecord>,
+    /// TAPs the shim created for its own NICs.
+    #[serde(default)]
+    pub taps: Vec<TapRecord>,
+    /// Pod interfaces connected to TAPs (ingress qdiscs and redirect filters added).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointRecord>,
+    /// The VMM process, once spawned.
+    #[serde(default)]
+    pub vmm: Option<ProcessStamp>,
+    /// The backend's run directory (sockets, QEMU log).
+    #[serde(default)]
+    pub backend_dir: Option<PathBuf>,
+    /// The ready file, once it is about to be written.
+    #[serde(default)]
+    pub ready_file: Option<PathBuf>,
+    /// The backend's saved state (`Hypervisor::save_state`), for a runtime that re-attaches.
+    #[serde(default)]
+    pub saved_state: Option<serde_json::Value>,
+}
+
+/// The sandbox's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsRecord {
+    /// Its path (`/run/netns/NAME` for a named one).
+    pub path: PathBuf,
+    /// Created by the sandbox, deleted with it.
+    pub owned: bool,
+}
+
+/// A TAP of the shim's own NICs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapRecord {
+    /// Interface name.
+    pub name: String,
+    /// The namespace it is in.
+    pub netns: PathBuf,
+    /// Persistent (opened by name by the VMM): it stays until deleted. A TAP handed over as
+    /// fds goes away with the last of them.
+    pub persistent: bool,
+}
+
+/// A pod interface connected to a TAP: `endpoint::AttachPlan` in the namespace `netns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// The pod namespace.
+    pub netns: PathBuf,
+    /// The CNI interface that got an ingress qdisc and a redirect filter.
+    pub interface: String,
+    /// Its ifindex.
+    pub interface_index: u32,
+    /// The TAP created for it (ingress qdisc and redirect filter of its own).
+    pub tap: String,
+    /// Persistent TAP.
+    pub persistent: bool,
+}
+
+impl EndpointRecord {
+    /// The record of `plan` in `netns`.
+    pub fn new(netns: &Path, plan: &endpoint::AttachPlan) -> EndpointRecord {
+        EndpointRecord {
+            netns: netns.to_path_buf(),
+            interface: plan.interface.clone(),
+            interface_index: plan.interface_index,
+            tap: plan.tap.clone(),
+            persistent: plan.persistent,
+        }
+    }
+
+    /// The plan to hand to `endpoint::detach_planned`.
+    pub fn plan(&self) -> endpoint::AttachPlan {
+        endpoint::AttachPlan {
+            interface: self.interface.clone(),
+            interface_index: self.interface_index,
+            tap: self.tap.clone(),
+            persistent: self.persistent,
+        }
+    }
+}
+
+impl Record {
+    /// A record of nothing created yet, owned by this process.
+    pub fn new(id: &str) -> Record {
+        Record {
+            id: id.to_string(),
+            owner: ProcessStamp::current(),
+            netns: None,
+            taps: Vec::new(),
+            endpoints: Vec::new(),
+            vmm: None,
+            backend_dir: None,
+            ready_file: None,
+            saved_state: None,
+        }
+    }
+}
+
+/// What is found at a sandbox's run directory.
+#[derive(Debug)]
+pub enum Existing {
+    /// No run directory.
+    None,
+    /// A run directory whose owner still runs.
+    Alive(Record),
+    /// A run directory whose owner is gone.
+    Dead(Record),
+    /// A run directory without a readable record (left by an older shim, or damaged).
+    Unrecorded(String),
+}
+
+/// Reads the run directory `state_dir`.
+pub fn existing(state_dir: &Path) -> Existing {
+    if !state_dir.exists() {
+        return Existing::None;
+    }
+    let path = state_dir.join(RECORD_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => return Existing::Unrecorded(format!("reading {}: {e}", path.display())),
+    };
+    match serde_json::from_str::<Record>(&text) {
+        Ok(r) if r.owner.is_alive() => Existing::Alive(r),
+        Ok(r) => Existing::Dead(r),
+        Err(e) => Existing::Unrecorded(format!("parsing {}: {e}", path.display())),
+    }
+}
+
+/// The live record of a sandbox: every change is written before the method returns.
+#[derive(Debug)]
+pub struct Records {
+    dir: PathBuf,
+    record: Record,
+}
+
+/// Why the run directory could not be claimed.
+#[derive(Debug)]
+pub enum ClaimError {
+    /// Another run directory of that id is in place.
+    Taken,
+    /// Anything else.
+    Failed(anyhow::Error),
+}
+
+impl Records {
+    /// Creates the run directory `state_dir` holding `record`, atomically: either it appears
+    /// with its record in it, or (when it exists already) [`ClaimError::Taken`].
+    pub fn claim(state_dir: &Path, record: Record) -> std::result::Result<Records, ClaimError> {
+        let parent = state_dir.parent().expect("a run directory has a parent");
+        let fail = |e: anyhow::Error| ClaimError::Failed(e);
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("Creating {}", parent.display()))
+            .map_err(fail)?;
+        let name = state_dir
+            .file_name()
+            .expect("a run directory has a name")
+            .to_string_lossy();
+        let staging = parent.join(format!(".{name}.claim-{}", record.owner.pid));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir(&staging)
+            .with_context(|| format!("Creating {}", staging.display()))
+            .map_err(fail)?;
+        let records = Records {
+            dir: staging.clone(),
+            record,
+        };
+        if let Err(e) = records.write() {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(fail(e));
+        }
+        // rename(2) replaces only an empty directory: a run directory with a record stays.
+        if state_dir.exists() {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(ClaimError::Taken);
+        }
+        match std::fs::rename(&staging, state_dir) {
+            Ok(()) => Ok(Records {
+                dir: state_dir.to_path_buf(),
+                record: records.record,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                if matches!(
+                    e.kind(),
+                    ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty
+                ) {
+                    Err(ClaimError::Taken)
+                } else {
+                    Err(fail(anyhow::Error::from(e).context(format!(
+                        "Renaming {} to {}",
+                        staging.display(),
+                        state_dir.display()
+                    ))))
+                }
+            }
+        }
+    }
+
+    /// The record as last written.
+    pub fn get(&self) -> &Record {
+        &self.record
+    }
+
+    /// Changes the record and writes it.
+    pub fn update(&mut self, change: impl FnOnce(&mut Record)) -> Result<()> {
+        change(&mut self.record);
+        self.write()
+    }
+
+    fn write(&self) -> Result<()> {
+        let path = self.dir.join(RECORD_FILE);
+        let tmp = self.dir.join(format!("{RECORD_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(&self.record)?;
+        std::fs::write(&tmp, text).with_context(|| format!("Writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("Recording what sandbox {} created", self.record.id))
+    }
+}
+
+/// Claim directories of `name` left by processes that died between creating and renaming
+/// them (`.NAME.claim-PID` under `parent`).
+pub fn stale_claims(parent: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = format!(".{name}.claim-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimed_directory_holds_its_record_and_cannot_be_claimed_twice() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("sandboxes").join("a");
+        let mut records = Records::claim(&dir, Record::new("a")).unwrap();
+        records
+            .update(|r| r.backend_dir = Some("/x".into()))
+            .unwrap();
+        match existing(&dir) {
+            Existing::Alive(r) => assert_eq!(&r, records.get()),
+            other => panic!("expected a live record, got {other:?}"),
+        }
+        assert!(matches!(
+            Records::claim(&dir, Record::new("a")),
+            Err(ClaimError::Taken)
+        ));
+        // Nothing but the run directory is left next to it.
+        let names: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["a"]);
+    }
+
+    #[test]
+    fn a_record_whose_owner_is_gone_is_dead() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("b");
+        let mut record = Record::new("b");
+        record.owner.start_time += 1;
+        Records::claim(&dir, record).unwrap();
+        assert!(matches!(existing(&dir), Existing::Dead(_)));
+        assert!(matches!(
+            existing(&root.path().join("none")),
+            Existing::None
+        ));
+        std::fs::remove_file(dir.join(RECORD_FILE)).unwrap();
+        assert!(matches!(existing(&dir), Existing::Unrecorded(_)));
+    }
+}

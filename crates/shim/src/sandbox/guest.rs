@@ -1,0 +1,240 @@
+//! The guest side of `sandbox run`: waiting for the agent, configuring the guest's NICs,
+//! publishing the facts, and reading the guest init's failure from the console.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use guest_agent::client::AgentClient;
+use guest_agent::protocol::InterfaceConfig;
+use hypervisor::{AgentAddress, SandboxSpec};
+use slog::info;
+use tokio::net::UnixListener;
+
+use super::{ms, write_atomic, Netns, Phase, RunOptions, Sandbox};
+use crate::backend;
+use crate::facts::{NicFacts, SandboxFacts};
+use crate::net::NicPlan;
+
+/// How long the guest may take to show a NIC after it was plugged.
+const GUEST_NIC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The guest init's marker of a fatal error, followed by the reason, before it powers off.
+const INIT_ERROR: &str = "guest-init: error:";
+
+impl Sandbox {
+    /// From a running VM to a served sandbox: agent, guest NICs, facts, control socket.
+    pub(super) async fn up(
+        &mut self,
+        opts: &RunOptions,
+        plugged: Vec<(hypervisor::DeviceInfo, NicPlan)>,
+        mut timings: BTreeMap<String, u64>,
+        began: Instant,
+        spec: &SandboxSpec,
+    ) -> Result<()> {
+        let t = Instant::now();
+        self.phase = Phase::Agent;
+        let address = self.hv.agent_address().await?;
+        info!(self.log, "waiting for the guest agent"; "agent" => address.to_string());
+        let (agent, health) = progress(&self.log, "waiting for the guest agent", async {
+            let mut agent = connect_agent(&address).await?;
+            let health = agent
+                .wait_ready(opts.agent_timeout)
+                .await
+                .context("Waiting for the guest agent")?;
+            anyhow::Ok((agent, health))
+        })
+        .await?;
+        self.agent = Some(agent);
+        timings.insert("agent_ready".to_string(), ms(t.elapsed()));
+        info!(self.log, "guest agent ready"; "agent" => address.to_string(),
+            "guest_uptime_ms" => health.uptime_ms, "ms" => ms(t.elapsed()));
+
+        let t = Instant::now();
+        self.phase = Phase::GuestNetwork;
+        for (info, plan) in &plugged {
+            let nic = self.configure_guest(info, plan, Instant::now()).await?;
+            self.nics.push(nic);
+        }
+        timings.insert("guest_network".to_string(), ms(t.elapsed()));
+        timings.insert("total".to_string(), ms(began.elapsed()));
+
+        let config = self.hv.config().await.ok();
+        let accelerator = backend::probe_host(
+            self.backend,
+            spec.config.accelerator,
+            config.as_ref().and_then(|c| c.path.as_deref()),
+        )
+        .ok()
+        .and_then(|p| p.accelerator.ok())
+        .map(|(a, _)| a);
+        let pids = self.hv.pids().await?;
+        let control = self.state_dir.join("control.sock");
+        let facts = SandboxFacts {
+            id: self.id.clone(),
+            backend: self.hv.name().to_string(),
+            machine_type: config.and_then(|c| c.machine_type),
+            accelerator,
+            shim_pid: std::process::id(),
+            vmm_pid: pids.vmm,
+            vcpu_threads: pids.vcpus.clone(),
+            netns: self.netns_path().to_path_buf(),
+            netns_name: self.netns.as_ref().and_then(Netns::name),
+            netns_owned: matches!(self.netns, Some(Netns::Owned(_))),
+            nics: self.nics.clone(),
+            agent: address.to_string(),
+            console_log: self.hv.console_log().await,
+            control_socket: control.clone(),
+            timings_ms: timings,
+        };
+        let listener = UnixListener::bind(&control)
+            .with_context(|| format!("Binding control socket {}", control.display()))?;
+        self.facts = Some(facts.clone());
+        self.publish(&facts, opts.json)?;
+        info!(self.log, "sandbox ready"; "ms" => ms(began.elapsed()));
+        self.phase = Phase::Serving;
+        self.serve(listener).await
+    }
+
+    /// Writes `facts.json` and the ready file, then prints the facts: whoever waits on any
+    /// of the three finds the other two in place.
+    fn publish(&mut self, facts: &SandboxFacts, json: bool) -> Result<()> {
+        let line = serde_json::to_string(facts)?;
+        write_atomic(&self.state_dir.join("facts.json"), &line)?;
+        if let Some(ready) = self.ready_file.clone() {
+            self.record(|r| r.ready_file = Some(ready.clone()))?;
+            write_atomic(&ready, &line)
+                .with_context(|| format!("Writing the ready file {}", ready.display()))?;
+        }
+        if json {
+            println!("{line}");
+        } else {
+            println!("{}", facts.human());
+        }
+        Ok(())
+    }
+
+    /// Waits for the guest to show the NIC of `plan` and gives it its addresses, MTU and
+    /// routes through the agent.
+    pub(super) async fn configure_guest(
+        &mut self,
+        info: &hypervisor::DeviceInfo,
+        plan: &NicPlan,
+        began: Instant,
+    ) -> Result<NicFacts> {
+        let mac = plan.mac;
+        let agent = self.agent.as_mut().ok_or_else(|| anyhow!("no agent"))?;
+        // A hot-plugged NIC shows up once the guest has probed the PCI device: wait for the
+        // agent to list its MAC before configuring it.
+        let wanted = mac.to_string();
+        let deadline = Instant::now() + GUEST_NIC_TIMEOUT;
+        loop {
+            let ifaces = agent
+                .list_interfaces(Duration::from_secs(10))
+                .await
+                .context("Listing the guest's interfaces")?;
+            if ifaces
+                .iter()
+                .any(|i| i.mac.as_deref() == Some(wanted.as_str()))
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the guest did not show a NIC with MAC {mac} within {GUEST_NIC_TIMEOUT:?} (see the console log)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let done = agent
+            .configure_interface(
+                InterfaceConfig {
+                    mac: wanted,
+                    addresses: plan.addresses.clone(),
+                    mtu: plan.mtu,
+                    routes: plan.routes.clone(),
+                },
+                Duration::from_secs(30),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "Configuring the guest NIC {mac} with {} (routes: {})",
+                    plan.addresses.join(" "),
+                    plan.routes_human().join("; ")
+                )
+            })?;
+        Ok(NicFacts {
+            id: info.id.to_string(),
+            tap: plan.tap.clone(),
+            pod_interface: plan.pod_interface.clone(),
+            host_address: plan.host_address.clone(),
+            guest_address: plan.addresses.first().cloned().unwrap_or_default(),
+            guest_addresses: plan.addresses.clone(),
+            routes: plan.routes_human(),
+            guest_ip: plan.guest_ip(),
+            mac: mac.to_string(),
+            guest_interface: done.name,
+            location: info.location.to_string(),
+            hotplugged: info.hotplugged,
+            setup_ms: ms(began.elapsed()),
+        })
+    }
+}
+
+/// The reason of the last `guest-init: error:` line of the console log at `path`.
+pub(super) fn init_failure(path: &Path) -> Option<String> {
+    let raw = std::fs::read(path).ok()?;
+    init_failure_in(&String::from_utf8_lossy(&raw))
+}
+
+fn init_failure_in(console: &str) -> Option<String> {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(INIT_ERROR))
+        .map(|why| why.trim().to_string())
+}
+
+async fn connect_agent(address: &AgentAddress) -> Result<AgentClient> {
+    Ok(match address {
+        AgentAddress::VirtioSerial { path } => AgentClient::connect_serial(path).await?,
+        AgentAddress::Vsock { cid, port } => AgentClient::connect_vsock(*cid, *port).await?,
+        AgentAddress::HybridVsock { path, port } => {
+            AgentClient::connect_hybrid_vsock(path, *port).await?
+        }
+    })
+}
+
+/// Awaits `fut`, logging every 10 s that it is still going.
+async fn progress<T>(log: &slog::Logger, what: &str, fut: impl Future<Output = T>) -> T {
+    let began = Instant::now();
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            _ = tick.tick() => info!(log, "still {}", what; "elapsed_s" => began.elapsed().as_secs()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_init_error_line_is_the_reason() {
+        let console = "[    1.0] virtio_net: loading\r\n\
+            guest-init: error: module virtio_blk did not load: bad\r\n\
+            guest-init: error: module virtio_net did not load: disagrees about version of symbol module_layout\r\n\
+            [    1.2] reboot: Power down\r\n";
+        assert_eq!(
+            init_failure_in(console).as_deref(),
+            Some("module virtio_net did not load: disagrees about version of symbol module_layout")
+        );
+        assert_eq!(init_failure_in("guest-init: ready\n"), None);
+    }
+}
