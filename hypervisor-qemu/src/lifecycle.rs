@@ -238,12 +238,20 @@ impl QemuHypervisor {
         let args = cmd.args();
         info!(self.log, "starting QEMU"; "sandbox" => &spec.id, "binary" => binary.display().to_string(),
             "args" => args.join(" "));
-        let child = process::spawn(&binary, &args, fds, spec.netns.as_deref(), &run.qemu_log())
-            .map_err(|e| {
-                // The cold devices' fds went with the failed command: this VM cannot start.
-                self.shared.set_state(VmState::Stopped);
-                Error::backend(format!("Starting QEMU for sandbox {}", spec.id), e)
-            })?;
+        let child = process::spawn(
+            &binary,
+            &args,
+            fds,
+            spec.netns.as_deref(),
+            &run.qemu_log(),
+            None,
+        )
+        .await
+        .map_err(|e| {
+            // The cold devices' fds went with the failed command: this VM cannot start.
+            self.shared.set_state(VmState::Stopped);
+            Error::backend(format!("Starting QEMU for sandbox {}", spec.id), e)
+        })?;
         let pid = child.pid;
 
         let connected = tokio::time::timeout(timeout, connect_or_exit(&run, &child)).await;

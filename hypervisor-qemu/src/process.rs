@@ -1,5 +1,30 @@
 //! The QEMU child process: spawn in the sandbox's network namespace with exactly the chosen
-//! fds, capture its output, and report how it exited.
+//! fds, as the chosen user, capture its output, and report how it exited.
+//!
+//! # QEMU does not outlive its owner
+//!
+//! The child sets `PR_SET_PDEATHSIG(SIGKILL)` before `exec`, so the kernel kills QEMU when its
+//! parent goes away, whatever way the owner dies (`kill -9` included). The kernel ties that
+//! signal to the *thread* that forked, not to the process: a QEMU forked from a tokio
+//! blocking-pool thread would be killed when that thread idles out, and one forked from a
+//! runtime worker when that runtime shuts down. Every QEMU is therefore forked by one
+//! launcher thread this crate starts on first use and never ends (its job queue lives in a
+//! `static`), so the signal fires exactly when the owning process dies. The launcher enters
+//! the caller's tokio runtime before spawning, so the child, its pipes and its reaping belong
+//! to that runtime as before. After setting the signal the child checks `getppid()` against
+//! the owner's pid: if the owner died between `fork` and `prctl`, the child gives up instead of
+//! running orphaned.
+//!
+//! The kernel clears the parent-death signal whenever a process changes its user or group ids,
+//! which is why QEMU's own `-runas` is not used (that, and `-sandbox elevateprivileges=deny`
+//! kills QEMU with `SIGSYS` at its `setgid`): an unprivileged QEMU ([`RunAs`]) gets its ids in
+//! the child before `exec`, after entering the namespace, and the signal is set after that.
+//!
+//! A supervisor watching a pidfd was the alternative: it needs a process of its own that
+//! outlives the owner, which is exactly what must not exist.
+//!
+//! Re-attaching to a QEMU from saved state within the same process keeps working: the parent
+//! stays alive. No option lets QEMU outlive its owner.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -8,11 +33,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// How many of QEMU's last output lines are kept for error messages.
@@ -42,6 +68,9 @@ pub enum SpawnError {
     /// Passing fds to the child failed.
     #[error("passing fds to QEMU")]
     Fds(#[source] netdev::Error),
+    /// The launcher thread could not be started or has gone.
+    #[error("handing QEMU's start to the launcher thread")]
+    Launcher(#[source] std::io::Error),
     /// `exec` failed (no such binary, not executable).
     #[error("starting {}", binary.display())]
     Exec {
@@ -88,14 +117,51 @@ pub struct QemuProcess {
     _reaper: JoinHandle<()>,
 }
 
+/// The unprivileged identity QEMU runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// User id.
+    pub uid: u32,
+    /// Group id; the supplementary groups are cleared.
+    pub gid: u32,
+    /// Keep `CAP_SYS_CHROOT` (and only it) across `exec`, for QEMU's `-chroot`, which runs
+    /// after QEMU started and needs the capability.
+    pub chroot_capability: bool,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The queue of the thread that forks every QEMU; see the module docs.
+fn launcher() -> Result<&'static Mutex<mpsc::Sender<Job>>, SpawnError> {
+    static LAUNCHER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    if let Some(l) = LAUNCHER.get() {
+        return Ok(l);
+    }
+    let (tx, rx) = mpsc::channel::<Job>();
+    let started = std::thread::Builder::new()
+        .name("qemu-launcher".into())
+        .spawn(move || {
+            for job in rx {
+                job();
+            }
+        });
+    match started {
+        // A racing caller may have won: its thread serves, ours ends with its dropped queue.
+        Ok(_) => Ok(LAUNCHER.get_or_init(|| Mutex::new(tx))),
+        Err(e) => Err(SpawnError::Launcher(e)),
+    }
+}
+
 /// Spawns `binary args`, with `fds` placed at their numbers in the child (and no other fd
-/// inherited), inside `netns` when given; stdout and stderr go to `log` and the tail.
-pub fn spawn(
+/// inherited), inside `netns` when given, as `run_as` when given; stdout and stderr go to
+/// `log` (created 0600) and the tail. QEMU is killed when this process dies.
+pub async fn spawn(
     binary: &Path,
     args: &[String],
     fds: netdev::ChildFds,
     netns: Option<&Path>,
     log: &Path,
+    run_as: Option<RunAs>,
 ) -> Result<QemuProcess, SpawnError> {
     let netns_file = netns
         .map(|p| {
@@ -105,7 +171,7 @@ pub fn spawn(
             })
         })
         .transpose()?;
-    let log_file = File::create(log).map_err(|source| SpawnError::Log {
+    let log_file = create_private(log).map_err(|source| SpawnError::Log {
         path: log.to_path_buf(),
         source,
     })?;
@@ -136,17 +202,158 @@ pub fn spawn(
         }
     }
     fds.apply_tokio(&mut cmd).map_err(SpawnError::Fds)?;
-    let mut child = spawn_child(&mut cmd, binary)?;
-    drop(netns_file);
+    // Identity last (setns needs CAP_SYS_ADMIN), then the parent-death signal, which an id
+    // change would clear.
+    if let Some(who) = run_as {
+        // SAFETY: the closure runs in the forked child before exec and makes only raw system
+        // calls (prctl, setgroups, setresgid, setresuid, capset); it does not allocate.
+        unsafe {
+            cmd.pre_exec(move || drop_privileges(who));
+        }
+    }
+    let owner = std::process::id();
+    // SAFETY: as above: prctl(2) and getppid(2) only, no allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            if nix::unistd::getppid().as_raw() as u32 != owner {
+                // The owner died before the signal was armed: never run orphaned.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+
+    let handle = tokio::runtime::Handle::current();
+    let (tx, rx) = oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _entered = handle.enter();
+        let spawned = cmd.spawn();
+        drop(netns_file);
+        // If the caller went away (its start was cancelled), before or after this send,
+        // the child is dropped in transit and killed: nobody would own this QEMU.
+        let _ = tx.send(spawned.map(|c| InTransit(Some(c))));
+    });
+    let gone = || SpawnError::Launcher(std::io::Error::other("the launcher thread has ended"));
+    launcher()?
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .map_err(|_| gone())?;
+    let mut child = rx
+        .await
+        .map_err(|_| gone())?
+        .map_err(|source| SpawnError::Exec {
+            binary: binary.to_path_buf(),
+            source,
+        })?
+        .0
+        .take()
+        .expect("sent with the child");
     let pending = watch_child(&mut child, log_file);
     Ok(pending.with_child(child))
 }
 
-fn spawn_child(cmd: &mut Command, binary: &Path) -> Result<tokio::process::Child, SpawnError> {
-    cmd.spawn().map_err(|source| SpawnError::Exec {
-        binary: binary.to_path_buf(),
-        source,
-    })
+/// A spawned child on its way to `spawn`'s caller: killed if dropped before it arrives (the
+/// caller's future was dropped meanwhile).
+struct InTransit(Option<tokio::process::Child>);
+
+impl Drop for InTransit {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Creates (or truncates) `path` readable and writable by its owner only.
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode through open: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
+/// Linux capability number of `CAP_SYS_CHROOT`.
+const CAP_SYS_CHROOT: u32 = 18;
+
+/// Runs in the forked child: takes `who`'s ids, clears the supplementary groups and, when
+/// asked, keeps `CAP_SYS_CHROOT` alone as an ambient capability so it survives `exec`.
+fn drop_privileges(who: RunAs) -> std::io::Result<()> {
+    use nix::unistd::{setresgid, setresuid, Gid, Uid};
+    if who.chroot_capability {
+        nix::sys::prctl::set_keepcaps(true)?;
+    }
+    // SAFETY: setgroups(2) with a zero count reads no memory.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let gid = Gid::from_raw(who.gid);
+    setresgid(gid, gid, gid)?;
+    let uid = Uid::from_raw(who.uid);
+    setresuid(uid, uid, uid)?;
+    if who.chroot_capability {
+        keep_only_chroot_capability()?;
+    }
+    Ok(())
+}
+
+fn keep_only_chroot_capability() -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let bit = 1u32 << CAP_SYS_CHROOT;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: bit,
+            permitted: bit,
+            inheritable: bit,
+        },
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset(2) reads a version-3 header and two data words that live on this stack
+    // frame for the call.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: prctl(2) with integer arguments only.
+    let raised = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+            libc::c_ulong::from(CAP_SYS_CHROOT),
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if raised != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 struct Pending {

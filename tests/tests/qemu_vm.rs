@@ -798,7 +798,9 @@ async fn spawn_enters_the_namespace_when_a_passed_fd_takes_its_number() {
         fds,
         Some(ns.path()),
         &logs.path().join("sleep.log"),
+        None,
     )
+    .await
     .unwrap();
     let pid = child.pid;
     let inode = |p: String| std::fs::metadata(p).map(|m| m.ino()).ok();
