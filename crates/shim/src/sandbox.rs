@@ -253,6 +253,7 @@ enum Phase {
     Agent,
     GuestNetwork,
     Serving,
+    Hotplug,
 }
 
 struct Sandbox {
@@ -533,9 +534,13 @@ impl Sandbox {
             Phase::Agent => "before the guest agent answered",
             Phase::GuestNetwork => "while the guest's network was being configured",
             Phase::Serving => "on its own",
+            Phase::Hotplug => "while a NIC was being hot-plugged",
         };
         let console = self.hv.console_log().await;
-        match console.as_deref().and_then(guest::init_failure) {
+        match console
+            .as_deref()
+            .and_then(guest_agent::console::init_failure_in)
+        {
             Some(why) => {
                 anyhow::anyhow!("the VM exited {when} ({how}): the guest init failed: {why}")
             }

@@ -9,7 +9,7 @@ use slog::{info, warn};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::{state_dir, Sandbox};
+use super::{state_dir, Phase, Sandbox};
 use crate::facts::{ControlRequest, ControlResponse, NicFacts};
 
 impl Sandbox {
@@ -49,10 +49,15 @@ impl Sandbox {
                 }
                 None => ControlResponse::Error("the sandbox is not ready".into()),
             },
-            Ok(ControlRequest::HotplugNic) => match self.hotplug_nic().await {
-                Ok(nic) => ControlResponse::Nic(Box::new(nic)),
-                Err(e) => ControlResponse::Error(format!("{e:#}")),
-            },
+            Ok(ControlRequest::HotplugNic) => {
+                self.phase = Phase::Hotplug;
+                let plugged = self.hotplug_nic().await;
+                self.phase = Phase::Serving;
+                match plugged {
+                    Ok(nic) => ControlResponse::Nic(Box::new(nic)),
+                    Err(e) => ControlResponse::Error(format!("{e:#}")),
+                }
+            }
         };
         let mut out = serde_json::to_string(&response)?;
         out.push('\n');

@@ -1,9 +1,8 @@
 //! The guest side of `sandbox run`: waiting for the agent, configuring the guest's NICs,
-//! publishing the facts, and reading the guest init's failure from the console.
+//! publishing the facts.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,8 +19,6 @@ use crate::net::NicPlan;
 
 /// How long the guest may take to show a NIC after it was plugged.
 const GUEST_NIC_TIMEOUT: Duration = Duration::from_secs(30);
-/// The guest init's marker of a fatal error, followed by the reason, before it powers off.
-const INIT_ERROR: &str = "guest-init: error:";
 
 impl Sandbox {
     /// From a running VM to a served sandbox: agent, guest NICs, facts, control socket.
@@ -183,20 +180,6 @@ impl Sandbox {
     }
 }
 
-/// The reason of the last `guest-init: error:` line of the console log at `path`.
-pub(super) fn init_failure(path: &Path) -> Option<String> {
-    let raw = std::fs::read(path).ok()?;
-    init_failure_in(&String::from_utf8_lossy(&raw))
-}
-
-fn init_failure_in(console: &str) -> Option<String> {
-    console
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix(INIT_ERROR))
-        .map(|why| why.trim().to_string())
-}
-
 async fn connect_agent(address: &AgentAddress) -> Result<AgentClient> {
     Ok(match address {
         AgentAddress::VirtioSerial { path } => AgentClient::connect_serial(path).await?,
@@ -218,23 +201,5 @@ async fn progress<T>(log: &slog::Logger, what: &str, fut: impl Future<Output = T
             out = &mut fut => return out,
             _ = tick.tick() => info!(log, "still {}", what; "elapsed_s" => began.elapsed().as_secs()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_last_init_error_line_is_the_reason() {
-        let console = "[    1.0] virtio_net: loading\r\n\
-            guest-init: error: module virtio_blk did not load: bad\r\n\
-            guest-init: error: module virtio_net did not load: disagrees about version of symbol module_layout\r\n\
-            [    1.2] reboot: Power down\r\n";
-        assert_eq!(
-            init_failure_in(console).as_deref(),
-            Some("module virtio_net did not load: disagrees about version of symbol module_layout")
-        );
-        assert_eq!(init_failure_in("guest-init: ready\n"), None);
     }
 }
