@@ -1,4 +1,8 @@
 //! QEMU's command line, built from a typed description. Pure: no I/O, unit-tested.
+//!
+//! QEMU opens no file of the sandbox by path: the console log and the disks reach it as fds in
+//! fd sets (`-add-fd`, then `/dev/fdset/N` where a path is expected), so they can stay
+//! root-owned 0600 in a 0700 directory while QEMU runs unprivileged or chrooted.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -166,8 +170,14 @@ pub struct CmdlineSpec {
     pub kernel_params: Vec<String>,
     /// fd number, in QEMU, of the listening Unix socket of the QMP monitor.
     pub qmp_fd: i32,
-    /// File the serial console is written to.
+    /// File the serial console is written to (a [`fdset_path`] when passed as an fd).
     pub console_log: PathBuf,
+    /// fds passed in, grouped in fd sets: `(set, fd number in QEMU)`.
+    pub fdsets: Vec<(u32, i32)>,
+    /// The seccomp filter (`-sandbox` value).
+    pub seccomp: Option<String>,
+    /// The directory QEMU chroots into once started.
+    pub chroot: Option<PathBuf>,
     /// Agent channel.
     pub agent: AgentArgs,
     /// Cold-plugged NICs.
@@ -206,6 +216,15 @@ impl CmdlineSpec {
             ),
         };
         push(&["-name", &format!("sandbox-{}", self.name)]);
+        if let Some(filter) = &self.seccomp {
+            push(&["-sandbox", filter]);
+        }
+        for (set, fd) in &self.fdsets {
+            push(&["-add-fd", &format!("fd={fd},set={set}")]);
+        }
+        if let Some(dir) = &self.chroot {
+            push(&["-chroot", &dir.display().to_string()]);
+        }
         push(&["-machine", &machine]);
         if self.accel == Accel::Kvm {
             push(&["-cpu", "host"]);
@@ -348,6 +367,11 @@ fn blockdev_arg(b: &BlockArgs) -> String {
     )
 }
 
+/// The path under which QEMU opens an fd of fd set `set`.
+pub fn fdset_path(set: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/fdset/{set}"))
+}
+
 fn on_off(b: bool) -> &'static str {
     if b {
         "on"
@@ -372,6 +396,9 @@ mod tests {
             kernel_params: vec!["agent.port=1024".into()],
             qmp_fd: 3,
             console_log: "/run/s1/console.log".into(),
+            fdsets: vec![],
+            seccomp: None,
+            chroot: None,
             agent: AgentArgs::Serial { fd: 4 },
             nics: vec![],
             blocks: vec![],
@@ -495,6 +522,26 @@ mod tests {
             place: None,
         };
         assert!(blockdev_arg(&b).contains("file.filename=/img/a,,b.img,"));
+    }
+
+    #[test]
+    fn confinement_options_are_passed_as_given() {
+        let mut s = spec();
+        let args = s.args();
+        for flag in ["-sandbox", "-add-fd", "-chroot", "-runas"] {
+            assert!(after(&args, flag).is_empty(), "{flag} in {args:?}");
+        }
+        s.seccomp = Some("on,spawn=deny".into());
+        s.fdsets = vec![(1, 5), (2, 6)];
+        s.console_log = fdset_path(1);
+        s.chroot = Some("/proc/self/fd/7".into());
+        let args = s.args();
+        assert_eq!(after(&args, "-sandbox"), ["on,spawn=deny"]);
+        assert_eq!(after(&args, "-add-fd"), ["fd=5,set=1", "fd=6,set=2"]);
+        assert_eq!(after(&args, "-serial"), ["file:/dev/fdset/1"]);
+        assert_eq!(after(&args, "-chroot"), ["/proc/self/fd/7"]);
+        // QEMU's -runas would clear the parent-death signal: ids are set before exec.
+        assert!(after(&args, "-runas").is_empty());
     }
 
     #[test]

@@ -375,21 +375,33 @@ impl QemuHypervisor {
             ));
         }
         let port = self.free_port(inner, &id)?;
+        // QEMU may run unprivileged or chrooted: it gets the disk as an fd, never a path.
+        let disk = crate::confine::open_disk(&b.path, b.read_only)
+            .map_err(|e| Error::device(&id, "Opening the disk of", e))?;
         let qmp = inner.qmp.clone().expect("running VMs have QMP");
         let t = self.opts.qmp_timeout;
+        let set = qmp
+            .execute_with_fds("add-fd", None, &[disk.as_fd()], t)
+            .await
+            .map_err(|e| Error::device(&id, "Passing the disk of", e))?;
+        let set = set["fdset-id"].as_u64().unwrap_or_default();
         let node = json!({
             "driver": "raw",
             "node-name": id.as_str(),
             "read-only": b.read_only,
             "file": {
                 "driver": "file",
-                "filename": b.path,
+                "filename": format!("/dev/fdset/{set}"),
                 "read-only": b.read_only,
             },
         });
-        qmp.execute("blockdev-add", Some(node), t)
-            .await
-            .map_err(|e| Error::device(&id, "Opening the image of", e))?;
+        let added = qmp.execute("blockdev-add", Some(node), t).await;
+        // The block node holds its own duplicate: the set's fd closes now, and the set goes
+        // away with the node.
+        let _ = qmp
+            .execute("remove-fd", Some(json!({ "fdset-id": set })), t)
+            .await;
+        added.map_err(|e| Error::device(&id, "Opening the image of", e))?;
         let rp = inner.ports[port].clone();
         let dev = json!({
             "driver": "virtio-blk-pci",

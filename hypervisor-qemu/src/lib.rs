@@ -45,6 +45,7 @@
 #![warn(missing_docs)]
 
 pub mod cmdline;
+mod confine;
 pub mod host;
 mod hotplug;
 mod lifecycle;

@@ -100,13 +100,20 @@ impl QemuHypervisor {
             dir: self.opts.run_root.join(&spec.id),
             console_log: spec.config.console_log.clone(),
         };
-        std::fs::create_dir_all(&self.opts.run_root).map_err(|e| {
+        // Checked here, so an unusable rootless setup fails prepare naming the key, with
+        // nothing created.
+        crate::confine::check_access(
+            &spec.config,
+            accel,
+            matches!(agent, AgentAddress::Vsock { .. }),
+        )?;
+        crate::confine::create_run_root(&self.opts.run_root).map_err(|e| {
             Error::backend(
                 format!("Creating the run root {}", self.opts.run_root.display()),
                 e,
             )
         })?;
-        std::fs::create_dir(&run.dir).map_err(|e| {
+        crate::confine::create_run_dir(&run.dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 ConfigError::new(
                     "id",
@@ -160,6 +167,7 @@ impl QemuHypervisor {
         let bind = |path: PathBuf| {
             let _ = std::fs::remove_file(&path);
             UnixListener::bind(&path)
+                .and_then(|l| crate::confine::make_private(&path).map(|()| l))
                 .map(OwnedFd::from)
                 .map_err(|e| Error::backend(format!("Binding {}", path.display()), e))
         };
@@ -171,6 +179,8 @@ impl QemuHypervisor {
                 fd: fds.push(bind(run.agent())?),
             },
         };
+
+        let files = crate::confine::StartFiles::open(&spec.config, &run, &inner.cold, &mut fds)?;
 
         let mut nics = Vec::new();
         let mut blocks = Vec::new();
@@ -201,7 +211,7 @@ impl QemuHypervisor {
                     place,
                 } => blocks.push(BlockArgs {
                     id: info.id.to_string(),
-                    path,
+                    path: files.disks.get(&info.id).cloned().unwrap_or(path),
                     read_only,
                     place,
                 }),
@@ -224,11 +234,14 @@ impl QemuHypervisor {
             accel,
             vcpus: spec.config.vcpus,
             memory_mib: spec.config.memory_mib,
-            kernel: spec.config.kernel.clone(),
-            initrd: spec.config.initrd.clone(),
+            kernel: files.kernel,
+            initrd: files.initrd,
             kernel_params: spec.config.kernel_params.clone(),
             qmp_fd,
-            console_log: run.console(),
+            console_log: files.console,
+            fdsets: files.fdsets,
+            seccomp: files.seccomp,
+            chroot: files.chroot,
             agent,
             nics,
             blocks,
@@ -244,7 +257,7 @@ impl QemuHypervisor {
             fds,
             spec.netns.as_deref(),
             &run.qemu_log(),
-            None,
+            files.run_as,
         )
         .await
         .map_err(|e| {

@@ -118,12 +118,14 @@ pub struct QemuProcess {
 }
 
 /// The unprivileged identity QEMU runs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {
     /// User id.
     pub uid: u32,
-    /// Group id; the supplementary groups are cleared.
+    /// Group id.
     pub gid: u32,
+    /// Supplementary groups (`kvm`, say); all others are dropped.
+    pub groups: Vec<u32>,
     /// Keep `CAP_SYS_CHROOT` (and only it) across `exec`, for QEMU's `-chroot`, which runs
     /// after QEMU started and needs the capability.
     pub chroot_capability: bool,
@@ -206,9 +208,10 @@ pub async fn spawn(
     // change would clear.
     if let Some(who) = run_as {
         // SAFETY: the closure runs in the forked child before exec and makes only raw system
-        // calls (prctl, setgroups, setresgid, setresuid, capset); it does not allocate.
+        // calls (prctl, setgroups, setresgid, setresuid, capset); it does not allocate (the
+        // group list was built before the fork).
         unsafe {
-            cmd.pre_exec(move || drop_privileges(who));
+            cmd.pre_exec(move || drop_privileges(&who));
         }
     }
     let owner = std::process::id();
@@ -283,15 +286,15 @@ pub fn create_private(path: &Path) -> std::io::Result<File> {
 /// Linux capability number of `CAP_SYS_CHROOT`.
 const CAP_SYS_CHROOT: u32 = 18;
 
-/// Runs in the forked child: takes `who`'s ids, clears the supplementary groups and, when
+/// Runs in the forked child: takes `who`'s ids and groups and, when
 /// asked, keeps `CAP_SYS_CHROOT` alone as an ambient capability so it survives `exec`.
-fn drop_privileges(who: RunAs) -> std::io::Result<()> {
+fn drop_privileges(who: &RunAs) -> std::io::Result<()> {
     use nix::unistd::{setresgid, setresuid, Gid, Uid};
     if who.chroot_capability {
         nix::sys::prctl::set_keepcaps(true)?;
     }
-    // SAFETY: setgroups(2) with a zero count reads no memory.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+    // SAFETY: setgroups(2) reads `groups.len()` gids from a live slice (gid_t is u32).
+    if unsafe { libc::setgroups(who.groups.len(), who.groups.as_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     let gid = Gid::from_raw(who.gid);

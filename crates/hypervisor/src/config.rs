@@ -14,6 +14,24 @@ pub const MAX_VCPUS: u32 = 288;
 /// Smallest guest memory, in MiB, that a Linux guest boots in.
 pub const MIN_MEMORY_MIB: u32 = 64;
 
+/// The seccomp filter a VMM runs under unless configured otherwise: QEMU's `-sandbox` value
+/// that Kata ships (`seccompsandbox`), denying obsolete system calls, privilege changes,
+/// process creation and scheduler/affinity changes.
+pub const DEFAULT_SECCOMP_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The user an unprivileged VMM runs as unless configured otherwise; `make deps` creates it.
+pub const DEFAULT_ROOTLESS_USER: &str = "kata-qemu";
+
+/// The sub-options of QEMU 7.2's `-sandbox` and the values each takes.
+const SECCOMP_OPTIONS: &[(&str, &[&str])] = &[
+    ("enable", &["on", "off"]),
+    ("obsolete", &["allow", "deny"]),
+    ("elevateprivileges", &["allow", "deny", "children"]),
+    ("spawn", &["allow", "deny"]),
+    ("resourcecontrol", &["allow", "deny"]),
+];
+
 /// How guest code runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -73,6 +91,17 @@ pub struct HypervisorConfig {
     /// File the guest's serial console is written to (created or truncated at start, kept by
     /// cleanup). `None`: `console.log` in the VM's run directory, removed by cleanup.
     pub console_log: Option<PathBuf>,
+    /// The VMM's seccomp filter, as QEMU's `-sandbox` value (Kata's `seccompsandbox`); `None`
+    /// runs it without one. Backends that run no VMM process ignore it.
+    pub seccomp_sandbox: Option<String>,
+    /// Run the VMM as the unprivileged [`rootless_user`](Self::rootless_user) instead of root.
+    /// Backends that run no VMM process ignore it.
+    pub rootless: bool,
+    /// With [`rootless`](Self::rootless): a user name, whose uid, primary group and groups the
+    /// VMM takes, or `UID:GID`. Neither may be 0.
+    pub rootless_user: String,
+    /// Confine the VMM to an empty directory (QEMU's `-chroot`) once it has started.
+    pub chroot: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -92,6 +121,10 @@ impl Default for HypervisorConfig {
             agent_channel: AgentChannelKind::Auto,
             agent_port: 1024,
             console_log: None,
+            seccomp_sandbox: Some(DEFAULT_SECCOMP_SANDBOX.to_string()),
+            rootless: false,
+            rootless_user: DEFAULT_ROOTLESS_USER.to_string(),
+            chroot: false,
         }
     }
 }
@@ -161,7 +194,127 @@ impl HypervisorConfig {
                 format!("{} is not a usable vsock port", self.agent_port),
             ));
         }
+        if let Some(value) = &self.seccomp_sandbox {
+            check_seccomp_sandbox(value)
+                .map_err(|problem| ConfigError::new("seccomp_sandbox", problem))?;
+        }
+        if self.rootless {
+            RootlessUser::parse(&self.rootless_user)
+                .map_err(|problem| ConfigError::new("rootless_user", problem))?;
+        }
         Ok(())
+    }
+
+    /// Whether the seccomp filter is on: a value is set and does not say `off`.
+    pub fn seccomp_enabled(&self) -> bool {
+        self.seccomp_sandbox
+            .as_deref()
+            .is_some_and(value_enables_seccomp)
+    }
+}
+
+/// Whether a valid `-sandbox` value turns the filter on.
+fn value_enables_seccomp(value: &str) -> bool {
+    value.split(',').all(|item| {
+        let (k, v) = item.split_once('=').unwrap_or(("enable", item));
+        k != "enable" || v == "on"
+    })
+}
+
+/// Checks a QEMU `-sandbox` value: `on` or `off` first, then `key=value` sub-options that
+/// QEMU 7.2 knows, each once.
+pub fn check_seccomp_sandbox(value: &str) -> Result<(), String> {
+    let known = || {
+        SECCOMP_OPTIONS
+            .iter()
+            .skip(1)
+            .map(|(k, vs)| format!("{k}={}", vs.join("|")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, item) in value.split(',').enumerate() {
+        let (key, v) = match item.split_once('=') {
+            Some(kv) => kv,
+            None if i == 0 => ("enable", item),
+            None => {
+                return Err(format!(
+                    "{value:?}: {item:?} is not key=value; the sub-options are {}",
+                    known()
+                ))
+            }
+        };
+        let Some((_, values)) = SECCOMP_OPTIONS.iter().find(|(k, _)| *k == key) else {
+            return Err(format!(
+                "{value:?}: {key:?} is not a sub-option of QEMU's -sandbox; use {}",
+                known()
+            ));
+        };
+        if !values.contains(&v) {
+            return Err(format!(
+                "{value:?}: {key}={v} is not valid; {key} takes {}",
+                values.join(" or ")
+            ));
+        }
+        if seen.contains(&key) {
+            return Err(format!("{value:?}: {key} is given twice"));
+        }
+        seen.push(key);
+    }
+    if !seen.contains(&"enable") {
+        return Err(format!(
+            "{value:?} does not start with \"on\" or \"off\" (e.g. {DEFAULT_SECCOMP_SANDBOX:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// A parsed [`HypervisorConfig::rootless_user`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootlessUser {
+    /// A user name, resolved on the host.
+    Name(String),
+    /// Numeric ids, used as given.
+    Ids {
+        /// User id.
+        uid: u32,
+        /// Group id.
+        gid: u32,
+    },
+}
+
+impl RootlessUser {
+    /// Parses `NAME` or `UID:GID`; root (0) is refused.
+    pub fn parse(value: &str) -> Result<RootlessUser, String> {
+        if let Some((u, g)) = value.split_once(':') {
+            let id = |s: &str| {
+                s.parse::<u32>().map_err(|_| {
+                    format!("{value:?}: {s:?} is not a numeric id; use UID:GID or a user name")
+                })
+            };
+            let (uid, gid) = (id(u)?, id(g)?);
+            if uid == 0 || gid == 0 {
+                return Err(format!(
+                    "{value:?} is root: an unprivileged VMM needs a uid and gid other than 0"
+                ));
+            }
+            return Ok(RootlessUser::Ids { uid, gid });
+        }
+        let ok = !value.is_empty()
+            && value.len() <= 32
+            && !value.starts_with('-')
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !ok {
+            return Err(format!(
+                "{value:?} is not a user name (letters, digits, '_', '-', '.') nor UID:GID"
+            ));
+        }
+        if value == "root" {
+            return Err("\"root\" is not an unprivileged user".into());
+        }
+        Ok(RootlessUser::Name(value.to_string()))
     }
 }
 
@@ -190,7 +343,21 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         type Mutation = fn(&mut HypervisorConfig);
-        let cases: [(&str, Mutation); 6] = [
+        let cases: [(&str, Mutation); 10] = [
+            ("seccomp_sandbox", |c| {
+                c.seccomp_sandbox = Some("on,spawn=maybe".into())
+            }),
+            ("seccomp_sandbox", |c| {
+                c.seccomp_sandbox = Some("on,networking=deny".into())
+            }),
+            ("rootless_user", |c| {
+                c.rootless = true;
+                c.rootless_user = "0:1000".into();
+            }),
+            ("rootless_user", |c| {
+                c.rootless = true;
+                c.rootless_user = "bad user".into();
+            }),
             ("vcpus", |c| c.vcpus = 0),
             ("console_log", |c| {
                 c.console_log = Some("console.log".into())
@@ -205,6 +372,63 @@ mod tests {
             mutate(&mut c);
             assert_eq!(c.validate().unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn seccomp_values_follow_qemu_7_2() {
+        for good in [
+            DEFAULT_SECCOMP_SANDBOX,
+            "on",
+            "off",
+            "enable=on,elevateprivileges=children",
+        ] {
+            check_seccomp_sandbox(good).unwrap();
+        }
+        let unknown = check_seccomp_sandbox("on,networking=deny").unwrap_err();
+        assert!(
+            unknown.contains("\"networking\" is not a sub-option"),
+            "{unknown}"
+        );
+        assert!(
+            unknown.contains("elevateprivileges=allow|deny|children"),
+            "{unknown}"
+        );
+        assert!(check_seccomp_sandbox("obsolete=deny").is_err());
+        assert!(check_seccomp_sandbox("on,spawn=deny,spawn=allow").is_err());
+        assert!(check_seccomp_sandbox("on,deny").is_err());
+        assert!(check_seccomp_sandbox("").is_err());
+    }
+
+    #[test]
+    fn seccomp_is_on_by_default_and_off_when_said() {
+        assert!(good().seccomp_enabled());
+        let mut c = good();
+        c.seccomp_sandbox = Some("off".into());
+        assert!(!c.seccomp_enabled());
+        c.seccomp_sandbox = None;
+        assert!(!c.seccomp_enabled());
+    }
+
+    #[test]
+    fn rootless_users_are_names_or_nonzero_ids() {
+        assert_eq!(
+            RootlessUser::parse("kata-qemu").unwrap(),
+            RootlessUser::Name("kata-qemu".into())
+        );
+        assert_eq!(
+            RootlessUser::parse("64000:64000").unwrap(),
+            RootlessUser::Ids {
+                uid: 64000,
+                gid: 64000
+            }
+        );
+        for bad in ["root", "0:0", "1000:0", "x:1", "", "-u", "a/b"] {
+            assert!(RootlessUser::parse(bad).is_err(), "{bad}");
+        }
+        // Unused unless rootless is on.
+        let mut c = good();
+        c.rootless_user = "0:0".into();
+        c.validate().unwrap();
     }
 
     #[test]
