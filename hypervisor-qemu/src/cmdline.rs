@@ -315,6 +315,10 @@ impl CmdlineSpec {
 /// on PCI also `vectors=2N+2` (an MSI-X vector per queue, plus config and control).
 /// virtio-mmio (`virtio-net-device`, microvm) has no MSI-X and no `vectors` property: QEMU
 /// refuses the device if it is given.
+///
+/// On PCI the NIC gets no option ROM (`romfile=`): the guest boots its kernel directly and
+/// never network-boots, and a chrooted QEMU could not read the ROM file from
+/// `/usr/share/qemu` when the NIC is hot-plugged.
 pub fn nic_props(
     machine: Machine,
     queues: usize,
@@ -322,6 +326,9 @@ pub fn nic_props(
     mtu: Option<u32>,
 ) -> String {
     let mut s = String::new();
+    if machine == Machine::Q35 {
+        s.push_str(",romfile=");
+    }
     if queues > 1 {
         s.push_str(",mq=on");
         if machine == Machine::Q35 {
@@ -450,7 +457,7 @@ mod tests {
         assert_eq!(after(&args, "-netdev"), ["tap,id=net0,fds=3:4,vhost=off"]);
         let dev = after(&args, "-device");
         assert!(dev.contains(
-            &"virtio-net-pci,id=dev-net0,netdev=net0,mac=02:00:00:00:00:01,mq=on,vectors=6,bus=pcie.0,addr=0x2"
+            &"virtio-net-pci,id=dev-net0,netdev=net0,mac=02:00:00:00:00:01,romfile=,mq=on,vectors=6,bus=pcie.0,addr=0x2"
         ), "{dev:?}");
         assert!(!args.iter().any(|a| a.contains("queues=")));
     }
@@ -497,7 +504,7 @@ mod tests {
         );
         assert_eq!(
             nic_props(Machine::Q35, 2, Some(256), Some(1400)),
-            ",mq=on,vectors=6,rx_queue_size=256,tx_queue_size=256,host_mtu=1400"
+            ",romfile=,mq=on,vectors=6,rx_queue_size=256,tx_queue_size=256,host_mtu=1400"
         );
     }
 

@@ -8,15 +8,36 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::{Arc, Mutex};
+
 use anyhow::{bail, ensure, Context, Result};
-use hypervisor::{Hypervisor, HypervisorConfig, SandboxSpec};
+use hypervisor::{Error, Hypervisor, HypervisorConfig, SandboxSpec};
 use hypervisor_qemu::{QemuHypervisor, QemuOptions};
-use workspace_tests::{require_root, test_logger, unique_name, GuestAssets};
+use workspace_tests::{
+    require_root, scenarios, test_logger, unique_name, Backend, GuestAssets, TestNic,
+};
+
+/// The unprivileged ids the confined QEMU takes: numeric, so the test needs no user on the
+/// host; no process of the host runs as them.
+const CONFINED_UID: u32 = 64_123;
+const CONFINED_USER: &str = "64123:64123";
 
 /// Set in the environment of the child that plays the owner of a QEMU.
 const OWNER_ROLE: &str = "QEMU_CONFINED_OWNER_ROLE";
 /// The line the owner prints once its QEMU runs.
 const OWNER_READY: &str = "owner-ready";
+
+/// Every confinement on: Kata's seccomp filter, an unprivileged user, a chroot.
+fn confined_config() -> HypervisorConfig {
+    HypervisorConfig {
+        seccomp_sandbox: Some(hypervisor::config::DEFAULT_SECCOMP_SANDBOX.into()),
+        rootless: true,
+        rootless_user: CONFINED_USER.into(),
+        chroot: true,
+        ..assets_config()
+    }
+}
 
 fn assets_config() -> HypervisorConfig {
     let assets = GuestAssets::find();
@@ -46,6 +67,7 @@ fn play_owner(role: &str, run_root: &Path) -> ! {
         );
         let config = match role {
             "plain" => assets_config(),
+            "confined" => confined_config(),
             other => bail!("unknown owner role {other:?}"),
         };
         let id = std::env::var("QEMU_CONFINED_OWNER_ID").context("the sandbox id")?;
@@ -195,4 +217,258 @@ fn qemu_dies_within_two_seconds_of_its_owner() -> Result<()> {
         play_owner(&role, &root);
     }
     owner_death_kills_qemu("qemu_dies_within_two_seconds_of_its_owner", "plain")
+}
+
+#[test]
+fn a_confined_qemu_dies_within_two_seconds_of_its_owner() -> Result<()> {
+    if let Some((role, root)) = owner_role() {
+        play_owner(&role, &root);
+    }
+    // The id change before exec must not have cleared the parent-death signal.
+    owner_death_kills_qemu(
+        "a_confined_qemu_dies_within_two_seconds_of_its_owner",
+        "confined",
+    )
+}
+
+/// A confined QEMU backend for the shared scenarios; it remembers its run root so the test
+/// can look at the files.
+#[derive(Default)]
+struct Confined {
+    run_root: Mutex<Option<PathBuf>>,
+}
+
+impl Backend for Confined {
+    fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
+        *self.run_root.lock().expect("not poisoned") = Some(run_root.to_path_buf());
+        Arc::new(QemuHypervisor::new(
+            test_logger(),
+            QemuOptions {
+                run_root: run_root.to_path_buf(),
+                ..Default::default()
+            },
+        ))
+    }
+
+    fn config(&self, _assets: &GuestAssets) -> HypervisorConfig {
+        confined_config()
+    }
+
+    fn can_boot(&self) -> Result<(), String> {
+        let qemu = QemuOptions::default().default_binary;
+        if qemu.exists() {
+            Ok(())
+        } else {
+            Err(format!("{} is missing: run `make deps`", qemu.display()))
+        }
+    }
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+fn mode_of(path: &Path) -> Result<u32> {
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("{}", path.display()))?;
+    Ok(meta.permissions().mode() & 0o7777)
+}
+
+/// What the confinement looks like from the host while the guest runs.
+fn check_confinement(pid: u32, run_root: &Path) -> Result<()> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name| status_field(&status, name).unwrap_or_default().to_string();
+    ensure!(
+        field("Seccomp") == "2",
+        "QEMU is not under a seccomp filter: {status}"
+    );
+    let ids = |name| {
+        field(name)
+            .split_whitespace()
+            .map(|v| v.parse::<u32>().unwrap_or(0))
+            .collect::<Vec<_>>()
+    };
+    ensure!(
+        ids("Uid") == [CONFINED_UID; 4] && ids("Gid") == [CONFINED_UID; 4],
+        "QEMU does not run as {CONFINED_USER}: Uid {:?} Gid {:?}",
+        ids("Uid"),
+        ids("Gid")
+    );
+    ensure!(
+        field("Groups") == CONFINED_UID.to_string(),
+        "QEMU kept other groups: {:?}",
+        field("Groups")
+    );
+    // CAP_SYS_CHROOT (bit 18), nothing else.
+    ensure!(
+        field("CapEff") == "0000000000040000" && field("CapPrm") == "0000000000040000",
+        "QEMU holds capabilities besides CAP_SYS_CHROOT: eff {} prm {}",
+        field("CapEff"),
+        field("CapPrm")
+    );
+    ensure!(field("NoNewPrivs") == "1", "no_new_privs is not set");
+
+    let run_dirs: Vec<PathBuf> = std::fs::read_dir(run_root)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    let [run_dir] = run_dirs.as_slice() else {
+        bail!(
+            "expected one run directory in {}: {run_dirs:?}",
+            run_root.display()
+        );
+    };
+    let root = std::fs::read_link(format!("/proc/{pid}/root"))?;
+    ensure!(
+        root == run_dir.join("chroot"),
+        "QEMU's root is {}, not its chroot directory",
+        root.display()
+    );
+    ensure!(
+        std::fs::read_dir(run_dir.join("chroot"))?.next().is_none(),
+        "the chroot directory is not empty"
+    );
+    let want: [(&Path, u32); 7] = [
+        (run_root, 0o700),
+        (run_dir, 0o700),
+        (&run_dir.join("qmp.sock"), 0o600),
+        (&run_dir.join("agent.sock"), 0o600),
+        (&run_dir.join("console.log"), 0o600),
+        (&run_dir.join("qemu.log"), 0o600),
+        (&run_dir.join("chroot"), 0o111),
+    ];
+    for (path, mode) in want {
+        let got = mode_of(path)?;
+        ensure!(
+            got == mode,
+            "{} has mode {got:o}, expected {mode:o}",
+            path.display()
+        );
+        let owner = std::fs::metadata(path)?.uid();
+        ensure!(
+            owner == 0,
+            "{} is owned by uid {owner}, not root",
+            path.display()
+        );
+    }
+    // The guest's console reached the root-owned 0600 log through the passed fd.
+    let console = std::fs::read_to_string(run_dir.join("console.log"))?;
+    ensure!(
+        console.contains("Linux version"),
+        "the console log has no boot messages"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_qemu_boots_answers_ping_and_runs_unprivileged_in_its_chroot() -> Result<()> {
+    let backend = Confined::default();
+    let inspect = |pid: u32, _nic: &TestNic| {
+        let root = backend
+            .run_root
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .context("created")?;
+        check_confinement(pid, &root)
+    };
+    scenarios::boot_ping_and_agent(&backend, 1, &inspect).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_qemu_hotplugs_a_nic_the_guest_answers_on() -> Result<()> {
+    scenarios::nic_hotplug_and_unplug(&Confined::default()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_qemu_hotplugs_a_disk_the_guest_reads() -> Result<()> {
+    scenarios::block_hotplug_reads_pattern(&Confined::default()).await
+}
+
+/// Prepares with `config` and expects a configuration error naming `key`, with nothing
+/// created under the run root.
+async fn refused(config: HypervisorConfig, key: &str, words: &str) -> Result<()> {
+    require_root();
+    let run_root = tempfile::tempdir()?;
+    let hv = QemuHypervisor::new(
+        test_logger(),
+        QemuOptions {
+            run_root: run_root.path().join("run"),
+            ..Default::default()
+        },
+    );
+    let id = unique_name("bad");
+    let err = hv
+        .prepare(&SandboxSpec {
+            id: id.clone(),
+            netns: None,
+            config,
+        })
+        .await
+        .expect_err("prepare must refuse the configuration");
+    let Error::InvalidConfig(e) = &err else {
+        bail!("not a configuration error: {err:?}");
+    };
+    ensure!(
+        e.field == key,
+        "the error names {:?}, not {key:?}: {e}",
+        e.field
+    );
+    ensure!(e.to_string().contains(words), "unclear message: {e}");
+    ensure!(
+        !run_root.path().join("run").exists(),
+        "prepare created {} although it refused",
+        run_root.path().join("run").display()
+    );
+    ensure!(
+        processes_mentioning(&format!("sandbox-{id}")).is_empty(),
+        "a QEMU of {id} runs"
+    );
+    hv.cleanup().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unknown_seccomp_sub_option_is_refused_naming_the_key() -> Result<()> {
+    let config = HypervisorConfig {
+        seccomp_sandbox: Some("on,obsolete=deny,networking=deny".into()),
+        ..assets_config()
+    };
+    refused(
+        config,
+        "seccomp_sandbox",
+        "\"networking\" is not a sub-option",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_rootless_user_that_does_not_exist_is_refused_naming_the_key() -> Result<()> {
+    let config = HypervisorConfig {
+        rootless: true,
+        rootless_user: "kq-no-such-user".into(),
+        ..assets_config()
+    };
+    refused(config, "rootless_user", "does not exist on this host").await
+}
+
+#[tokio::test]
+async fn a_kernel_the_rootless_user_cannot_read_is_refused_naming_the_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not read")?;
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o600))?;
+    let config = HypervisorConfig {
+        kernel,
+        ..confined_config()
+    };
+    refused(
+        config,
+        "kernel",
+        "cannot be read by QEMU's user 64123:64123",
+    )
+    .await
 }
