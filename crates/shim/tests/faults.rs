@@ -1,0 +1,662 @@
+//! Fault injection on `sandbox run` with real QEMU guests (TCG where KVM is not usable), in
+//! namespaces the shim or the test creates, each under its own `--run-root`:
+//!
+//! - `kill -9` of the shim at each phase (right after QEMU is spawned, before the agent
+//!   answers, during a NIC hotplug, during stop, on a pod network): `sandbox run` with the
+//!   same id then names the dead shim and the cleanup command, and `sandbox cleanup`
+//!   removes everything;
+//! - `kill -9` of QEMU at the same phases under a live shim: the shim exits non-zero naming
+//!   the VM's exit, and removes everything itself;
+//! - SIGTERM during boot and during a hotplug: the teardown starts within 1 s; a second
+//!   SIGTERM during a teardown stuck on a stopped QEMU forces it (exit status 3).
+//!
+//! Every case compares snapshots taken before and after (namespaces, QEMU processes of the
+//! sandbox, files under the run root, the pod namespace's links and tc state) and starts
+//! the same id again. Phases are found from the shim's JSON log lines on stderr. The cases
+//! run one at a time: they measure latencies and share two cores with the guests.
+//! They need root and the guest assets of `make guest-assets`; without them they fail with
+//! the reason.
+#![cfg(feature = "qemu")]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use workspace_tests::cni::{tc_state, CniNetwork};
+use workspace_tests::{require_root, run, unique_name};
+
+mod common;
+
+use common::{config, guest_dir, SHIM};
+
+/// Boot plus agent under TCG on a loaded machine.
+const PHASE_LIMIT: Duration = Duration::from_secs(240);
+const EXIT_LIMIT: Duration = Duration::from_secs(60);
+/// The spec's limit from a signal to the start of the teardown.
+const TEARDOWN_START_LIMIT: Duration = Duration::from_secs(1);
+/// `sandbox run`'s exit status when a second signal forced the teardown.
+const EXIT_FORCED: i32 = 3;
+
+/// One case at a time (see the module docs).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A log record of the shim: its message, its fields, and when the test read it.
+#[derive(Debug, Clone)]
+struct Line {
+    at: Instant,
+    msg: String,
+    record: serde_json::Value,
+}
+
+/// A `sandbox run --log-format json` child whose stderr is read line by line; killed if
+/// the test fails half-way.
+struct Shim {
+    child: Child,
+    lines: Receiver<Line>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Shim {
+    fn start(id: &str, run_root: &Path, extra: &[&str]) -> Shim {
+        let mut child = Command::new(SHIM)
+            .env("GUEST_DIR", guest_dir())
+            .args([
+                "--log-format",
+                "json",
+                "sandbox",
+                "run",
+                "--json",
+                "--config",
+            ])
+            .arg(config("configuration-qemu.toml"))
+            .args(["--id", id, "--run-root"])
+            .arg(run_root)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the shim");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let all = seen.clone();
+        std::thread::spawn(move || {
+            for raw in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let at = Instant::now();
+                all.lock().unwrap().push(raw.clone());
+                let record: serde_json::Value =
+                    serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
+                let msg = record["msg"].as_str().unwrap_or_default().to_string();
+                if tx.send(Line { at, msg, record }).is_err() {
+                    break;
+                }
+            }
+        });
+        Shim { child, lines, seen }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        self.seen.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the log record `msg` and returns it.
+    fn wait_for(&mut self, msg: &str) -> Line {
+        let deadline = Instant::now() + PHASE_LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.msg == msg => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no {msg:?} from the shim within {PHASE_LIMIT:?} (exited: {:?}); its log:\n{}",
+                    self.child.try_wait(),
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the shim to exit and returns its status and its error record, if any.
+    fn wait_exit(&mut self) -> (ExitStatus, Option<String>) {
+        let began = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                began.elapsed() < EXIT_LIMIT,
+                "the shim did not exit within {EXIT_LIMIT:?}; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader ends at EOF; give it the last lines.
+        let began = Instant::now();
+        let mut error = None;
+        while began.elapsed() < Duration::from_secs(5) {
+            match self.lines.recv_timeout(Duration::from_secs(5)) {
+                Ok(line) if line.msg == "failed" => {
+                    error = line.record["error"].as_str().map(String::from)
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        (status, error)
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal("TERM", self.pid());
+            let began = Instant::now();
+            while began.elapsed() < EXIT_LIMIT {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn signal(name: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{name} {pid} failed");
+}
+
+/// The QEMU processes of sandbox `id` (QEMU is named `sandbox-ID`).
+fn qemu_pids(id: &str) -> Vec<u32> {
+    let name = format!("sandbox-{id}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+                args.windows(2)
+                    .any(|w| w[0] == b"-name" && w[1] == name.as_bytes())
+            })
+        })
+        .collect()
+}
+
+/// Files and directories under `root`, relative to it.
+fn tree(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What a sandbox may leave behind, observed from outside.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    /// Namespaces named after the sandbox.
+    namespaces: Vec<String>,
+    qemu: Vec<u32>,
+    /// Files under the run root, except the two parents every run creates.
+    files: Vec<PathBuf>,
+    /// Links (`ip -j link`: name, kind) and tc state (`tc qdisc`) of a pod namespace.
+    pod: Option<(Vec<String>, String)>,
+}
+
+fn snapshot(id: &str, run_root: &Path, pod: Option<&str>) -> Snapshot {
+    let list = run("ip", &["netns", "list"]).unwrap();
+    // Other tests make namespaces meanwhile: only those named after the sandbox count.
+    let mut namespaces: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter(|n| n.contains(id))
+        .collect();
+    namespaces.sort();
+    let files = tree(run_root)
+        .into_iter()
+        .filter(|p| p != Path::new("sandboxes") && p != Path::new("vm"))
+        .collect();
+    let pod = pod.map(|ns| {
+        let out = run("ip", &["-n", ns, "-j", "-d", "link"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut links: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {}",
+                    l["ifname"].as_str().unwrap_or_default(),
+                    l["linkinfo"]["info_kind"].as_str().unwrap_or("-")
+                )
+            })
+            .collect();
+        links.sort();
+        (links, run("tc", &["-n", ns, "qdisc", "show"]).unwrap())
+    });
+    Snapshot {
+        namespaces,
+        qemu: qemu_pids(id),
+        files,
+        pod,
+    }
+}
+
+/// Asserts that nothing of sandbox `id` is left: the snapshot is the one before, and no
+/// namespace named after the sandbox exists.
+fn assert_nothing_left(before: &Snapshot, id: &str, run_root: &Path, pod: Option<&str>) {
+    let after = snapshot(id, run_root, pod);
+    assert_eq!(&after, before, "sandbox {id} left something behind");
+    assert!(
+        after.qemu.is_empty(),
+        "QEMU of {id} is alive: {:?}",
+        after.qemu
+    );
+    assert!(
+        !after.namespaces.contains(&format!("kata-{id}")),
+        "namespace kata-{id} is left"
+    );
+}
+
+fn shim_cmd(args: &[&str], run_root: &Path) -> Output {
+    Command::new(SHIM)
+        .env("GUEST_DIR", guest_dir())
+        .args(args)
+        .arg("--run-root")
+        .arg(run_root)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// After a shim died: `run` with its id refuses naming it, `cleanup` removes what it left
+/// and a second `cleanup` finds nothing.
+fn clean_up_after_dead_shim(id: &str, dead: u32, run_root: &Path) {
+    let again = shim_cmd(
+        &[
+            "sandbox",
+            "run",
+            "--config",
+            config("configuration-qemu.toml").to_str().unwrap(),
+            "--id",
+            id,
+        ],
+        run_root,
+    );
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(
+        err.contains(&format!("left by a shim that died (pid {dead})"))
+            && err.contains(&format!(
+                "containerd-shim-kata-v2 sandbox cleanup --id {id} --run-root {}",
+                run_root.display()
+            )),
+        "run with a dead sandbox's id: {}",
+        text(&again)
+    );
+
+    let out = shim_cmd(&["sandbox", "cleanup", "--id", id], run_root);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cleanup failed: {}", text(&out));
+    assert!(
+        said.contains(&format!(
+            "removed run directory {}",
+            run_root.join("sandboxes").join(id).display()
+        )) && said.contains(&format!("sandbox {id}: cleaned up")),
+        "cleanup did not say what it removed: {}",
+        text(&out)
+    );
+    let out = shim_cmd(&["sandbox", "cleanup", "--id", id], run_root);
+    assert!(
+        out.status.success(),
+        "second cleanup failed: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"),
+        "second cleanup: {}",
+        text(&out)
+    );
+}
+
+/// The same id boots again and stops cleanly.
+fn starts_again(id: &str, run_root: &Path, extra: &[&str]) {
+    let mut shim = Shim::start(id, run_root, extra);
+    shim.wait_for("sandbox ready");
+    signal("TERM", shim.pid());
+    let (status, error) = shim.wait_exit();
+    assert!(
+        status.success(),
+        "the restarted sandbox {id} exited with {status}: {error:?}\n{}",
+        shim.log()
+    );
+}
+
+/// Starts a `sandbox hotplug-nic` client.
+fn hotplug(id: &str, run_root: &Path) -> Child {
+    Command::new(SHIM)
+        .args(["sandbox", "hotplug-nic", "--id", id, "--run-root"])
+        .arg(run_root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Where a fault is injected.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// QEMU spawned, not yet answering QMP.
+    Spawn,
+    /// The guest agent is awaited.
+    Agent,
+    /// A NIC hotplug is being served.
+    Hotplug,
+    /// The teardown after SIGTERM is running.
+    Stop,
+}
+
+/// Starts sandbox `id` and brings it to `phase`; returns the shim, the QEMU pid and the
+/// hotplug client when there is one.
+fn reach(phase: Phase, id: &str, run_root: &Path, extra: &[&str]) -> (Shim, u32, Option<Child>) {
+    let mut shim = Shim::start(id, run_root, extra);
+    let recorded = shim.wait_for("VMM process recorded");
+    let qemu = recorded.record["pid"].as_u64().unwrap() as u32;
+    let mut client = None;
+    match phase {
+        Phase::Spawn => {}
+        Phase::Agent => {
+            shim.wait_for("waiting for the guest agent");
+        }
+        Phase::Hotplug => {
+            shim.wait_for("sandbox ready");
+            client = Some(hotplug(id, run_root));
+            shim.wait_for("hot-plugging a NIC");
+        }
+        Phase::Stop => {
+            shim.wait_for("sandbox ready");
+            signal("TERM", shim.pid());
+            shim.wait_for("tearing down");
+        }
+    }
+    (shim, qemu, client)
+}
+
+fn kill_shim_at(phase: Phase, prefix: &str) {
+    require_root();
+    let _one = serial();
+    let id = unique_name(prefix);
+    let root = tempfile::tempdir().unwrap();
+    let before = snapshot(&id, root.path(), None);
+    let (mut shim, _qemu, client) = reach(phase, &id, root.path(), &[]);
+    let dead = shim.pid();
+    signal("KILL", dead);
+    let (status, _) = shim.wait_exit();
+    assert_eq!(status.code(), None, "the shim was not killed: {status}");
+    if let Some(c) = client {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "the hotplug of a killed shim succeeded"
+        );
+    }
+    assert!(
+        root.path()
+            .join("sandboxes")
+            .join(&id)
+            .join("record.json")
+            .exists(),
+        "no record left at {phase:?}: nothing to test"
+    );
+    clean_up_after_dead_shim(&id, dead, root.path());
+    assert_nothing_left(&before, &id, root.path(), None);
+    starts_again(&id, root.path(), &[]);
+    assert_nothing_left(&before, &id, root.path(), None);
+}
+
+fn kill_qemu_at(phase: Phase, prefix: &str, expect: &[&str]) {
+    require_root();
+    let _one = serial();
+    let id = unique_name(prefix);
+    let root = tempfile::tempdir().unwrap();
+    let before = snapshot(&id, root.path(), None);
+    let (mut shim, qemu, client) = reach(phase, &id, root.path(), &[]);
+    signal("KILL", qemu);
+    let (status, error) = shim.wait_exit();
+    let error = error.unwrap_or_default();
+    if let Some(c) = client {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "the hotplug into a killed VM succeeded"
+        );
+    }
+    match phase {
+        // Stopping anyway: the shim may see its VM gone and finish the teardown cleanly.
+        Phase::Stop => assert!(
+            status.success() || expect.iter().all(|e| error.contains(e)),
+            "the shim exited with {status}: {error}\n{}",
+            shim.log()
+        ),
+        _ => {
+            assert_eq!(status.code(), Some(1), "{error}\n{}", shim.log());
+            for e in expect {
+                assert!(error.contains(e), "the error does not say {e:?}: {error}");
+            }
+        }
+    }
+    assert_nothing_left(&before, &id, root.path(), None);
+    starts_again(&id, root.path(), &[]);
+    assert_nothing_left(&before, &id, root.path(), None);
+}
+
+#[test]
+fn shim_killed_right_after_spawning_qemu_is_removed_by_sandbox_cleanup() {
+    kill_shim_at(Phase::Spawn, "fks");
+}
+
+#[test]
+fn shim_killed_before_the_agent_answers_is_removed_by_sandbox_cleanup() {
+    kill_shim_at(Phase::Agent, "fka");
+}
+
+#[test]
+fn shim_killed_during_a_nic_hotplug_is_removed_by_sandbox_cleanup() {
+    kill_shim_at(Phase::Hotplug, "fkh");
+}
+
+#[test]
+fn shim_killed_during_stop_is_removed_by_sandbox_cleanup() {
+    kill_shim_at(Phase::Stop, "fkt");
+}
+
+#[test]
+fn qemu_killed_during_spawn_fails_the_run_naming_the_exit() {
+    kill_qemu_at(Phase::Spawn, "fqs", &["signal 9"]);
+}
+
+#[test]
+fn qemu_killed_before_the_agent_answers_fails_the_run_naming_the_exit() {
+    kill_qemu_at(
+        Phase::Agent,
+        "fqa",
+        &[
+            "the VM exited before the guest agent answered",
+            "killed (signal 9)",
+        ],
+    );
+}
+
+#[test]
+fn qemu_killed_during_a_nic_hotplug_fails_the_run_naming_the_exit() {
+    kill_qemu_at(
+        Phase::Hotplug,
+        "fqh",
+        &["while a NIC was being hot-plugged", "killed (signal 9)"],
+    );
+}
+
+#[test]
+fn qemu_killed_during_stop_leaves_nothing() {
+    kill_qemu_at(Phase::Stop, "fqt", &["signal 9"]);
+}
+
+/// SIGTERM at `phase`: the teardown starts within 1 s and the shim exits 0.
+fn sigterm_at(phase: Phase, prefix: &str) {
+    require_root();
+    let _one = serial();
+    let id = unique_name(prefix);
+    let root = tempfile::tempdir().unwrap();
+    let before = snapshot(&id, root.path(), None);
+    let (mut shim, _qemu, client) = reach(phase, &id, root.path(), &[]);
+    let sent = Instant::now();
+    signal("TERM", shim.pid());
+    let tearing = shim.wait_for("tearing down");
+    let latency = tearing.at.saturating_duration_since(sent);
+    assert!(
+        latency < TEARDOWN_START_LIMIT,
+        "the teardown started {latency:?} after SIGTERM at {phase:?}"
+    );
+    let (status, error) = shim.wait_exit();
+    assert!(status.success(), "exit {status}: {error:?}\n{}", shim.log());
+    if let Some(c) = client {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "the hotplug of a stopped sandbox succeeded"
+        );
+    }
+    eprintln!("SIGTERM at {phase:?}: teardown started after {latency:?}");
+    assert_nothing_left(&before, &id, root.path(), None);
+    starts_again(&id, root.path(), &[]);
+    assert_nothing_left(&before, &id, root.path(), None);
+}
+
+#[test]
+fn sigterm_during_boot_starts_the_teardown_within_a_second() {
+    sigterm_at(Phase::Spawn, "fts");
+}
+
+#[test]
+fn sigterm_before_the_agent_answers_starts_the_teardown_within_a_second() {
+    sigterm_at(Phase::Agent, "fta");
+}
+
+#[test]
+fn sigterm_during_a_nic_hotplug_starts_the_teardown_within_a_second() {
+    sigterm_at(Phase::Hotplug, "fth");
+}
+
+#[test]
+fn a_second_sigterm_forces_a_stuck_teardown_with_exit_status_3() {
+    require_root();
+    let _one = serial();
+    let id = unique_name("ftf");
+    let root = tempfile::tempdir().unwrap();
+    let before = snapshot(&id, root.path(), None);
+    let mut shim = Shim::start(&id, root.path(), &[]);
+    let qemu = shim.wait_for("VMM process recorded").record["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    shim.wait_for("sandbox ready");
+    // A stopped QEMU answers nothing: the orderly stop waits for QMP.
+    signal("STOP", qemu);
+    signal("TERM", shim.pid());
+    shim.wait_for("tearing down");
+    let stuck = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        shim.child.try_wait().unwrap().is_none(),
+        "the teardown was not stuck: nothing to force"
+    );
+    signal("TERM", shim.pid());
+    let forced = shim.wait_for("second signal: forcing the teardown");
+    let (status, error) = shim.wait_exit();
+    let error = error.unwrap_or_default();
+    assert_eq!(status.code(), Some(EXIT_FORCED), "{error}\n{}", shim.log());
+    assert!(
+        error.contains("teardown forced by a second SIGTERM"),
+        "{error}"
+    );
+    eprintln!(
+        "forced {:?} after the stuck teardown began",
+        forced.at.duration_since(stuck)
+    );
+    assert_nothing_left(&before, &id, root.path(), None);
+    starts_again(&id, root.path(), &[]);
+    assert_nothing_left(&before, &id, root.path(), None);
+}
+
+#[test]
+fn shim_killed_on_a_pod_network_leaves_tc_state_that_sandbox_cleanup_removes() {
+    require_root();
+    let _one = serial();
+    let net = CniNetwork::bridge("10.94.0.0/24").unwrap();
+    let pod = netdev::NetNs::create(&unique_name("fpod")).unwrap();
+    let container = pod.name().to_string();
+    net.add(&container, pod.path()).unwrap();
+    let tc_before = tc_state(pod.name(), "eth0").unwrap();
+    let id = unique_name("fkp");
+    let root = tempfile::tempdir().unwrap();
+    let netns = pod.path().to_str().unwrap().to_string();
+    let before = snapshot(&id, root.path(), Some(pod.name()));
+
+    let mut shim = Shim::start(&id, root.path(), &["--netns", &netns]);
+    shim.wait_for("sandbox ready");
+    let filters = run(
+        "tc",
+        &["-n", pod.name(), "filter", "show", "dev", "eth0", "ingress"],
+    )
+    .unwrap();
+    assert!(filters.contains("mirred"), "no redirect on eth0: {filters}");
+    let dead = shim.pid();
+    signal("KILL", dead);
+    shim.wait_exit();
+    // The shim's redirect is still on eth0: only the record knows it is there.
+    assert_ne!(
+        tc_state(pod.name(), "eth0").unwrap(),
+        tc_before,
+        "the tc state went with the shim: nothing to clean up"
+    );
+    clean_up_after_dead_shim(&id, dead, root.path());
+    assert_eq!(tc_state(pod.name(), "eth0").unwrap(), tc_before);
+    assert_nothing_left(&before, &id, root.path(), Some(pod.name()));
+    starts_again(&id, root.path(), &["--netns", &netns]);
+    assert_nothing_left(&before, &id, root.path(), Some(pod.name()));
+    net.del(&container, pod.path())
+        .expect("CNI DEL after the sandbox");
+    pod.delete().unwrap();
+}
