@@ -421,7 +421,10 @@ fn kill_shim_at(phase: Phase, prefix: &str) {
     let id = unique_name(prefix);
     let root = tempfile::tempdir().unwrap();
     let before = snapshot(&id, root.path(), None);
-    let (mut shim, _qemu, client) = reach(phase, &id, root.path(), &[]);
+    // The ready file is in the run root: the snapshots see it if cleanup leaves it.
+    let ready = root.path().join("ready.json");
+    let ready = ["--ready-file", ready.to_str().unwrap()];
+    let (mut shim, _qemu, client) = reach(phase, &id, root.path(), &ready);
     let dead = shim.pid();
     signal("KILL", dead);
     let (status, _) = shim.wait_exit();
@@ -604,6 +607,14 @@ fn a_second_sigterm_forces_a_stuck_teardown_with_exit_status_3() {
     );
     signal("TERM", shim.pid());
     let forced = shim.wait_for("second signal: forcing the teardown");
+    // The backend never answered: QEMU goes by its record (pid and start time).
+    let killed = format!("VMM process {qemu} (killed)");
+    loop {
+        let line = shim.wait_for("removed");
+        if line.record["what"] == killed.as_str() {
+            break;
+        }
+    }
     let (status, error) = shim.wait_exit();
     let error = error.unwrap_or_default();
     assert_eq!(status.code(), Some(EXIT_FORCED), "{error}\n{}", shim.log());
@@ -659,4 +670,52 @@ fn shim_killed_on_a_pod_network_leaves_tc_state_that_sandbox_cleanup_removes() {
     net.del(&container, pod.path())
         .expect("CNI DEL after the sandbox");
     pod.delete().unwrap();
+}
+
+#[test]
+fn a_live_sandbox_is_neither_started_twice_nor_cleaned_up() {
+    require_root();
+    let _one = serial();
+    let id = unique_name("flv");
+    let root = tempfile::tempdir().unwrap();
+    let before = snapshot(&id, root.path(), None);
+    let mut shim = Shim::start(&id, root.path(), &[]);
+    shim.wait_for("sandbox ready");
+    let owner = shim.pid();
+
+    let twice = shim_cmd(
+        &[
+            "sandbox",
+            "run",
+            "--config",
+            config("configuration-qemu.toml").to_str().unwrap(),
+            "--id",
+            &id,
+        ],
+        root.path(),
+    );
+    assert_eq!(twice.status.code(), Some(1), "{}", text(&twice));
+    assert!(
+        String::from_utf8_lossy(&twice.stderr)
+            .contains(&format!("a sandbox with id {id} is running (pid {owner})")),
+        "{}",
+        text(&twice)
+    );
+    let cleanup = shim_cmd(&["sandbox", "cleanup", "--id", &id], root.path());
+    assert_eq!(cleanup.status.code(), Some(1), "{}", text(&cleanup));
+    assert!(
+        String::from_utf8_lossy(&cleanup.stderr).contains(&format!(
+            "owned by a running shim (pid {owner}): stop it with SIGTERM"
+        )),
+        "{}",
+        text(&cleanup)
+    );
+    // Neither touched the running sandbox: it still answers its control socket.
+    let facts = shim_cmd(&["sandbox", "facts", "--json", "--id", &id], root.path());
+    assert!(facts.status.success(), "{}", text(&facts));
+
+    signal("TERM", owner);
+    let (status, error) = shim.wait_exit();
+    assert!(status.success(), "exit {status}: {error:?}\n{}", shim.log());
+    assert_nothing_left(&before, &id, root.path(), None);
 }
