@@ -1,15 +1,21 @@
 //! Adding and removing devices: cold (kept for the command line) and hot (through QMP).
 //!
 //! NIC hotplug is `getfd` for every queue fd, `netdev_add` naming them joined with `:`, then
-//! `device_add` into a free root port. Any failure undoes what was done: `closefd` for names
-//! QEMU did not consume, `netdev_del` for a netdev without its device. Removal is `device_del`,
-//! waiting for the guest to release the device (`DEVICE_DELETED`), then `netdev_del` or
-//! `blockdev-del`.
+//! `device_add` into a free root port; block hotplug is `blockdev-add` then `device_add`. The
+//! hotplug is recorded (port reserved) before its first command, so that a failure, a timeout
+//! or a dropped future is always settled with QEMU ([`crate::reconcile`]): a refused step is
+//! undone (`closefd` for the names, `netdev_del` or `blockdev-del`), a step without an answer
+//! is decided by what QEMU has (the device adopted, or what is half there removed), and a
+//! connection that closed fails the call at once naming QEMU's exit.
+//!
+//! Removal is `device_del`, then waiting for the guest to release the device
+//! (`DEVICE_DELETED`), then `netdev_del` or `blockdev-del`. The port is freed only then. An
+//! unplug that times out stays *pending*: the device keeps its port, and a later
+//! `remove_device` (or any hotplug) checks QEMU again. `stop` ends that wait at once.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
 
 use hypervisor::device::{BlockConfig, BlockDriver, GuestLocation, NetworkBackend, NetworkConfig};
 use hypervisor::{
@@ -20,7 +26,8 @@ use serde_json::{json, Value};
 use slog::{info, warn};
 
 use crate::cmdline::{nic_props, Machine, PciPlace};
-use crate::qmp::QmpClient;
+use crate::qmp::QmpError;
+use crate::reconcile::{fdset_opaque, qemu_device_id, Unsettled};
 use crate::{ColdDevice, Inner, QemuHypervisor};
 
 /// Device id of the configuration's root filesystem `image`; no other device may use it.
@@ -36,7 +43,12 @@ impl QemuHypervisor {
     pub(crate) async fn do_add_device(&self, device: Device) -> Result<DeviceInfo> {
         device.config.validate()?;
         let mut inner = self.inner.lock().await;
-        let mode = self.shared.state().plug_mode(Operation::AddDevice)?;
+        let op = Operation::AddDevice;
+        let mode = self
+            .shared
+            .state()
+            .plug_mode(op)
+            .map_err(|_| self.exited_or_state(op))?;
         if inner.hot.contains_key(&device.id) || inner.cold.iter().any(|c| c.info().id == device.id)
         {
             return Err(ConfigError::new(
@@ -44,6 +56,23 @@ impl QemuHypervisor {
                 format!("device {} is already attached; use another id", device.id),
             )
             .into());
+        }
+        if mode == PlugMode::Hot {
+            // Ports of earlier hotplugs of unknown outcome, or of finished unplugs, are
+            // decided before one is chosen.
+            if let Err(e) = self.reconcile(&mut inner).await {
+                warn!(self.log, "could not reconcile with QEMU"; "error" => crate::error_chain(&e));
+            }
+            if inner.unsettled.contains_key(&device.id) {
+                return Err(ConfigError::new(
+                    "id",
+                    format!(
+                        "an earlier hotplug of {} has not been settled with QEMU yet; retry later",
+                        device.id
+                    ),
+                )
+                .into());
+            }
         }
         let machine = inner.machine.expect("prepared");
         let kind = device.config.kind();
@@ -83,11 +112,34 @@ impl QemuHypervisor {
 
     pub(crate) async fn do_remove_device(&self, id: &DeviceId) -> Result<()> {
         let mut inner = self.inner.lock().await;
-        let mode = self.shared.state().plug_mode(Operation::RemoveDevice)?;
+        let op = Operation::RemoveDevice;
+        let mode = self
+            .shared
+            .state()
+            .plug_mode(op)
+            .map_err(|_| self.exited_or_state(op))?;
         if let Some(pos) = inner.cold.iter().position(|c| c.info().id == *id) {
             // Never reached QEMU: dropping it closes its fds.
             inner.cold.remove(pos);
             return Ok(());
+        }
+        let was_pending = inner.unplugging.contains(id);
+        if mode == PlugMode::Hot {
+            // A retried unplug, or an earlier hotplug of unknown outcome, is decided first.
+            if let Err(e) = self.reconcile(&mut inner).await {
+                warn!(self.log, "could not reconcile with QEMU"; "error" => crate::error_chain(&e));
+            }
+            if inner.unsettled.contains_key(id) {
+                return Err(Error::device(
+                    id,
+                    "Unplugging",
+                    "QEMU has not yet answered whether its hotplug completed; retry later",
+                ));
+            }
+            if was_pending && !inner.hot.contains_key(id) {
+                // The guest released it meanwhile; reconcile finished the removal.
+                return Ok(());
+            }
         }
         let info = inner
             .hot
@@ -105,36 +157,59 @@ impl QemuHypervisor {
             ));
         }
         let qmp = inner.qmp.clone().expect("running VMs have QMP");
-        let dev_id = format!("dev-{id}");
+        let dev_id = qemu_device_id(id);
+        // Subscribed before device_del: the event cannot be missed.
         let mut events = qmp.subscribe();
-        qmp.execute(
-            "device_del",
-            Some(json!({ "id": dev_id })),
-            self.opts.qmp_timeout,
-        )
-        .await
-        .map_err(|e| Error::device(id, "Unplugging", e))?;
-        qmp.wait_event(
-            &mut events,
-            "DEVICE_DELETED",
-            |d| d["device"].as_str() == Some(dev_id.as_str()),
-            self.opts.unplug_timeout,
-        )
-        .await
-        .map_err(|e| Error::device(id, "Waiting for the guest to release", e))?;
-        let (cmd, args) = match info.kind {
-            DeviceKind::Network => ("netdev_del", json!({ "id": id.as_str() })),
-            _ => ("blockdev-del", json!({ "node-name": id.as_str() })),
-        };
-        qmp.execute(cmd, Some(args), self.opts.qmp_timeout)
+        let mut stop = self.shared.stop_requested.subscribe();
+        match qmp
+            .execute(
+                "device_del",
+                Some(json!({ "id": dev_id })),
+                self.opts.qmp_timeout,
+            )
             .await
-            .map_err(|e| Error::device(id, "Removing the backend of", e))?;
-        if let Some(p) = port {
-            inner.ports[p].used_by = None;
+        {
+            Ok(_) => {}
+            // Already gone from QEMU: only the backend is left to remove.
+            Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {
+                return self.finish_unplug(&mut inner, &qmp, id).await;
+            }
+            // A repeated request for an unplug in progress; keep waiting for the guest.
+            Err(QmpError::Command { .. }) if was_pending => {}
+            Err(e) => {
+                if e.is_timeout() {
+                    // QEMU may have sent the request to the guest: the port stays reserved.
+                    inner.unplugging.insert(id.clone());
+                }
+                return Err(Error::device(id, "Unplugging", self.qmp_cause(e).await));
+            }
         }
-        inner.hot.remove(id);
-        info!(self.log, "device removed"; "id" => id.as_str());
-        Ok(())
+        inner.unplugging.insert(id.clone());
+        let released = tokio::select! {
+            r = qmp.wait_event(
+                &mut events,
+                "DEVICE_DELETED",
+                |d| d["device"].as_str() == Some(dev_id.as_str()),
+                self.opts.unplug_timeout,
+            ) => r,
+            _ = stop.wait_for(|s| *s) => {
+                return Err(Error::device(
+                    id,
+                    "Waiting for the guest to release",
+                    "the VM is stopping; the unplug stays pending",
+                ));
+            }
+        };
+        match released {
+            Ok(_) => self.finish_unplug(&mut inner, &qmp, id).await,
+            // The unplug stays pending: a later remove_device checks again; the port is not
+            // reused until the device is gone.
+            Err(e) => Err(Error::device(
+                id,
+                "Waiting for the guest to release",
+                self.qmp_cause(e).await,
+            )),
+        }
     }
 
     /// Cold-plugs the configuration's root filesystem `image` as the VM's first block device:
@@ -279,24 +354,27 @@ impl QemuHypervisor {
         let (taps, vhost) = self.nic_fds(inner, &id, &n)?;
         let qmp = inner.qmp.clone().expect("running VMs have QMP");
         let t = self.opts.qmp_timeout;
-
+        let rp = inner.ports[port].clone();
+        let place = PciPlace::Port {
+            port: rp.id.clone(),
+            port_slot: rp.slot,
+        };
+        let info = nic_info(
+            id.clone(),
+            &n,
+            GuestLocation::Pci {
+                path: place.pci_path(),
+            },
+            true,
+        );
         // getfd, one name per fd; names must not start with a digit and are per connection.
-        let mut names: Vec<String> = Vec::new();
-        let result: Result<()> = async {
-            for (i, fd) in taps.iter().chain(vhost.iter()).enumerate() {
-                let name = format!("fd-{id}-{i}");
-                qmp.execute_with_fds("getfd", Some(json!({ "fdname": name })), &[fd.as_fd()], t)
-                    .await
-                    .map_err(|e| Error::device(&id, "Passing a TAP fd of", e))?;
-                names.push(name);
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            close_fd_names(&qmp, &names, t).await;
-            return Err(e);
-        }
+        let names: Vec<String> = (0..taps.len() + vhost.len())
+            .map(|i| format!("fd-{id}-{i}"))
+            .collect();
+        // Recorded before the first command, so that whatever happens next (a timeout, a
+        // refusal, this future being dropped) is settled with QEMU and never forgotten.
+        self.begin_hotplug(inner, &info, port, names.clone());
+
         let (tap_names, vhost_names) = names.split_at(taps.len());
         let mut netdev = json!({
             "type": "tap",
@@ -309,18 +387,9 @@ impl QemuHypervisor {
             netdev["vhost"] = Value::Bool(true);
             netdev["vhostfds"] = Value::String(vhost_names.join(":"));
         }
-        if let Err(e) = qmp.execute("netdev_add", Some(netdev), t).await {
-            close_fd_names(&qmp, &names, t).await;
-            return Err(Error::device(&id, "Adding the netdev of", e));
-        }
-        // The netdev consumed the names; our copies of the fds can close.
-        drop(taps);
-        drop(vhost);
-
-        let rp = inner.ports[port].clone();
         let mut dev = json!({
             "driver": "virtio-net-pci",
-            "id": format!("dev-{id}"),
+            "id": qemu_device_id(&id),
             "netdev": id.as_str(),
             "mac": n.guest_mac.to_string(),
             "bus": rp.id,
@@ -335,30 +404,24 @@ impl QemuHypervisor {
                 n.mtu,
             ),
         );
-        if let Err(e) = qmp.execute("device_add", Some(dev), t).await {
-            if let Err(undo) = qmp
-                .execute("netdev_del", Some(json!({ "id": id.as_str() })), t)
-                .await
-            {
-                warn!(self.log, "could not undo netdev_add"; "id" => id.as_str(), "error" => undo.to_string());
+        let steps = async {
+            for (name, fd) in names.iter().zip(taps.iter().chain(vhost.iter())) {
+                qmp.execute_with_fds("getfd", Some(json!({ "fdname": name })), &[fd.as_fd()], t)
+                    .await
+                    .map_err(|e| ("Passing a TAP fd of", e))?;
             }
-            return Err(Error::device(&id, "Hot-plugging network", e));
-        }
-        let place = PciPlace::Port {
-            port: rp.id,
-            port_slot: rp.slot,
+            qmp.execute("netdev_add", Some(netdev), t)
+                .await
+                .map_err(|e| ("Adding the netdev of", e))?;
+            qmp.execute("device_add", Some(dev), t)
+                .await
+                .map_err(|e| ("Hot-plugging network", e))
         };
-        let info = nic_info(
-            id.clone(),
-            &n,
-            GuestLocation::Pci {
-                path: place.pci_path(),
-            },
-            true,
-        );
-        inner.ports[port].used_by = Some(id.clone());
-        inner.hot.insert(id, info.clone());
-        Ok(info)
+        let result = steps.await;
+        // QEMU holds its own copies of the fds it received.
+        drop(taps);
+        drop(vhost);
+        self.end_hotplug(inner, info, result).await
     }
 
     async fn hot_block(
@@ -380,47 +443,9 @@ impl QemuHypervisor {
             .map_err(|e| Error::device(&id, "Opening the disk of", e))?;
         let qmp = inner.qmp.clone().expect("running VMs have QMP");
         let t = self.opts.qmp_timeout;
-        let set = qmp
-            .execute_with_fds("add-fd", None, &[disk.as_fd()], t)
-            .await
-            .map_err(|e| Error::device(&id, "Passing the disk of", e))?;
-        let set = set["fdset-id"].as_u64().unwrap_or_default();
-        let node = json!({
-            "driver": "raw",
-            "node-name": id.as_str(),
-            "read-only": b.read_only,
-            "file": {
-                "driver": "file",
-                "filename": format!("/dev/fdset/{set}"),
-                "read-only": b.read_only,
-            },
-        });
-        let added = qmp.execute("blockdev-add", Some(node), t).await;
-        // The block node holds its own duplicate: the set's fd closes now, and the set goes
-        // away with the node.
-        let _ = qmp
-            .execute("remove-fd", Some(json!({ "fdset-id": set })), t)
-            .await;
-        added.map_err(|e| Error::device(&id, "Opening the image of", e))?;
         let rp = inner.ports[port].clone();
-        let dev = json!({
-            "driver": "virtio-blk-pci",
-            "id": format!("dev-{id}"),
-            "drive": id.as_str(),
-            "bus": rp.id,
-            "addr": "0x0",
-        });
-        if let Err(e) = qmp.execute("device_add", Some(dev), t).await {
-            if let Err(undo) = qmp
-                .execute("blockdev-del", Some(json!({ "node-name": id.as_str() })), t)
-                .await
-            {
-                warn!(self.log, "could not undo blockdev-add"; "id" => id.as_str(), "error" => undo.to_string());
-            }
-            return Err(Error::device(&id, "Hot-plugging block", e));
-        }
         let place = PciPlace::Port {
-            port: rp.id,
+            port: rp.id.clone(),
             port_slot: rp.slot,
         };
         let info = block_info(
@@ -431,9 +456,118 @@ impl QemuHypervisor {
             },
             true,
         );
-        inner.ports[port].used_by = Some(id.clone());
-        inner.hot.insert(id, info.clone());
-        Ok(info)
+        self.begin_hotplug(inner, &info, port, Vec::new());
+        let mut node = json!({
+            "driver": "raw",
+            "node-name": id.as_str(),
+            "read-only": b.read_only,
+            "file": {
+                "driver": "file",
+                "read-only": b.read_only,
+            },
+        });
+        let dev = json!({
+            "driver": "virtio-blk-pci",
+            "id": qemu_device_id(&id),
+            "drive": id.as_str(),
+            "bus": rp.id,
+            "addr": "0x0",
+        });
+        let steps = async {
+            let set = qmp
+                .execute_with_fds(
+                    "add-fd",
+                    Some(json!({ "opaque": fdset_opaque(&id) })),
+                    &[disk.as_fd()],
+                    t,
+                )
+                .await
+                .map_err(|e| ("Passing the disk of", e))?;
+            let set = set["fdset-id"].as_u64().unwrap_or_default();
+            node["file"]["filename"] = Value::String(format!("/dev/fdset/{set}"));
+            let plugged = async {
+                qmp.execute("blockdev-add", Some(node), t)
+                    .await
+                    .map_err(|e| ("Opening the image of", e))?;
+                qmp.execute("device_add", Some(dev), t)
+                    .await
+                    .map_err(|e| ("Hot-plugging block", e))
+            }
+            .await;
+            // The block node holds its own duplicate: the set's fd closes now, and the set
+            // goes away with the node.
+            let _ = qmp
+                .execute("remove-fd", Some(json!({ "fdset-id": set })), t)
+                .await;
+            plugged
+        };
+        let result = steps.await;
+        self.end_hotplug(inner, info, result).await
+    }
+
+    /// Reserves `port` for the hotplug of `info` and records it as unsettled until
+    /// [`end_hotplug`](Self::end_hotplug).
+    fn begin_hotplug(&self, inner: &mut Inner, info: &DeviceInfo, port: usize, names: Vec<String>) {
+        inner.ports[port].used_by = Some(info.id.clone());
+        inner.unsettled.insert(
+            info.id.clone(),
+            Unsettled {
+                info: info.clone(),
+                port,
+                fd_names: names,
+                backend_maybe_added: true,
+            },
+        );
+    }
+
+    /// Records a finished hotplug, or settles a failed one with QEMU: a refused step is
+    /// undone, a step without an answer is decided by what QEMU has (adopted or removed), and
+    /// a connection that closed reports QEMU's exit.
+    async fn end_hotplug(
+        &self,
+        inner: &mut Inner,
+        info: DeviceInfo,
+        result: std::result::Result<Value, (&'static str, QmpError)>,
+    ) -> Result<DeviceInfo> {
+        let id = info.id.clone();
+        let (step, e) = match result {
+            Ok(_) => {
+                inner.unsettled.remove(&id);
+                inner.hot.insert(id, info.clone());
+                return Ok(info);
+            }
+            Err(failed) => failed,
+        };
+        if e.is_closed() {
+            // QEMU is gone, and with it everything the hotplug gave it.
+            if let Some(u) = inner.unsettled.remove(&id) {
+                inner.ports[u.port].used_by = None;
+            }
+            return Err(Error::device(&id, step, self.qmp_cause(e).await));
+        }
+        // The netdev or block node exists only if its command was sent and not refused.
+        let before_backend = matches!(step, "Passing a TAP fd of" | "Passing the disk of");
+        let backend_refused = matches!(step, "Adding the netdev of" | "Opening the image of")
+            && matches!(e, QmpError::Command { .. });
+        if let Some(u) = inner.unsettled.get_mut(&id) {
+            u.backend_maybe_added = !(before_backend || backend_refused);
+        }
+        if let Err(settling) = self.reconcile(inner).await {
+            warn!(self.log, "could not reconcile with QEMU yet; the device's port stays reserved";
+                "id" => id.as_str(), "error" => crate::error_chain(&settling));
+        }
+        if inner.hot.contains_key(&id) && !e.is_timeout() {
+            // Refused, yet QEMU has the device: cannot happen for device_add, but the record
+            // follows QEMU.
+            warn!(self.log, "QEMU has a device whose hotplug it refused"; "id" => id.as_str());
+        }
+        if e.is_timeout() {
+            if let Some(adopted) = inner.hot.get(&id) {
+                warn!(self.log, "hotplug answered late; QEMU has the device, adopted"; "id" => id.as_str());
+                return Ok(adopted.clone());
+            }
+        }
+        Err(Error::device(&id, step, e))
     }
 }
 
@@ -500,14 +634,6 @@ fn apply_props(dev: &mut Value, props: &str) {
             };
             dev[k] = value;
         }
-    }
-}
-
-async fn close_fd_names(qmp: &Arc<QmpClient>, names: &[String], t: std::time::Duration) {
-    for name in names {
-        let _ = qmp
-            .execute("closefd", Some(json!({ "fdname": name })), t)
-            .await;
     }
 }
 

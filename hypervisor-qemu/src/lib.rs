@@ -8,6 +8,15 @@
 //! free `pcie-root-port`s on q35. The configuration's root filesystem `image`, when set, is
 //! the first block device: read-only virtio-blk, device id [`IMAGE_DEVICE_ID`].
 //!
+//! QEMU is not trusted to answer in time. A hotplug whose QMP reply is late or lost is
+//! settled with QEMU's own lists (`qom-list /machine/peripheral`, `query-named-block-nodes`)
+//! before the next device operation: the device is adopted if QEMU has it, or what is half
+//! there is removed. A root port is freed only once the guest released its device; an unplug
+//! the guest has not acknowledged stays pending (its port reserved) and `stop` does not wait
+//! for it. A QEMU that exits mid-operation fails the operation at once with its exit.
+//! State changes are compare-and-set, so an exit recorded meanwhile is never overwritten,
+//! and a `start` whose future is dropped kills the QEMU it spawned.
+//!
 //! This crate must never depend on Dragonball's crates (`dbs-*`), not even for tests; the
 //! workspace's boundary test enforces that.
 //!
@@ -51,7 +60,9 @@ mod hotplug;
 mod lifecycle;
 pub mod process;
 pub mod qmp;
+mod reconcile;
 
+pub use confine::{check_confinement, ConfinementCheck, ConfinementState};
 pub use hotplug::IMAGE_DEVICE_ID;
 
 use std::collections::BTreeMap;
@@ -63,8 +74,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hypervisor::{
-    AgentAddress, Capabilities, Device, DeviceId, DeviceInfo, Error, Hypervisor, HypervisorConfig,
-    Result, SandboxSpec, SavedState, VmExit, VmState, VmmPids,
+    AgentAddress, Capabilities, Device, DeviceId, DeviceInfo, Error, ExitReason, Hypervisor,
+    HypervisorConfig, Result, SandboxSpec, SavedState, VmExit, VmState, VmmPids,
 };
 use tokio::sync::watch;
 
@@ -172,6 +183,9 @@ struct Shared {
     status: Mutex<Status>,
     exit: watch::Sender<Option<VmExit>>,
     stopping: AtomicBool,
+    /// Set by `stop` before it waits for the operation lock: an unplug waiting for the guest
+    /// gives up at once (leaving the device marked unplug-pending), so stop is not delayed.
+    stop_requested: watch::Sender<bool>,
 }
 
 #[derive(Debug)]
@@ -189,8 +203,27 @@ impl Shared {
         self.status().state
     }
 
-    fn set_state(&self, state: VmState) {
-        self.status().state = state;
+    /// Sets `state`, except that nothing leaves `Stopped`: the exit watcher may have set it
+    /// while an operation was in flight, and it is final. Returns whether the state is now
+    /// `state`.
+    fn set_state(&self, state: VmState) -> bool {
+        let mut st = self.status();
+        if st.state == VmState::Stopped && state != VmState::Stopped {
+            return false;
+        }
+        st.state = state;
+        true
+    }
+
+    /// Compare-and-set: moves from `from` to `to` only if the state is still `from` (a VM
+    /// that exited meanwhile stays `Stopped`). Returns whether it moved.
+    fn transition(&self, from: VmState, to: VmState) -> bool {
+        let mut st = self.status();
+        if st.state != from {
+            return false;
+        }
+        st.state = to;
+        true
     }
 }
 
@@ -204,6 +237,10 @@ struct Inner {
     run: Option<RunDir>,
     cold: Vec<ColdDevice>,
     hot: BTreeMap<DeviceId, DeviceInfo>,
+    /// Hotplugs in flight or of unknown outcome, their ports reserved (see `reconcile`).
+    unsettled: BTreeMap<DeviceId, reconcile::Unsettled>,
+    /// Hot-plugged devices whose unplug the guest has not acknowledged yet.
+    unplugging: std::collections::BTreeSet<DeviceId>,
     ports: Vec<RootPort>,
     next_root_slot: u8,
     qmp: Option<Arc<QmpClient>>,
@@ -239,6 +276,7 @@ impl QemuHypervisor {
                 }),
                 exit: watch::channel(None).0,
                 stopping: AtomicBool::new(false),
+                stop_requested: watch::channel(false).0,
             }),
             inner: tokio::sync::Mutex::default(),
         }
@@ -266,6 +304,52 @@ impl QemuHypervisor {
         qmp.execute(command, arguments, self.opts.qmp_timeout)
             .await
             .map_err(|e| Error::backend(format!("Running QMP command {command}"), e))
+    }
+
+    /// What to report for a failed QMP command: when the connection closed because QEMU
+    /// exited, QEMU's exit (waiting briefly for the exit watcher to record it), else `e`.
+    async fn qmp_cause(&self, e: qmp::QmpError) -> Box<dyn std::error::Error + Send + Sync> {
+        if e.is_closed() {
+            let mut rx = self.shared.exit.subscribe();
+            let exited =
+                tokio::time::timeout(Duration::from_secs(2), rx.wait_for(Option::is_some)).await;
+            if let Ok(Ok(exit)) = exited {
+                return Box::new(Error::VmmExited(exit.clone().expect("waited for Some")));
+            }
+        }
+        Box::new(e)
+    }
+
+    /// A failed QMP step as a backend error whose cause is QEMU's exit when it exited.
+    async fn qmp_failure(&self, step: String, e: qmp::QmpError) -> Error {
+        Error::Backend {
+            step,
+            source: self.qmp_cause(e).await,
+        }
+    }
+
+    /// The error for `op` refused by the state: QEMU's exit when it exited.
+    fn exited_or_state(&self, op: hypervisor::Operation) -> Error {
+        let state = self.shared.state();
+        match self.shared.exit.borrow().clone() {
+            // A stop the runtime asked for is a state, not a surprise.
+            Some(exit) if state == VmState::Stopped && exit.reason != ExitReason::Stopped => {
+                Error::VmmExited(exit)
+            }
+            _ => Error::InvalidState {
+                operation: op,
+                state,
+            },
+        }
+    }
+
+    /// Checks that `op` is allowed now, and reports QEMU's exit when it is not because QEMU
+    /// exited.
+    fn check_op(&self, op: hypervisor::Operation) -> Result<VmState> {
+        self.shared
+            .state()
+            .next(op)
+            .map_err(|_| self.exited_or_state(op))
     }
 
     /// The host features this backend decided with.
@@ -394,4 +478,16 @@ impl Hypervisor for QemuHypervisor {
     async fn cleanup(&self) -> Result<()> {
         self.do_cleanup().await
     }
+}
+
+/// An error and its sources on one line, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }

@@ -251,6 +251,14 @@ impl QemuHypervisor {
         let args = cmd.args();
         info!(self.log, "starting QEMU"; "sandbox" => &spec.id, "binary" => binary.display().to_string(),
             "args" => args.join(" "));
+        // From here until start returns, a dropped start future (the caller cancelled boot)
+        // kills QEMU and leaves the VM `Stopped`, so cleanup finds nothing running.
+        let mut cancelled = StartGuard {
+            shared: &self.shared,
+            child: None,
+            log: &self.log,
+            armed: true,
+        };
         let child = process::spawn(
             &binary,
             &args,
@@ -266,6 +274,7 @@ impl QemuHypervisor {
             Error::backend(format!("Starting QEMU for sandbox {}", spec.id), e)
         })?;
         let pid = child.pid;
+        cancelled.child = Some((pid, child.exited.clone()));
 
         let connected = tokio::time::timeout(timeout, connect_or_exit(&run, &child)).await;
         let qmp = match connected {
@@ -286,16 +295,15 @@ impl QemuHypervisor {
         };
         let qmp = Arc::new(qmp);
         let vcpus = vcpu_threads(&qmp, self.opts.qmp_timeout).await;
-        {
-            let mut st = self.shared.status();
-            st.pids = Some(VmmPids {
-                vmm: pid,
-                main_thread: pid,
-                vcpus,
-            });
-            st.state = VmState::Running;
-        }
+        self.shared.status().pids = Some(VmmPids {
+            vmm: pid,
+            main_thread: pid,
+            vcpus,
+        });
+        // The watcher starts after the state is Running, so an exit it sees always wins.
+        self.shared.transition(VmState::Prepared, VmState::Running);
         spawn_exit_watch(self.shared.clone(), &child, self.log.clone());
+        cancelled.armed = false;
         for info in cold_infos {
             inner.hot.insert(info.id.clone(), info);
         }
@@ -327,7 +335,8 @@ impl QemuHypervisor {
         } else {
             Operation::Resume
         };
-        let next = self.check(op)?;
+        let from = self.shared.state();
+        let next = self.check_op(op)?;
         let qmp = inner.qmp.clone().expect("running VMs have QMP");
         let (cmd, event) = if pause {
             ("stop", "STOP")
@@ -335,17 +344,27 @@ impl QemuHypervisor {
             ("cont", "RESUME")
         };
         let mut events = qmp.subscribe();
-        qmp.execute(cmd, None, self.opts.qmp_timeout)
-            .await
-            .map_err(|e| Error::backend(format!("Asking QEMU to {op}"), e))?;
-        qmp.wait_event(&mut events, event, |_| true, self.opts.qmp_timeout)
-            .await
-            .map_err(|e| Error::backend(format!("Waiting for QEMU's {event} event"), e))?;
-        self.shared.set_state(next);
+        let done = async {
+            qmp.execute(cmd, None, self.opts.qmp_timeout)
+                .await
+                .map_err(|e| (format!("Asking QEMU to {op}"), e))?;
+            qmp.wait_event(&mut events, event, |_| true, self.opts.qmp_timeout)
+                .await
+                .map_err(|e| (format!("Waiting for QEMU's {event} event"), e))
+        };
+        if let Err((step, e)) = done.await {
+            return Err(self.qmp_failure(step, e).await);
+        }
+        // Compare-and-set: a VM that exited meanwhile stays Stopped.
+        if !self.shared.transition(from, next) {
+            return Err(self.exited_or_state(op));
+        }
         Ok(())
     }
 
     pub(crate) async fn do_stop(&self) -> Result<()> {
+        // Before the lock: an unplug holding it while it waits for the guest gives up now.
+        self.shared.stop_requested.send_replace(true);
         let mut inner = self.inner.lock().await;
         self.check(Operation::Stop)?;
         let Some(child) = inner.process.as_ref() else {
@@ -357,14 +376,19 @@ impl QemuHypervisor {
         let pid = child.pid;
         let began = Instant::now();
         if let Some(qmp) = inner.qmp.clone() {
-            if !qmp.is_closed() {
-                // Graceful first: ACPI power button, then QEMU's own quit.
-                let _ = qmp
-                    .execute("system_powerdown", None, self.opts.qmp_timeout)
-                    .await;
-                if !wait_exited(&mut exited, self.opts.stop_grace).await {
-                    let _ = qmp.execute("quit", None, self.opts.qmp_timeout).await;
-                }
+            // Graceful first: ACPI power button, then QEMU's own quit. A QEMU that does not
+            // answer is killed without waiting more; one that exits ends the wait at once
+            // (its QMP connection closes).
+            let answered = |r: &crate::qmp::Result<_>| !matches!(r, Err(e) if e.is_timeout());
+            if !qmp.is_closed()
+                && answered(
+                    &qmp.execute("system_powerdown", None, self.opts.qmp_timeout)
+                        .await,
+                )
+                && !wait_exited(&mut exited, self.opts.stop_grace).await
+                && !qmp.is_closed()
+            {
+                let _ = qmp.execute("quit", None, self.opts.qmp_timeout).await;
             }
         }
         if !wait_exited(&mut exited, Duration::from_secs(3)).await {
@@ -517,6 +541,8 @@ impl QemuHypervisor {
         // this backend created.
         inner.cold.clear();
         inner.hot.clear();
+        inner.unsettled.clear();
+        inner.unplugging.clear();
         if let Some(run) = inner.run.take() {
             match std::fs::remove_dir_all(&run.dir) {
                 Ok(()) => {}
@@ -604,6 +630,35 @@ async fn vcpu_threads(qmp: &QmpClient, timeout: Duration) -> Vec<u32> {
             .map(|t| t as u32)
             .collect(),
         Err(_) => Vec::new(),
+    }
+}
+
+/// Kills QEMU if `start` is dropped after spawning it and before it returned (the caller
+/// cancelled boot): the child's reaper task collects it, and the VM ends `Stopped`.
+struct StartGuard<'a> {
+    shared: &'a Shared,
+    /// QEMU's pid and exit, once spawned (a child dropped inside `spawn` is killed there).
+    child: Option<(u32, tokio::sync::watch::Receiver<Option<ExitStatus>>)>,
+    log: &'a slog::Logger,
+    /// Cleared once start succeeded.
+    armed: bool,
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some((pid, exited)) = &self.child {
+            if exited.borrow().is_none() {
+                warn!(self.log, "start cancelled; killing QEMU"; "pid" => pid);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        self.shared.set_state(VmState::Stopped);
     }
 }
 
