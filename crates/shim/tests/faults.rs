@@ -6,7 +6,8 @@
 //!   same id then names the dead shim and the cleanup command, and `sandbox cleanup`
 //!   removes everything;
 //! - `kill -9` of QEMU at the same phases under a live shim: the shim exits non-zero naming
-//!   the VM's exit, and removes everything itself;
+//!   the VM's exit, and removes everything itself (during stop, where QEMU's end is what
+//!   was asked for, it exits 0);
 //! - SIGTERM during boot and during a hotplug: the teardown starts within 1 s; a second
 //!   SIGTERM during a teardown stuck on a stopped QEMU forces it (exit status 3).
 //!
@@ -460,6 +461,7 @@ fn kill_qemu_at(phase: Phase, prefix: &str, expect: &[&str]) {
     signal("KILL", qemu);
     let (status, error) = shim.wait_exit();
     let error = error.unwrap_or_default();
+    eprintln!("QEMU killed at {phase:?}: the shim exited with {status}: {error}");
     if let Some(c) = client {
         let out = c.wait_with_output().unwrap();
         assert!(
@@ -468,9 +470,10 @@ fn kill_qemu_at(phase: Phase, prefix: &str, expect: &[&str]) {
         );
     }
     match phase {
-        // Stopping anyway: the shim may see its VM gone and finish the teardown cleanly.
+        // The stop wanted QEMU gone: the backend counts any exit during it as stopped (it
+        // escalates to SIGKILL itself), and the shim removes the rest and succeeds.
         Phase::Stop => assert!(
-            status.success() || expect.iter().all(|e| error.contains(e)),
+            status.success(),
             "the shim exited with {status}: {error}\n{}",
             shim.log()
         ),
@@ -534,7 +537,7 @@ fn qemu_killed_during_a_nic_hotplug_fails_the_run_naming_the_exit() {
 
 #[test]
 fn qemu_killed_during_stop_leaves_nothing() {
-    kill_qemu_at(Phase::Stop, "fqt", &["signal 9"]);
+    kill_qemu_at(Phase::Stop, "fqt", &[]);
 }
 
 /// SIGTERM at `phase`: the teardown starts within 1 s and the shim exits 0.
