@@ -174,8 +174,10 @@ impl QemuHypervisor {
             Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {
                 return self.finish_unplug(&mut inner, &qmp, id).await;
             }
-            // A repeated request for an unplug in progress; keep waiting for the guest.
-            Err(QmpError::Command { .. }) if was_pending => {}
+            // A repeated request for an unplug in progress (QEMU 7.2: "Device ... is already
+            // in the process of unplug"); keep waiting for the guest.
+            Err(QmpError::Command { desc, .. })
+                if was_pending || desc.contains("already in the process of unplug") => {}
             Err(e) => {
                 if e.is_timeout() {
                     // QEMU may have sent the request to the guest: the port stays reserved.

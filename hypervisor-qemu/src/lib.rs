@@ -491,3 +491,38 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(state: VmState) -> Shared {
+        Shared {
+            status: Mutex::new(Status { state, pids: None }),
+            exit: watch::channel(None).0,
+            stopping: AtomicBool::new(false),
+            stop_requested: watch::channel(false).0,
+        }
+    }
+
+    #[test]
+    fn a_transition_from_a_state_the_vm_left_does_nothing() {
+        // pause finished its QMP command after the exit watcher recorded the exit.
+        let s = shared(VmState::Stopped);
+        assert!(!s.transition(VmState::Running, VmState::Paused));
+        assert_eq!(s.state(), VmState::Stopped);
+        let s = shared(VmState::Running);
+        assert!(s.transition(VmState::Running, VmState::Paused));
+        assert_eq!(s.state(), VmState::Paused);
+    }
+
+    #[test]
+    fn nothing_leaves_stopped() {
+        let s = shared(VmState::Stopped);
+        for state in [VmState::Prepared, VmState::Running, VmState::Paused] {
+            assert!(!s.set_state(state));
+            assert_eq!(s.state(), VmState::Stopped);
+        }
+        assert!(s.set_state(VmState::Stopped));
+    }
+}

@@ -422,6 +422,7 @@ impl QemuHypervisor {
                 "machine": inner.machine.map(Machine::as_str),
                 "accel": inner.accel.map(Accel::as_str),
                 "agent": inner.agent,
+                "unplug_pending": inner.unplugging.iter().collect::<Vec<_>>(),
                 "ports": inner.ports.iter().map(|p| json!({
                     "id": p.id, "slot": p.slot, "used_by": p.used_by,
                 })).collect::<Vec<_>>(),
@@ -525,6 +526,15 @@ impl QemuHypervisor {
                 .map(|d| (d.id.clone(), d.clone()))
                 .collect();
             inner.ports = ports;
+            // Unplugs the guest had not acknowledged are still pending: their ports stay
+            // reserved until QEMU no longer has the device.
+            inner.unplugging = data["unplug_pending"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|id| hypervisor::DeviceId::new(id.as_str()?).ok())
+                .filter(|id| inner.hot.contains_key(id))
+                .collect();
             inner.qmp = Some(Arc::new(qmp));
             inner.process = Some(child);
         }

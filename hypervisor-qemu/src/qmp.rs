@@ -504,7 +504,7 @@ fn fail_pending(c: &mut Conn, line: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Hermetic tests against a scripted QEMU side on a socket pair.
 
     use std::io::{Seek, Write};
@@ -517,14 +517,14 @@ mod tests {
 
     /// The QEMU end of a QMP connection, driven by the test: reads commands with any fds sent
     /// along (`recvmsg`), writes replies and events.
-    struct FakeQemu {
-        stream: UnixStream,
+    pub(crate) struct FakeQemu {
+        pub(crate) stream: UnixStream,
         buf: Vec<u8>,
         fds: Vec<OwnedFd>,
     }
 
     impl FakeQemu {
-        async fn send(&mut self, msg: Value) {
+        pub(crate) async fn send(&mut self, msg: Value) {
             let mut line = msg.to_string().into_bytes();
             line.push(b'\n');
             self.stream
@@ -534,7 +534,7 @@ mod tests {
         }
 
         /// The next command, with the fds that arrived since the previous one.
-        async fn recv(&mut self) -> (Value, Vec<OwnedFd>) {
+        pub(crate) async fn recv(&mut self) -> (Value, Vec<OwnedFd>) {
             loop {
                 if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = self.buf.drain(..=end).collect();
@@ -559,7 +559,7 @@ mod tests {
         }
 
         /// Reads the next command, checks its name, and returns its id.
-        async fn expect(&mut self, command: &str) -> Value {
+        pub(crate) async fn expect(&mut self, command: &str) -> Value {
             let (msg, _) = self.recv().await;
             assert_eq!(msg["execute"], command, "{msg}");
             msg["id"].clone()
@@ -607,7 +607,7 @@ mod tests {
     }
 
     /// A client that went through the greeting and `qmp_capabilities` with a fake QEMU.
-    async fn connected() -> (QmpClient, FakeQemu) {
+    pub(crate) async fn connected() -> (QmpClient, FakeQemu) {
         let (client, peer) = UnixStream::pair().expect("socketpair");
         let mut fake = FakeQemu {
             stream: peer,

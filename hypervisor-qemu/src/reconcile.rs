@@ -236,3 +236,152 @@ impl QemuHypervisor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Settling against a scripted QEMU on a socket pair.
+
+    use hypervisor::device::GuestLocation;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::host::HostFeatures;
+    use crate::qmp::tests::{connected, FakeQemu};
+    use crate::RootPort;
+
+    /// A backend with one unsettled NIC hotplug `net1` on root port `rp0`, and the fake QEMU.
+    async fn unsettled_nic(backend_maybe_added: bool) -> (QemuHypervisor, FakeQemu) {
+        let (client, fake) = connected().await;
+        let host = HostFeatures {
+            hw_virt: false,
+            kvm_device: false,
+            vhost_net: false,
+            vhost_vsock: false,
+        };
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let hv = QemuHypervisor::with_host(log, crate::QemuOptions::default(), host);
+        let id = DeviceId::new("net1").unwrap();
+        {
+            let mut inner = hv.inner.lock().await;
+            inner.qmp = Some(Arc::new(client));
+            inner.ports = vec![RootPort {
+                id: "rp0".into(),
+                slot: 4,
+                used_by: Some(id.clone()),
+            }];
+            let info = DeviceInfo {
+                id: id.clone(),
+                kind: DeviceKind::Network,
+                location: GuestLocation::Pci {
+                    path: "04/00".into(),
+                },
+                hotplugged: true,
+                mac: None,
+                queue_pairs: Some(1),
+                host: Some("tap1".into()),
+            };
+            inner.unsettled.insert(
+                id,
+                Unsettled {
+                    info,
+                    port: 0,
+                    fd_names: vec!["fd-net1-0".into()],
+                    backend_maybe_added,
+                },
+            );
+        }
+        (hv, fake)
+    }
+
+    /// Answers the commands of a settle in order, listing `devices`; returns the commands.
+    async fn answer(fake: &mut FakeQemu, devices: &[&str]) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let (msg, _) = fake.recv().await;
+            let command = msg["execute"].as_str().unwrap().to_string();
+            let reply = match command.as_str() {
+                "qom-list" => {
+                    let list: Vec<Value> = devices
+                        .iter()
+                        .map(|d| json!({"name": d, "type": "child<virtio-net-pci>"}))
+                        .chain([json!({"name": "type", "type": "string"})])
+                        .collect();
+                    json!({"return": list, "id": msg["id"]})
+                }
+                "closefd" => json!({"error": {"class": "GenericError",
+                    "desc": "File descriptor named 'fd-net1-0' not found"}, "id": msg["id"]}),
+                _ => json!({"return": {}, "id": msg["id"]}),
+            };
+            fake.send(reply).await;
+            seen.push(command.clone());
+            if command == "query-status" {
+                return seen;
+            }
+        }
+    }
+
+    async fn settle(hv: &QemuHypervisor, fake: &mut FakeQemu, devices: &[&str]) -> Vec<String> {
+        let run = async {
+            let mut inner = hv.inner.lock().await;
+            hv.reconcile(&mut inner).await.unwrap();
+            // Marks the end of the settle's commands for the fake.
+            let qmp = inner.qmp.clone().unwrap();
+            qmp.execute("query-status", None, Duration::from_secs(5))
+                .await
+                .unwrap();
+        };
+        let ((), seen) = tokio::join!(run, answer(fake, devices));
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_device_qemu_has_is_adopted_with_its_port() {
+        let (hv, mut fake) = unsettled_nic(true).await;
+        let seen = settle(&hv, &mut fake, &["rp0", "dev-net1"]).await;
+        assert_eq!(seen, ["qom-list", "closefd", "query-status"]);
+        let inner = hv.inner.lock().await;
+        assert!(inner.unsettled.is_empty());
+        assert!(inner.hot.contains_key(&DeviceId::new("net1").unwrap()));
+        assert_eq!(inner.ports[0].used_by.as_ref().unwrap().as_str(), "net1");
+    }
+
+    #[tokio::test]
+    async fn a_device_qemu_lacks_is_removed_with_its_netdev_and_frees_its_port() {
+        let (hv, mut fake) = unsettled_nic(true).await;
+        let seen = settle(&hv, &mut fake, &["rp0"]).await;
+        assert_eq!(seen, ["qom-list", "closefd", "netdev_del", "query-status"]);
+        let inner = hv.inner.lock().await;
+        assert!(inner.unsettled.is_empty());
+        assert!(inner.hot.is_empty());
+        assert!(inner.ports[0].used_by.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_netdev_whose_add_was_refused_is_left_alone() {
+        // Its id may belong to someone else: netdev_add failed because it was taken.
+        let (hv, mut fake) = unsettled_nic(false).await;
+        let seen = settle(&hv, &mut fake, &["rp0"]).await;
+        assert_eq!(seen, ["qom-list", "closefd", "query-status"]);
+        assert!(hv.inner.lock().await.ports[0].used_by.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_settle_without_answer_keeps_the_record_and_the_port() {
+        let (hv, mut fake) = unsettled_nic(true).await;
+        let mut inner = hv.inner.lock().await;
+        let quick = QemuHypervisor {
+            opts: crate::QemuOptions {
+                qmp_timeout: Duration::from_millis(100),
+                ..crate::QemuOptions::default()
+            },
+            ..QemuHypervisor::with_host(hv.log.clone(), crate::QemuOptions::default(), hv.host)
+        };
+        // The fake reads the query and never answers it.
+        let (settled, _) = tokio::join!(quick.reconcile(&mut inner), fake.expect("qom-list"));
+        let err = settled.unwrap_err();
+        assert!(crate::error_chain(&err).contains("no answer"), "{err}");
+        assert_eq!(inner.unsettled.len(), 1);
+        assert_eq!(inner.ports[0].used_by.as_ref().unwrap().as_str(), "net1");
+        assert!(inner.hot.is_empty());
+    }
+}
