@@ -722,3 +722,81 @@ fn a_live_sandbox_is_neither_started_twice_nor_cleaned_up() {
     assert!(status.success(), "exit {status}: {error:?}\n{}", shim.log());
     assert_nothing_left(&before, &id, root.path(), None);
 }
+
+/// A copy of the guest in `dir` whose `virtio_net` module is not a module.
+fn guest_with_a_broken_module(dir: &Path) {
+    let guest = guest_dir();
+    let root = dir.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let sh = |script: String, cwd: &Path| {
+        let out = Command::new("sh")
+            .args(["-c", &script])
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {}", text(&out));
+    };
+    sh(
+        format!(
+            "gzip -dc '{}' | cpio -id --quiet",
+            guest.join("initramfs.img").display()
+        ),
+        &root,
+    );
+    let module = root.join("lib/modules/virtio_net.ko");
+    assert!(
+        module.exists(),
+        "the guest has no virtio_net module to break"
+    );
+    std::fs::write(&module, b"not a kernel module\n").unwrap();
+    sh(
+        format!(
+            "find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 | gzip -1n > '{}'",
+            dir.join("initramfs.img").display()
+        ),
+        &root,
+    );
+    std::os::unix::fs::symlink(guest.join("vmlinuz"), dir.join("vmlinuz")).unwrap();
+}
+
+#[test]
+fn a_guest_init_failure_fails_the_run_at_once_naming_it() {
+    require_root();
+    let _one = serial();
+    let guest = tempfile::tempdir().unwrap();
+    guest_with_a_broken_module(guest.path());
+    let id = unique_name("fgi");
+    let root = tempfile::tempdir().unwrap();
+    let before = snapshot(&id, root.path(), None);
+    let mut child = Command::new(SHIM)
+        .env("GUEST_DIR", guest.path())
+        .args(["sandbox", "run", "--config"])
+        .arg(config("configuration-qemu.toml"))
+        .args(["--id", &id, "--run-root"])
+        .arg(root.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    let took = began.elapsed();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("containerd-shim-kata-v2: error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(
+        error.contains("the VM exited before the guest agent answered")
+            && error.contains("the guest init failed: module virtio_net did not load"),
+        "{error}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the init's failure took {took:?} to end the run (the agent timeout is 120 s)"
+    );
+    eprintln!("failed after {took:?}: {error}");
+    assert_nothing_left(&before, &id, root.path(), None);
+}
