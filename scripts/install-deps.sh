@@ -18,14 +18,22 @@ packages=(
     libc6-dev                    # static link of the guest agent (crt-static)
 )
 
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+
+# The unprivileged user QEMU runs as with rootless = true (configs/configuration-qemu*.toml):
+# a system user and group of its own, no home, no shell.
+if ! getent passwd kata-qemu >/dev/null; then
+    echo "install-deps: creating the system user kata-qemu"
+    $sudo useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin kata-qemu
+fi
+
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
-
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 if ! $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"; then

@@ -58,7 +58,7 @@ pub fn run_as(config: &HypervisorConfig) -> std::result::Result<Option<RunAs>, C
                 .map_err(|e| bad(format!("looking up user {name:?}: {e}")))?
                 .ok_or_else(|| {
                     bad(format!(
-                        "user {name:?} does not exist on this host; create it (`make deps` does: useradd --system --no-create-home --shell /usr/sbin/nologin {name}) or give UID:GID"
+                        "user {name:?} does not exist on this host; create it (`make deps` does: useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {name}) or give UID:GID"
                     ))
                 })?;
             let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
@@ -274,6 +274,140 @@ impl StartFiles {
     }
 }
 
+/// How a confinement of a configuration fares on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfinementState {
+    /// Configured, and it can work here.
+    Active,
+    /// Not configured.
+    Off,
+    /// Configured, and it cannot work here (the detail says why).
+    Broken,
+}
+
+/// One confinement of a configuration, as `sandbox check` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfinementCheck {
+    /// `seccomp`, `rootless` or `chroot`.
+    pub name: &'static str,
+    /// How it fares.
+    pub state: ConfinementState,
+    /// What is configured, and what was found.
+    pub detail: String,
+}
+
+/// Whether `binary` accepts `args` before `-version` (QEMU parses and checks option values,
+/// `-sandbox`'s sub-options included, before it acts on `-version`). `Err` has its message.
+fn qemu_accepts(binary: &Path, args: &[&str]) -> std::result::Result<(), String> {
+    let out = std::process::Command::new(binary)
+        .args(args)
+        .arg("-version")
+        .output()
+        .map_err(|e| format!("{}: {e}", binary.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+/// What confinement `config` gives QEMU (`binary`) on this host: the seccomp filter, the
+/// unprivileged user, the chroot.
+pub fn check_confinement(config: &HypervisorConfig, binary: &Path) -> Vec<ConfinementCheck> {
+    use ConfinementState::{Active, Broken, Off};
+    let line = |name, state, detail: String| ConfinementCheck {
+        name,
+        state,
+        detail,
+    };
+    let mut out = Vec::new();
+    out.push(match config.seccomp_sandbox.as_deref() {
+        Some(v) if config.seccomp_enabled() => match qemu_accepts(binary, &["-sandbox", v]) {
+            Ok(()) => line("seccomp", Active, format!("on: -sandbox {v}")),
+            Err(e) => line(
+                "seccomp",
+                Broken,
+                format!("seccompsandbox {v:?}: this QEMU refuses it ({e}); QEMU must be built with libseccomp"),
+            ),
+        },
+        _ => line(
+            "seccomp",
+            Off,
+            "off: QEMU runs without a system-call filter (set seccompsandbox)".into(),
+        ),
+    });
+    out.push(if !config.rootless {
+        line(
+            "rootless",
+            Off,
+            "off: QEMU runs as root (set rootless = true)".into(),
+        )
+    } else {
+        let host = crate::host::HostFeatures::probe();
+        let accel = host
+            .choose_accel(config.accelerator)
+            .map(|(a, _)| a)
+            .unwrap_or(Accel::Tcg);
+        let vsock =
+            host.vhost_vsock && config.agent_channel != hypervisor::AgentChannelKind::VirtioSerial;
+        match run_as(config).map_err(Error::from).and_then(|who| {
+            check_access(config, accel, vsock)?;
+            Ok(who)
+        }) {
+            Ok(Some(who)) => line(
+                "rootless",
+                Active,
+                format!(
+                    "QEMU runs as uid {} gid {} groups {:?} (rootless_user {:?})",
+                    who.uid, who.gid, who.groups, config.rootless_user
+                ),
+            ),
+            Ok(None) => line("rootless", Off, "off".into()),
+            Err(e) => line("rootless", Broken, chain(&e)),
+        }
+    });
+    out.push(if !config.chroot {
+        line(
+            "chroot",
+            Off,
+            "off: QEMU sees the host's file system (set chroot = true)".into(),
+        )
+    } else {
+        match qemu_accepts(binary, &["-chroot", "/"]) {
+            Ok(()) => line(
+                "chroot",
+                Active,
+                format!(
+                    "QEMU chroots into an empty directory of its run directory once started{}",
+                    if config.rootless {
+                        ", keeping CAP_SYS_CHROOT alone"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            Err(e) => line(
+                "chroot",
+                Broken,
+                format!("this QEMU has no -chroot ({e}); QEMU 9.0 removed it"),
+            ),
+        }
+    });
+    out
+}
+
 /// Opens a disk for QEMU: read-only, or read-write.
 pub fn open_disk(path: &Path, read_only: bool) -> std::io::Result<File> {
     OpenOptions::new().read(true).write(!read_only).open(path)
@@ -307,6 +441,32 @@ mod tests {
         assert!(!may_access(&meta(0o600), &who(), 0o4));
         assert!(!may_access(&meta(0o644), &who(), 0o6));
         assert!(may_access(&meta(0o666), &who(), 0o6));
+    }
+
+    #[test]
+    fn the_report_names_each_confinement_and_what_this_qemu_accepts() {
+        let qemu = crate::QemuOptions::default().default_binary;
+        let mut c = HypervisorConfig {
+            kernel: "/k".into(),
+            ..Default::default()
+        };
+        c.seccomp_sandbox = None;
+        let names =
+            |r: &[ConfinementCheck]| r.iter().map(|l| (l.name, l.state)).collect::<Vec<_>>();
+        use ConfinementState::*;
+        assert_eq!(
+            names(&check_confinement(&c, &qemu)),
+            [("seccomp", Off), ("rootless", Off), ("chroot", Off)]
+        );
+        c.rootless = true;
+        c.rootless_user = "no-such-user-kq".into();
+        let r = check_confinement(&c, &qemu);
+        assert_eq!(r[1].state, Broken);
+        assert!(r[1].detail.contains("does not exist"), "{r:?}");
+        // A missing binary cannot accept a filter.
+        c.seccomp_sandbox = Some("on".into());
+        let r = check_confinement(&c, Path::new("/nonexistent/qemu"));
+        assert_eq!(r[0].state, Broken, "{r:?}");
     }
 
     #[test]

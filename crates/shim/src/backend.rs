@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hypervisor::{Accelerator, Hypervisor};
+use hypervisor::{Accelerator, Hypervisor, HypervisorConfig};
 
 /// A hypervisor backend, compiled in or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,6 +231,50 @@ pub fn probe_host(
         other => {
             let _ = (wanted, binary);
             Err(BackendError::NotCompiled { backend: other })
+        }
+    }
+}
+
+/// One confinement of the VMM process, as `sandbox check` reports it.
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    /// `seccomp`, `rootless` or `chroot`.
+    pub name: &'static str,
+    /// `Some(true)`: configured and it can work here; `Some(false)`: configured and it cannot;
+    /// `None`: not configured.
+    pub works: Option<bool>,
+    /// What is configured and what was found.
+    pub detail: String,
+}
+
+/// The confinement `config` gives the VMM of `kind` on this host. Empty for in-process
+/// backends, which run no VMM process to confine.
+pub fn confinement(kind: BackendKind, config: &HypervisorConfig) -> Vec<Confinement> {
+    match kind {
+        #[cfg(feature = "qemu")]
+        BackendKind::Qemu => {
+            use hypervisor_qemu::ConfinementState;
+            let binary = config
+                .path
+                .clone()
+                .unwrap_or_else(|| hypervisor_qemu::QemuOptions::default().default_binary);
+            hypervisor_qemu::check_confinement(config, &binary)
+                .into_iter()
+                .map(|c| Confinement {
+                    name: c.name,
+                    works: match c.state {
+                        ConfinementState::Active => Some(true),
+                        ConfinementState::Broken => Some(false),
+                        ConfinementState::Off => None,
+                    },
+                    detail: c.detail,
+                })
+                .collect()
+        }
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = config;
+            Vec::new()
         }
     }
 }

@@ -1,7 +1,11 @@
 //! `sandbox check`: can this host run a sandbox with this configuration?
 //!
 //! One line per check, `PASS`, `WARN` (optional, missing) or `FAIL` (required, missing),
-//! and an error at the end when a required check failed.
+//! and an error at the end when a required check failed. With a configuration, the QEMU
+//! backend's confinement gets a line each: `seccomp`, `rootless`, `chroot`, PASS when
+//! configured and workable here, WARN when off, FAIL when configured but impossible here (a
+//! QEMU that refuses the `-sandbox` value, a user that does not exist, a kernel it cannot
+//! read, a QEMU without `-chroot`).
 
 use std::fmt;
 use std::fs::OpenOptions;
@@ -99,6 +103,7 @@ pub fn run(config_file: Option<&Path>) -> Vec<CheckLine> {
         ),
     });
 
+    let mut confinement = Vec::new();
     let (kind, wanted, binary, assets) = match config_file {
         Some(file) => match config::load(file) {
             Ok(c) => {
@@ -125,6 +130,7 @@ pub fn run(config_file: Option<&Path>) -> Vec<CheckLine> {
                     ),
                 ));
                 let h = c.hypervisor;
+                confinement = backend::confinement(c.backend, &h);
                 let mut assets = vec![("kernel", h.kernel.clone())];
                 assets.extend(h.initrd.clone().map(|p| ("initrd", p)));
                 assets.extend(h.image.clone().map(|p| ("image", p)));
@@ -140,6 +146,16 @@ pub fn run(config_file: Option<&Path>) -> Vec<CheckLine> {
 
     for kind in kind {
         backend_lines(&mut out, kind, wanted, binary.as_deref());
+    }
+    // Which confinement QEMU gets: active (PASS), off (WARN), or configured but impossible
+    // here (FAIL, with the reason).
+    for c in confinement {
+        let status = match c.works {
+            Some(true) => Status::Pass,
+            None => Status::Warn,
+            Some(false) => Status::Fail,
+        };
+        out.push(line(c.name, status, c.detail));
     }
     for (name, path) in assets {
         out.push(match std::fs::metadata(&path) {

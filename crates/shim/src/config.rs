@@ -431,6 +431,23 @@ impl<'a> Cx<'a> {
                 "agent_port" => {
                     c.agent_port = self.int(&key, item, 1, i64::from(u32::MAX) - 1)? as u32;
                 }
+                "seccompsandbox" => {
+                    let v = self.string(&key, item)?;
+                    if !v.is_empty() {
+                        hypervisor::config::check_seccomp_sandbox(&v)
+                            .map_err(|problem| self.invalid(&key, item.span(), problem))?;
+                    }
+                    // Kata: an empty value runs QEMU without a filter.
+                    c.seccomp_sandbox = (!v.is_empty()).then_some(v);
+                }
+                "rootless" => c.rootless = self.bool(&key, item)?,
+                "rootless_user" => {
+                    let v = self.string(&key, item)?;
+                    hypervisor::config::RootlessUser::parse(&v)
+                        .map_err(|problem| self.invalid(&key, item.span(), problem))?;
+                    c.rootless_user = v;
+                }
+                "chroot" => c.chroot = self.bool(&key, item)?,
                 _ => warnings.push(self.warning(&key, kspan, "unknown key, ignored")),
             }
         }

@@ -140,6 +140,27 @@ fn out_of_range_and_wrong_words_are_errors_on_their_line() {
             "hypervisor.qemu.kernel_params",
             "must be a string",
         ),
+        (
+            "seccompsandbox = \"on,networking=deny\"",
+            "hypervisor.qemu.seccompsandbox",
+            "\"networking\" is not a sub-option of QEMU's -sandbox",
+        ),
+        (
+            "seccompsandbox = \"on,spawn=never\"",
+            "hypervisor.qemu.seccompsandbox",
+            "spawn takes allow or deny",
+        ),
+        (
+            "rootless = \"yes\"",
+            "hypervisor.qemu.rootless",
+            "true or false",
+        ),
+        (
+            "rootless_user = \"0:0\"",
+            "hypervisor.qemu.rootless_user",
+            "is root",
+        ),
+        ("chroot = 1", "hypervisor.qemu.chroot", "true or false"),
     ];
     for (entry, key, problem) in cases {
         let text = format!("[hypervisor.qemu]\nkernel = \"/k\"\n{entry}\n");
@@ -275,6 +296,26 @@ fn line_numbers_count_from_one() {
     assert_eq!(line_of("a\nb\nc", 0), 1);
     assert_eq!(line_of("a\nb\nc", 2), 2);
     assert_eq!(line_of("a\nb\nc", 99), 3);
+}
+
+#[test]
+fn confinement_keys_map_and_default_to_a_seccomp_filter_only() {
+    let d = parse_str("[hypervisor.qemu]\nkernel = \"/k\"\n").unwrap();
+    assert_eq!(
+        d.hypervisor.seccomp_sandbox.as_deref(),
+        Some(hypervisor::config::DEFAULT_SECCOMP_SANDBOX)
+    );
+    assert!(!d.hypervisor.rootless && !d.hypervisor.chroot);
+
+    let text = "[hypervisor.qemu]\nkernel = \"/k\"\nseccompsandbox = \"on,spawn=deny\"\nrootless = true\nrootless_user = \"qemu-vm\"\nchroot = true\n";
+    let h = parse_str(text).unwrap().hypervisor;
+    assert_eq!(h.seccomp_sandbox.as_deref(), Some("on,spawn=deny"));
+    assert!(h.rootless && h.chroot);
+    assert_eq!(h.rootless_user, "qemu-vm");
+
+    // Kata: an empty value turns the filter off.
+    let off = parse_str("[hypervisor.qemu]\nkernel = \"/k\"\nseccompsandbox = \"\"\n").unwrap();
+    assert_eq!(off.hypervisor.seccomp_sandbox, None);
 }
 
 #[test]
