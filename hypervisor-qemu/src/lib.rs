@@ -8,6 +8,12 @@
 //! free `pcie-root-port`s on q35. The configuration's root filesystem `image`, when set, is
 //! the first block device: read-only virtio-blk, device id [`IMAGE_DEVICE_ID`].
 //!
+//! QEMU dies with the process that started it (a parent-death signal, see [`process`]), and
+//! runs as confined as the configuration asks: its seccomp filter (`seccomp_sandbox`, on by
+//! default), an unprivileged user (`rootless`), a chroot (`chroot`); it opens no file of the
+//! sandbox by path, so the run files stay root-owned, sockets and logs 0600 in 0700
+//! directories. [`check_confinement`] says what a configuration gets on this host.
+//!
 //! QEMU is not trusted to answer in time. A hotplug whose QMP reply is late or lost is
 //! settled with QEMU's own lists (`qom-list /machine/peripheral`, `query-named-block-nodes`)
 //! before the next device operation: the device is adopted if QEMU has it, or what is half
