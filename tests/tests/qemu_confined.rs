@@ -472,3 +472,60 @@ async fn a_kernel_the_rootless_user_cannot_read_is_refused_naming_the_key() -> R
     )
     .await
 }
+
+/// A configured console log outside the run directory is private too, even when it existed
+/// with a looser mode; and the run directory is 0700 under a run root made 0700.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_console_log_is_made_0600_and_the_run_root_0700() -> Result<()> {
+    require_root();
+    let logs = tempfile::tempdir()?;
+    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o755))?;
+    let console = logs.path().join("console.log");
+    std::fs::write(&console, b"old")?;
+    std::fs::set_permissions(&console, std::fs::Permissions::from_mode(0o644))?;
+    let run_root = tempfile::tempdir()?;
+    // A run root that exists with a looser mode is tightened.
+    std::fs::set_permissions(run_root.path(), std::fs::Permissions::from_mode(0o755))?;
+    let hv = QemuHypervisor::new(
+        test_logger(),
+        QemuOptions {
+            run_root: run_root.path().to_path_buf(),
+            ..Default::default()
+        },
+    );
+    let id = unique_name("con");
+    hv.prepare(&SandboxSpec {
+        id: id.clone(),
+        netns: None,
+        config: HypervisorConfig {
+            console_log: Some(console.clone()),
+            ..assets_config()
+        },
+    })
+    .await?;
+    hv.start(Duration::from_secs(60)).await?;
+    let pid = hv.pids().await?.vmm;
+    let modes = [
+        (mode_of(run_root.path())?, 0o700, "run root"),
+        (mode_of(&run_root.path().join(&id))?, 0o700, "run directory"),
+        (mode_of(&console)?, 0o600, "configured console log"),
+    ];
+    hv.stop().await?;
+    hv.cleanup().await?;
+    for (got, want, what) in modes {
+        ensure!(
+            got == want,
+            "the {what} has mode {got:o}, expected {want:o}"
+        );
+    }
+    ensure!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU {pid} is still alive after cleanup"
+    );
+    ensure!(
+        !run_root.path().join(&id).exists(),
+        "the run directory is left behind"
+    );
+    ensure!(console.exists(), "the configured console log was removed");
+    Ok(())
+}
