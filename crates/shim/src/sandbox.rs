@@ -40,6 +40,7 @@
 mod control;
 mod guest;
 mod teardown;
+mod vmm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,7 +50,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use guest_agent::client::AgentClient;
 use hypervisor::device::VsockConfig;
-use hypervisor::{DeviceConfig, DeviceManager, Hypervisor, MacAddress, SandboxSpec, VmExit};
+use hypervisor::{DeviceConfig, DeviceManager, Hypervisor, MacAddress, SandboxSpec};
 use slog::{error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -58,7 +59,6 @@ use crate::config;
 use crate::facts::{NicFacts, SandboxFacts};
 use crate::net::{self, NicPlan, Subnet24, TapHandoff};
 use crate::pod::{self, PodNetwork};
-use crate::procfs::{self, ProcessStamp};
 use crate::records::{self, ClaimError, Existing, NetnsRecord, Record, Records, TapRecord};
 
 pub use control::request;
@@ -386,7 +386,18 @@ impl Sandbox {
         // From here the VM may exit under any step: that ends the run at once.
         let hv = self.hv.clone();
         let exit = tokio::select! {
-            done = self.up(&opts, plugged, timings, began, &spec) => return done,
+            done = self.up(&opts, plugged, timings, began, &spec) => {
+                let Err(e) = done else { return Ok(()) };
+                // A step that failed because the VM went (its sockets close first) reports
+                // the exit, the cause.
+                match tokio::time::timeout(Duration::from_millis(500), hv.wait_exit()).await {
+                    Ok(exit) => {
+                        warn!(self.log, "step failed as the VM exited"; "error" => format!("{e:#}"));
+                        exit
+                    }
+                    Err(_) => return Err(e),
+                }
+            }
             exit = hv.wait_exit() => exit,
         };
         Err(self.exited(exit).await)
@@ -478,74 +489,6 @@ impl Sandbox {
             plugged.push((info, plan));
         }
         Ok(plugged)
-    }
-
-    /// Starts the VM, recording the VMM process as soon as it exists (before QEMU answers
-    /// QMP), then its saved state.
-    async fn boot(&mut self, timeout: Duration) -> Result<()> {
-        let hv = self.hv.clone();
-        let start = hv.start(timeout);
-        tokio::pin!(start);
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        let started = loop {
-            let unrecorded = self.records.as_ref().is_some_and(|r| r.get().vmm.is_none());
-            tokio::select! {
-                started = &mut start => break started,
-                _ = tick.tick(), if unrecorded => {
-                    if let Some(vmm) = procfs::child_vmm(&self.id) {
-                        self.record(|r| r.vmm = Some(vmm))?;
-                        info!(self.log, "VMM process recorded"; "pid" => vmm.pid);
-                    }
-                }
-            }
-        };
-        started.with_context(|| format!("Starting the {} VM", self.hv.name()))?;
-        let pids = self.hv.pids().await?;
-        self.vmm_pid = Some(pids.vmm);
-        // An in-process VMM's pid is the shim's own: nothing to record, nor to kill.
-        if pids.vmm != std::process::id() {
-            let stamp = ProcessStamp::of(pids.vmm);
-            self.record(|r| r.vmm = stamp.or(r.vmm))?;
-        }
-        self.save_state().await
-    }
-
-    /// Stores the backend's saved state in the record.
-    async fn save_state(&mut self) -> Result<()> {
-        match self.hv.save_state().await {
-            Ok(state) => {
-                let value = serde_json::to_value(state)?;
-                self.record(|r| r.saved_state = Some(value))
-            }
-            Err(e) => {
-                warn!(self.log, "the backend cannot save its state"; "error" => e.to_string());
-                Ok(())
-            }
-        }
-    }
-
-    /// The error for a VM that exited during `self.phase`.
-    async fn exited(&mut self, exit: hypervisor::Result<VmExit>) -> anyhow::Error {
-        let how = match exit {
-            Ok(e) => e.to_string(),
-            Err(e) => format!("{:#}", anyhow::Error::from(e)),
-        };
-        let when = match self.phase {
-            Phase::Agent => "before the guest agent answered",
-            Phase::GuestNetwork => "while the guest's network was being configured",
-            Phase::Serving => "on its own",
-            Phase::Hotplug => "while a NIC was being hot-plugged",
-        };
-        let console = self.hv.console_log().await;
-        match console
-            .as_deref()
-            .and_then(guest_agent::console::init_failure_in)
-        {
-            Some(why) => {
-                anyhow::anyhow!("the VM exited {when} ({how}): the guest init failed: {why}")
-            }
-            None => anyhow::anyhow!("the VM exited {when}: {how}"),
-        }
     }
 
     /// A TAP in a free /24 with a MAC derived from the sandbox id and NIC number.

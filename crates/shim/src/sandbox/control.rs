@@ -52,7 +52,11 @@ impl Sandbox {
             Ok(ControlRequest::HotplugNic) => {
                 self.phase = Phase::Hotplug;
                 let plugged = self.hotplug_nic().await;
-                self.phase = Phase::Serving;
+                // A hotplug failed by the VM's exit (QMP closes first) still names the
+                // hotplug when the exit ends the run, right after this answer.
+                if plugged.is_ok() || !self.exits_soon().await {
+                    self.phase = Phase::Serving;
+                }
                 match plugged {
                     Ok(nic) => ControlResponse::Nic(Box::new(nic)),
                     Err(e) => ControlResponse::Error(format!("{e:#}")),
@@ -63,6 +67,13 @@ impl Sandbox {
         out.push('\n');
         w.write_all(out.as_bytes()).await?;
         Ok(())
+    }
+
+    /// Whether the VM exits within a moment.
+    async fn exits_soon(&self) -> bool {
+        tokio::time::timeout(Duration::from_millis(500), self.hv.wait_exit())
+            .await
+            .is_ok()
     }
 
     async fn hotplug_nic(&mut self) -> Result<NicFacts> {
