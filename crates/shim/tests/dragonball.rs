@@ -233,8 +233,8 @@ impl DbSandbox {
         }
     }
 
-    /// SIGTERM while the shim waits for an agent the test guest does not have: an error
-    /// exit naming the signal, after the teardown. Returns the log.
+    /// SIGTERM while the shim waits for an agent the test guest does not have: the teardown,
+    /// then exit status 0 (stopped on request). Returns the log.
     fn stop(mut self) -> String {
         assert!(Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
@@ -256,9 +256,10 @@ impl DbSandbox {
             self.log.push(l);
         }
         let log = self.log.join("\n");
-        assert!(!status.success(), "{log}");
+        // A stop on request, in whatever phase, is a clean exit.
+        assert!(status.success(), "{status}: {log}");
         assert!(
-            log.contains("SIGTERM received while waiting for the guest agent"),
+            log.contains("signal received, stopping") && log.contains("SIGTERM"),
             "{log}"
         );
         assert!(log.contains("sandbox removed"), "{log}");
