@@ -12,6 +12,7 @@ use slog::{info, warn};
 use super::{ms, Netns, Sandbox};
 use crate::cleanup;
 use crate::net;
+use crate::records::Records;
 
 impl Sandbox {
     /// Stops the VM and removes everything this run created; reports what could not be.
@@ -109,15 +110,23 @@ impl Sandbox {
 
     /// Removes what the record lists and still exists, the run directory last.
     async fn sweep(&mut self) -> Vec<String> {
-        let Some(records) = self.records.take() else {
-            return Vec::new();
-        };
-        let report = cleanup::remove(records.get(), &self.state_dir).await;
-        for item in &report.removed {
-            info!(self.log, "removed"; "what" => item);
-        }
-        report.problems
+        sweep(&self.log, &mut self.records, &self.state_dir).await
     }
+}
+
+/// Removes what `records` lists and still exists, `state_dir` last. The record is let go
+/// only once the removal is done: a sweep cancelled half-way (the orderly teardown dropped
+/// by a second signal) leaves it for the forced one.
+async fn sweep(log: &slog::Logger, records: &mut Option<Records>, state_dir: &Path) -> Vec<String> {
+    let Some(record) = records.as_ref().map(|r| r.get().clone()) else {
+        return Vec::new();
+    };
+    let report = cleanup::remove(&record, state_dir).await;
+    *records = None;
+    for item in &report.removed {
+        info!(log, "removed"; "what" => item);
+    }
+    report.problems
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -128,4 +137,47 @@ fn is_zombie(pid: u32) -> bool {
                 .map(|(_, rest)| rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{Record, TapRecord};
+
+    /// A sweep dropped while it waits for a TAP to go keeps the record; the next one
+    /// removes everything and lets it go.
+    #[tokio::test]
+    async fn a_cancelled_sweep_leaves_the_record_for_the_next_one() {
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let ns = netdev::NetNs::create(&format!("sweep-{}", std::process::id()))
+            .expect("creating a namespace (needs root)");
+        // Held open here: the sweep waits for it to go with its last fd.
+        let tap = netdev::TapBuilder::new("tap%d")
+            .netns(ns.path())
+            .create()
+            .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("sandboxes").join("s");
+        let mut record = Record::new("s");
+        record.taps.push(TapRecord {
+            name: tap.name().to_string(),
+            netns: ns.path().to_path_buf(),
+            persistent: false,
+        });
+        let mut records = Some(Records::claim(&dir, record).unwrap());
+
+        let cut =
+            tokio::time::timeout(Duration::from_millis(200), sweep(&log, &mut records, &dir)).await;
+        assert!(cut.is_err(), "the sweep did not wait for the TAP");
+        assert!(records.is_some(), "a cancelled sweep let the record go");
+        assert!(dir.join(crate::records::RECORD_FILE).exists());
+
+        drop(tap);
+        let problems = sweep(&log, &mut records, &dir).await;
+        assert_eq!(problems, Vec::<String>::new());
+        assert!(records.is_none());
+        assert!(!dir.exists(), "the run directory is left");
+        assert_eq!(net::taps_in(ns.path()).unwrap(), Vec::<String>::new());
+        ns.delete().unwrap();
+    }
 }
