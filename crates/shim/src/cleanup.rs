@@ -35,7 +35,7 @@ pub struct Report {
 /// Removes everything `record` lists that still exists, then `state_dir`.
 pub async fn remove(record: &Record, state_dir: &Path) -> Report {
     let mut report = Report::default();
-    kill_vmms(record, &mut report);
+    kill_vmms(record, &mut report).await;
     for ep in &record.endpoints {
         if !ep.netns.exists() {
             continue;
@@ -85,7 +85,7 @@ pub async fn remove(record: &Record, state_dir: &Path) -> Report {
     report
 }
 
-fn kill_vmms(record: &Record, report: &mut Report) {
+async fn kill_vmms(record: &Record, report: &mut Report) {
     let mut vmms: Vec<ProcessStamp> = record.vmm.into_iter().collect();
     if let Some(ns) = &record.netns {
         for found in procfs::find_vmms(&record.id, &ns.path, &record.owner) {
@@ -95,7 +95,7 @@ fn kill_vmms(record: &Record, report: &mut Report) {
         }
     }
     for vmm in vmms {
-        match vmm.kill(KILL_LIMIT) {
+        match vmm.kill(KILL_LIMIT).await {
             Ok(true) => report
                 .removed
                 .push(format!("VMM process {} (killed)", vmm.pid)),

@@ -48,8 +48,9 @@ impl ProcessStamp {
     }
 
     /// Sends SIGKILL if this very process still runs, and waits up to `limit` for it to be
-    /// gone (or a zombie: its fds are closed by then). `Ok(true)` when it was killed.
-    pub fn kill(&self, limit: Duration) -> Result<bool, String> {
+    /// gone (or a zombie: its fds are closed by then), without blocking the runtime (a
+    /// process in uninterruptible sleep may take a while). `Ok(true)` when it was killed.
+    pub async fn kill(&self, limit: Duration) -> Result<bool, String> {
         if !self.is_alive() {
             return Ok(false);
         }
@@ -66,7 +67,7 @@ impl ProcessStamp {
                     self.pid
                 ));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(true)
     }
@@ -146,6 +147,20 @@ mod tests {
             ..me
         };
         assert!(!reused.is_alive());
+    }
+
+    #[tokio::test]
+    async fn kill_ends_the_recorded_process_once() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .unwrap();
+        let stamp = ProcessStamp::of(child.id()).unwrap();
+        assert_eq!(stamp.kill(Duration::from_secs(10)).await, Ok(true));
+        // A zombie until reaped: not alive, nothing more to kill.
+        assert!(!stamp.is_alive());
+        assert_eq!(stamp.kill(Duration::from_secs(10)).await, Ok(false));
+        assert!(!child.wait().unwrap().success());
     }
 
     #[test]
