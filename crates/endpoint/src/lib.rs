@@ -99,6 +99,15 @@ pub enum Error {
         /// The kernel's or the library's message.
         message: String,
     },
+    /// The TAP name planned for an interface is taken (another sandbox attached this
+    /// namespace, or left its TAP).
+    #[error("TAP {tap} for interface {interface} exists already; another sandbox has attached this namespace, or left its TAP")]
+    TapExists {
+        /// The TAP name.
+        tap: String,
+        /// The interface it was planned for.
+        interface: String,
+    },
     /// Creating the TAP failed.
     #[error("creating the TAP for {interface}")]
     Tap {
@@ -187,23 +196,36 @@ pub struct AttachPlan {
 }
 
 /// What [`attach`] will add for each interface of `snapshot` (a [`scan`] of `ns`), in the
-/// order it adds them, or
-/// the error it would fail with before adding anything.
-pub fn plan(
+/// order it adds them, or the error it would fail with before adding anything. Nothing the
+/// plan names exists yet: a planned TAP name already taken is [`Error::TapExists`], an
+/// interface with an ingress qdisc already is [`Error::IngressBusy`]. So a record of the
+/// plan, written before attaching, names only what the attach adds, and
+/// [`detach_planned`] never removes what another owner made.
+pub async fn plan(
     ns: &NetnsHandle,
     snapshot: &NetnsSnapshot,
     opts: &AttachOptions,
 ) -> Result<Vec<AttachPlan>> {
-    Ok(candidates(ns, snapshot)?
-        .into_iter()
-        .enumerate()
-        .map(|(n, iface)| AttachPlan {
+    let mut plans = Vec::new();
+    for (n, iface) in candidates(ns, snapshot)?.into_iter().enumerate() {
+        let tap = tap_name(n);
+        if snapshot.interfaces.iter().any(|i| i.name == tap) {
+            return Err(Error::TapExists {
+                tap,
+                interface: iface.name.clone(),
+            });
+        }
+        if tc::has_ingress(ns, iface.index).await? {
+            return Err(Error::IngressBusy(iface.name.clone()));
+        }
+        plans.push(AttachPlan {
             interface: iface.name.clone(),
             interface_index: iface.index,
-            tap: tap_name(n),
+            tap,
             persistent: opts.handoff == TapHandoff::Name,
-        })
-        .collect())
+        });
+    }
+    Ok(plans)
 }
 
 /// The interfaces [`attach`] connects, checked to be connectable.
@@ -232,8 +254,9 @@ fn tap_name(n: usize) -> String {
 
 /// Undoes what attaching `plan` may have added, whatever part of it exists: the ingress
 /// qdiscs (with their filters) of the interface, if it is still the planned one, and of the
-/// TAP, and the TAP itself (a TAP that is not persistent is normally gone with its last fd;
-/// one still there is deleted too). Returns what was removed, as people read it.
+/// TAP, and the persistent TAP itself. A TAP handed over as fds is gone with its last fd
+/// (and its qdisc with it); one still open somewhere cannot be deleted by name and is an
+/// [`Error::TapDelete`]. Returns what was removed, as people read it.
 pub async fn detach_planned(ns: &NetnsHandle, plan: &AttachPlan) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let snapshot = scan(ns).await?;

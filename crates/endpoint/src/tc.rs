@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
+
 use crate::{Error, NetnsHandle, Result};
 
 /// `ETH_P_ALL` in network byte order, as tc filters expect their protocol.
@@ -80,6 +82,24 @@ pub(crate) async fn del_ingress(ns: &NetnsHandle, index: u32) -> Result<()> {
         step: format!("Removing the ingress qdisc of interface {index}"),
         message: e.to_string(),
     })
+}
+
+/// Whether `index` has an ingress (or clsact) qdisc already.
+pub(crate) async fn has_ingress(ns: &NetnsHandle, index: u32) -> Result<bool> {
+    let step = || format!("Listing the qdiscs of interface {index}");
+    // A qdisc dump covers every device: keep the one asked about.
+    let mut qdiscs = ns.handle.qdisc().get().index(index as i32).execute();
+    while let Some(msg) = qdiscs.try_next().await.map_err(|e| Error::Netlink {
+        step: step(),
+        message: e.to_string(),
+    })? {
+        if msg.header.index == index as i32
+            && msg.header.parent == netlink_packet_route::tc::TcHandle::INGRESS
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Deletes the ingress qdisc of `index` if it has one; `false` when there was none.

@@ -44,7 +44,7 @@ pub async fn attach(
         ))
     };
     let snapshot = endpoint::scan(&ns).await.map_err(failed)?;
-    let plans = match endpoint::plan(&ns, &snapshot, opts) {
+    let plans = match endpoint::plan(&ns, &snapshot, opts).await {
         Ok(plans) => plans,
         Err(endpoint::Error::NoInterfaces(_)) => {
             info!(log, "no pod interface in the namespace: the shim makes its own TAP";
