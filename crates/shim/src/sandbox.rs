@@ -423,13 +423,15 @@ impl Sandbox {
             }
             None => {
                 let name = format!("kata-{}", self.id);
+                let path = Path::new(netdev::NETNS_RUN_DIR).join(&name);
+                // Someone else's: never recorded as ours, so no cleanup deletes it.
+                if path.exists() {
+                    bail!(
+                        "network namespace {name} exists already and is not this sandbox's; delete it (ip netns del {name}) or pick another id"
+                    );
+                }
                 // Recorded before it exists: a crash right after creating it leaves it listed.
-                self.record(|r| {
-                    r.netns = Some(NetnsRecord {
-                        path: Path::new(netdev::NETNS_RUN_DIR).join(&name),
-                        owned: true,
-                    })
-                })?;
+                self.record(|r| r.netns = Some(NetnsRecord { path, owned: true }))?;
                 match netdev::NetNs::create(&name) {
                     Ok(ns) => Netns::Owned(ns),
                     Err(e) => {

@@ -23,7 +23,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use workspace_tests::cni::{tc_state, CniNetwork};
@@ -44,8 +44,19 @@ const EXIT_FORCED: i32 = 3;
 /// One case at a time (see the module docs).
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What every case starts with: it needs root, waits for the other cases (the guard), and
+/// gets a sandbox id `PREFIX-...`, a run root, and the snapshot from before the sandbox.
+fn begin(prefix: &str) -> (MutexGuard<'static, ()>, String, tempfile::TempDir, Snapshot) {
+    require_root();
+    let one = serial();
+    let id = unique_name(prefix);
+    let root = tempfile::tempdir().unwrap();
+    let before = snapshot(&id, root.path(), None);
+    (one, id, root, before)
 }
 
 /// A log record of the shim: its message, its fields, and when the test read it.
@@ -306,17 +317,7 @@ fn text(out: &Output) -> String {
 /// After a shim died: `run` with its id refuses naming it, `cleanup` removes what it left
 /// and a second `cleanup` finds nothing.
 fn clean_up_after_dead_shim(id: &str, dead: u32, run_root: &Path) {
-    let again = shim_cmd(
-        &[
-            "sandbox",
-            "run",
-            "--config",
-            config("configuration-qemu.toml").to_str().unwrap(),
-            "--id",
-            id,
-        ],
-        run_root,
-    );
+    let again = run_again(id, run_root);
     let err = String::from_utf8_lossy(&again.stderr);
     assert_eq!(again.status.code(), Some(1), "{}", text(&again));
     assert!(
@@ -364,6 +365,35 @@ fn starts_again(id: &str, run_root: &Path, extra: &[&str]) {
         "the restarted sandbox {id} exited with {status}: {error:?}\n{}",
         shim.log()
     );
+}
+
+/// Asserts that nothing of sandbox `id` is left (see [`assert_nothing_left`]), that the same
+/// id boots again (with `extra`) and stops cleanly, and that it left nothing either.
+fn nothing_left_and_starts_again(
+    before: &Snapshot,
+    id: &str,
+    run_root: &Path,
+    pod: Option<&str>,
+    extra: &[&str],
+) {
+    assert_nothing_left(before, id, run_root, pod);
+    starts_again(id, run_root, extra);
+    assert_nothing_left(before, id, run_root, pod);
+}
+
+/// `sandbox run` of the shipped QEMU configuration with id `id`, run to its end.
+fn run_again(id: &str, run_root: &Path) -> Output {
+    shim_cmd(
+        &[
+            "sandbox",
+            "run",
+            "--config",
+            config("configuration-qemu.toml").to_str().unwrap(),
+            "--id",
+            id,
+        ],
+        run_root,
+    )
 }
 
 /// Starts a `sandbox hotplug-nic` client.
@@ -420,11 +450,7 @@ fn reach(phase: Phase, id: &str, run_root: &Path, extra: &[&str]) -> (Shim, u32,
 }
 
 fn kill_shim_at(phase: Phase, prefix: &str) {
-    require_root();
-    let _one = serial();
-    let id = unique_name(prefix);
-    let root = tempfile::tempdir().unwrap();
-    let before = snapshot(&id, root.path(), None);
+    let (_one, id, root, before) = begin(prefix);
     // The ready file is in the run root: the snapshots see it if cleanup leaves it.
     let ready = root.path().join("ready.json");
     let ready = ["--ready-file", ready.to_str().unwrap()];
@@ -449,17 +475,11 @@ fn kill_shim_at(phase: Phase, prefix: &str) {
         "no record left at {phase:?}: nothing to test"
     );
     clean_up_after_dead_shim(&id, dead, root.path());
-    assert_nothing_left(&before, &id, root.path(), None);
-    starts_again(&id, root.path(), &[]);
-    assert_nothing_left(&before, &id, root.path(), None);
+    nothing_left_and_starts_again(&before, &id, root.path(), None, &[]);
 }
 
 fn kill_qemu_at(phase: Phase, prefix: &str, expect: &[&str]) {
-    require_root();
-    let _one = serial();
-    let id = unique_name(prefix);
-    let root = tempfile::tempdir().unwrap();
-    let before = snapshot(&id, root.path(), None);
+    let (_one, id, root, before) = begin(prefix);
     let (mut shim, qemu, client) = reach(phase, &id, root.path(), &[]);
     signal("KILL", qemu);
     let (status, error) = shim.wait_exit();
@@ -487,9 +507,7 @@ fn kill_qemu_at(phase: Phase, prefix: &str, expect: &[&str]) {
             }
         }
     }
-    assert_nothing_left(&before, &id, root.path(), None);
-    starts_again(&id, root.path(), &[]);
-    assert_nothing_left(&before, &id, root.path(), None);
+    nothing_left_and_starts_again(&before, &id, root.path(), None, &[]);
 }
 
 #[test]
@@ -545,11 +563,7 @@ fn qemu_killed_during_stop_leaves_nothing() {
 
 /// SIGTERM at `phase`: the teardown starts within 1 s and the shim exits 0.
 fn sigterm_at(phase: Phase, prefix: &str) {
-    require_root();
-    let _one = serial();
-    let id = unique_name(prefix);
-    let root = tempfile::tempdir().unwrap();
-    let before = snapshot(&id, root.path(), None);
+    let (_one, id, root, before) = begin(prefix);
     let (mut shim, qemu, client) = reach(phase, &id, root.path(), &[]);
     let sent = Instant::now();
     signal("TERM", shim.pid());
@@ -572,9 +586,7 @@ fn sigterm_at(phase: Phase, prefix: &str) {
         );
     }
     eprintln!("SIGTERM at {phase:?}: teardown started after {latency:?}");
-    assert_nothing_left(&before, &id, root.path(), None);
-    starts_again(&id, root.path(), &[]);
-    assert_nothing_left(&before, &id, root.path(), None);
+    nothing_left_and_starts_again(&before, &id, root.path(), None, &[]);
 }
 
 #[test]
@@ -594,11 +606,7 @@ fn sigterm_during_a_nic_hotplug_starts_the_teardown_within_a_second() {
 
 #[test]
 fn a_second_sigterm_forces_a_stuck_teardown_with_exit_status_3() {
-    require_root();
-    let _one = serial();
-    let id = unique_name("ftf");
-    let root = tempfile::tempdir().unwrap();
-    let before = snapshot(&id, root.path(), None);
+    let (_one, id, root, before) = begin("ftf");
     let mut shim = Shim::start(&id, root.path(), &[]);
     let qemu = shim.wait_for("VMM process recorded").record["pid"]
         .as_u64()
@@ -635,9 +643,7 @@ fn a_second_sigterm_forces_a_stuck_teardown_with_exit_status_3() {
         "forced {:?} after the stuck teardown began",
         forced.at.duration_since(stuck)
     );
-    assert_nothing_left(&before, &id, root.path(), None);
-    starts_again(&id, root.path(), &[]);
-    assert_nothing_left(&before, &id, root.path(), None);
+    nothing_left_and_starts_again(&before, &id, root.path(), None, &[]);
 }
 
 #[test]
@@ -673,9 +679,13 @@ fn shim_killed_on_a_pod_network_leaves_tc_state_that_sandbox_cleanup_removes() {
     );
     clean_up_after_dead_shim(&id, dead, root.path());
     assert_eq!(tc_state(pod.name(), "eth0").unwrap(), tc_before);
-    assert_nothing_left(&before, &id, root.path(), Some(pod.name()));
-    starts_again(&id, root.path(), &["--netns", &netns]);
-    assert_nothing_left(&before, &id, root.path(), Some(pod.name()));
+    nothing_left_and_starts_again(
+        &before,
+        &id,
+        root.path(),
+        Some(pod.name()),
+        &["--netns", &netns],
+    );
     net.del(&container, pod.path())
         .expect("CNI DEL after the sandbox");
     pod.delete().unwrap();
@@ -683,26 +693,12 @@ fn shim_killed_on_a_pod_network_leaves_tc_state_that_sandbox_cleanup_removes() {
 
 #[test]
 fn a_live_sandbox_is_neither_started_twice_nor_cleaned_up() {
-    require_root();
-    let _one = serial();
-    let id = unique_name("flv");
-    let root = tempfile::tempdir().unwrap();
-    let before = snapshot(&id, root.path(), None);
+    let (_one, id, root, before) = begin("flv");
     let mut shim = Shim::start(&id, root.path(), &[]);
     shim.wait_for("sandbox ready");
     let owner = shim.pid();
 
-    let twice = shim_cmd(
-        &[
-            "sandbox",
-            "run",
-            "--config",
-            config("configuration-qemu.toml").to_str().unwrap(),
-            "--id",
-            &id,
-        ],
-        root.path(),
-    );
+    let twice = run_again(&id, root.path());
     assert_eq!(twice.status.code(), Some(1), "{}", text(&twice));
     assert!(
         String::from_utf8_lossy(&twice.stderr)
@@ -767,13 +763,9 @@ fn guest_with_a_broken_module(dir: &Path) {
 
 #[test]
 fn a_guest_init_failure_fails_the_run_at_once_naming_it() {
-    require_root();
-    let _one = serial();
+    let (_one, id, root, before) = begin("fgi");
     let guest = tempfile::tempdir().unwrap();
     guest_with_a_broken_module(guest.path());
-    let id = unique_name("fgi");
-    let root = tempfile::tempdir().unwrap();
-    let before = snapshot(&id, root.path(), None);
     let mut child = Command::new(SHIM)
         .env("GUEST_DIR", guest.path())
         .args(["sandbox", "run", "--config"])
@@ -805,4 +797,38 @@ fn a_guest_init_failure_fails_the_run_at_once_naming_it() {
     );
     eprintln!("failed after {took:?}: {error}");
     assert_nothing_left(&before, &id, root.path(), None);
+}
+
+#[test]
+fn a_namespace_of_the_sandbox_name_made_by_someone_else_is_refused_and_kept() {
+    require_root();
+    let _one = serial();
+    let id = unique_name("fns");
+    let root = tempfile::tempdir().unwrap();
+    let theirs = netdev::NetNs::create(&format!("kata-{id}")).unwrap();
+    let out = shim_cmd(
+        &[
+            "sandbox",
+            "run",
+            "--config",
+            config("configuration-qemu.toml").to_str().unwrap(),
+            "--id",
+            &id,
+        ],
+        root.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "network namespace kata-{id} exists already and is not this sandbox's"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        theirs.path().exists(),
+        "the run deleted a namespace not its own"
+    );
+    assert_eq!(tree(&root.path().join("sandboxes")), Vec::<PathBuf>::new());
+    theirs.delete().unwrap();
 }
