@@ -437,6 +437,21 @@ impl Sandbox {
         Ok(done.name)
     }
 
+    /// Configures the guest NIC of `nic` once the guest has probed it (a hot-plugged NIC
+    /// shows up a moment after the hotplug): retries every 250 ms for 60 s.
+    pub async fn configure_when_seen(&mut self, nic: &TestNic) -> Result<()> {
+        let began = Instant::now();
+        loop {
+            match self.configure(nic).await {
+                Ok(_) => return Ok(()),
+                Err(e) if began.elapsed() > Duration::from_secs(60) => {
+                    return Err(e.context("the guest never showed the hot-plugged NIC"))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
     /// Pings `addr` from the namespace until it answers, at most `limit`.
     pub async fn wait_ping(&self, addr: &str, limit: Duration) -> Result<()> {
         let began = Instant::now();

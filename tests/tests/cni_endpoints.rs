@@ -1,38 +1,13 @@
 //! Pod networks from the real CNI plugins, connected to QEMU guests through `endpoint`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use guest_agent::protocol::{ExecRequest, InterfaceConfig, RouteConfig};
-use hypervisor::{Device, DeviceConfig, DeviceId, Hypervisor, HypervisorConfig};
-use hypervisor_qemu::{QemuHypervisor, QemuOptions};
+use hypervisor::{Device, DeviceConfig, DeviceId};
 use workspace_tests::cni::{tc_state, CniNetwork, CniResult};
-use workspace_tests::{test_logger, unique_name, Backend, GuestAssets, Sandbox};
-
-struct Qemu;
-
-impl Backend for Qemu {
-    fn create(&self, run_root: &std::path::Path) -> Arc<dyn Hypervisor> {
-        Arc::new(QemuHypervisor::new(
-            test_logger(),
-            QemuOptions {
-                run_root: run_root.to_path_buf(),
-                ..Default::default()
-            },
-        ))
-    }
-    fn config(&self, assets: &GuestAssets) -> HypervisorConfig {
-        HypervisorConfig {
-            kernel: assets.kernel.clone(),
-            initrd: Some(assets.initrd.clone()),
-            ..Default::default()
-        }
-    }
-    fn can_boot(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
+use workspace_tests::qemu::Qemu;
+use workspace_tests::{unique_name, Backend, GuestAssets, Sandbox};
 
 /// A pod: its namespace prepared by CNI, a sandbox on it, its endpoints attached.
 struct Pod {
@@ -50,7 +25,7 @@ async fn pod_on(net: &CniNetwork) -> Result<Pod> {
     let cni = net.add(&id, ns.path())?;
     let tc_before = tc_state(ns.name(), "eth0")?;
     let assets = GuestAssets::find();
-    let mut sb = Sandbox::prepare_in(&Qemu, Qemu.config(&assets), id.clone(), ns).await?;
+    let mut sb = Sandbox::prepare_in(&Qemu::Q35, Qemu::Q35.config(&assets), id.clone(), ns).await?;
     let handle = endpoint::NetnsHandle::connect(sb.ns().path()).await?;
     let endpoints = endpoint::attach_all(&handle, &endpoint::AttachOptions::default()).await?;
     ensure!(endpoints.len() == 1, "expected one endpoint: {endpoints:?}");

@@ -9,14 +9,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
 use hypervisor::{Error, Hypervisor, HypervisorConfig, SandboxSpec};
-use hypervisor_qemu::{QemuHypervisor, QemuOptions};
-use workspace_tests::{
-    require_root, scenarios, test_logger, unique_name, Backend, GuestAssets, TestNic,
-};
+use hypervisor_qemu::QemuHypervisor;
+use workspace_tests::qemu::{Kept, Qemu};
+use workspace_tests::{require_root, scenarios, test_logger, unique_name, GuestAssets, TestNic};
 
 /// The unprivileged ids the confined QEMU takes: numeric, so the test needs no user on the
 /// host; no process of the host runs as them.
@@ -30,13 +28,17 @@ const OWNER_READY: &str = "owner-ready";
 
 /// Every confinement on: Kata's seccomp filter, an unprivileged user, a chroot.
 fn confined_config() -> HypervisorConfig {
-    HypervisorConfig {
-        seccomp_sandbox: Some(hypervisor::config::DEFAULT_SECCOMP_SANDBOX.into()),
-        rootless: true,
-        rootless_user: CONFINED_USER.into(),
-        chroot: true,
-        ..assets_config()
-    }
+    let mut config = assets_config();
+    confine(&mut config);
+    config
+}
+
+/// Turns every confinement on in `config`.
+fn confine(config: &mut HypervisorConfig) {
+    config.seccomp_sandbox = Some(hypervisor::config::DEFAULT_SECCOMP_SANDBOX.into());
+    config.rootless = true;
+    config.rootless_user = CONFINED_USER.into();
+    config.chroot = true;
 }
 
 fn assets_config() -> HypervisorConfig {
@@ -58,13 +60,7 @@ fn play_owner(role: &str, run_root: &Path) -> ! {
         .build()
         .expect("a runtime");
     let res: Result<()> = rt.block_on(async {
-        let hv = QemuHypervisor::new(
-            test_logger(),
-            QemuOptions {
-                run_root: run_root.to_path_buf(),
-                ..Default::default()
-            },
-        );
+        let hv = QemuHypervisor::new(test_logger(), Qemu::options(run_root));
         let config = match role {
             "plain" => assets_config(),
             "confined" => confined_config(),
@@ -231,37 +227,10 @@ fn a_confined_qemu_dies_within_two_seconds_of_its_owner() -> Result<()> {
     )
 }
 
-/// A confined QEMU backend for the shared scenarios; it remembers its run root so the test
-/// can look at the files.
-#[derive(Default)]
-struct Confined {
-    run_root: Mutex<Option<PathBuf>>,
-}
-
-impl Backend for Confined {
-    fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
-        *self.run_root.lock().expect("not poisoned") = Some(run_root.to_path_buf());
-        Arc::new(QemuHypervisor::new(
-            test_logger(),
-            QemuOptions {
-                run_root: run_root.to_path_buf(),
-                ..Default::default()
-            },
-        ))
-    }
-
-    fn config(&self, _assets: &GuestAssets) -> HypervisorConfig {
-        confined_config()
-    }
-
-    fn can_boot(&self) -> Result<(), String> {
-        let qemu = QemuOptions::default().default_binary;
-        if qemu.exists() {
-            Ok(())
-        } else {
-            Err(format!("{} is missing: run `make deps`", qemu.display()))
-        }
-    }
+/// A confined QEMU backend for the shared scenarios; it keeps its run root so the test can
+/// look at the files.
+fn confined() -> Kept {
+    Kept::new(Qemu::Q35).adjust(confine)
 }
 
 fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
@@ -365,27 +334,19 @@ fn check_confinement(pid: u32, run_root: &Path) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confined_qemu_boots_answers_ping_and_runs_unprivileged_in_its_chroot() -> Result<()> {
-    let backend = Confined::default();
-    let inspect = |pid: u32, _nic: &TestNic| {
-        let root = backend
-            .run_root
-            .lock()
-            .expect("not poisoned")
-            .clone()
-            .context("created")?;
-        check_confinement(pid, &root)
-    };
+    let backend = confined();
+    let inspect = |pid: u32, _nic: &TestNic| check_confinement(pid, &backend.run_root());
     scenarios::boot_ping_and_agent(&backend, 1, &inspect).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confined_qemu_hotplugs_a_nic_the_guest_answers_on() -> Result<()> {
-    scenarios::nic_hotplug_and_unplug(&Confined::default()).await
+    scenarios::nic_hotplug_and_unplug(&confined()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confined_qemu_hotplugs_a_disk_the_guest_reads() -> Result<()> {
-    scenarios::block_hotplug_reads_pattern(&Confined::default()).await
+    scenarios::block_hotplug_reads_pattern(&confined()).await
 }
 
 /// Prepares with `config` and expects a configuration error naming `key`, with nothing
@@ -393,13 +354,7 @@ async fn a_confined_qemu_hotplugs_a_disk_the_guest_reads() -> Result<()> {
 async fn refused(config: HypervisorConfig, key: &str, words: &str) -> Result<()> {
     require_root();
     let run_root = tempfile::tempdir()?;
-    let hv = QemuHypervisor::new(
-        test_logger(),
-        QemuOptions {
-            run_root: run_root.path().join("run"),
-            ..Default::default()
-        },
-    );
+    let hv = QemuHypervisor::new(test_logger(), Qemu::options(&run_root.path().join("run")));
     let id = unique_name("bad");
     let err = hv
         .prepare(&SandboxSpec {
@@ -486,13 +441,7 @@ async fn a_configured_console_log_is_made_0600_and_the_run_root_0700() -> Result
     let run_root = tempfile::tempdir()?;
     // A run root that exists with a looser mode is tightened.
     std::fs::set_permissions(run_root.path(), std::fs::Permissions::from_mode(0o755))?;
-    let hv = QemuHypervisor::new(
-        test_logger(),
-        QemuOptions {
-            run_root: run_root.path().to_path_buf(),
-            ..Default::default()
-        },
-    );
+    let hv = QemuHypervisor::new(test_logger(), Qemu::options(run_root.path()));
     let id = unique_name("con");
     hv.prepare(&SandboxSpec {
         id: id.clone(),

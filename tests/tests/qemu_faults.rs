@@ -8,19 +8,16 @@
 //! machine has two cores for TCG guests.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use hypervisor::device::{BlockConfig, BlockDriver};
-use hypervisor::{
-    Device, DeviceConfig, DeviceId, DeviceInfo, Hypervisor, HypervisorConfig, SandboxSpec, VmState,
-};
-use hypervisor_qemu::{QemuHypervisor, QemuOptions};
+use hypervisor::{Device, DeviceConfig, DeviceId, DeviceInfo, SandboxSpec, VmState};
+use hypervisor_qemu::QemuOptions;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::{json, Value};
-use workspace_tests::{error_chain, test_logger, Backend, GuestAssets, Sandbox, TestNic};
+use workspace_tests::qemu::{device_ids, devices_behind_ports, hmp, Kept, Qemu};
+use workspace_tests::{error_chain, Backend, GuestAssets, Sandbox};
 
 /// One case at a time: see the module docs.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -36,69 +33,6 @@ fn run_alone(case: impl std::future::Future<Output = Result<()>>) -> Result<()> 
     runtime.block_on(case)
 }
 
-/// q35 under TCG with backend options of the case's choosing; keeps the concrete handle for
-/// raw QMP.
-struct Faulty {
-    options: fn(&Path) -> QemuOptions,
-    last: std::sync::Mutex<Option<Arc<QemuHypervisor>>>,
-    kernel_params: &'static str,
-}
-
-impl Faulty {
-    fn new(options: fn(&Path) -> QemuOptions) -> Faulty {
-        Faulty {
-            options,
-            last: std::sync::Mutex::new(None),
-            kernel_params: "",
-        }
-    }
-
-    fn qemu(&self) -> Arc<QemuHypervisor> {
-        self.last.lock().unwrap().clone().expect("created")
-    }
-}
-
-fn default_options(run_root: &Path) -> QemuOptions {
-    QemuOptions {
-        run_root: run_root.to_path_buf(),
-        ..Default::default()
-    }
-}
-
-impl Backend for Faulty {
-    fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
-        let hv = Arc::new(QemuHypervisor::new(test_logger(), (self.options)(run_root)));
-        *self.last.lock().unwrap() = Some(hv.clone());
-        hv
-    }
-
-    fn config(&self, assets: &GuestAssets) -> HypervisorConfig {
-        let mut config = HypervisorConfig {
-            kernel: assets.kernel.clone(),
-            initrd: Some(assets.initrd.clone()),
-            machine_type: Some("q35".into()),
-            memory_mib: 256,
-            ..Default::default()
-        };
-        config
-            .kernel_params
-            .extend(self.kernel_params.split_whitespace().map(String::from));
-        config
-    }
-
-    fn can_boot(&self) -> Result<(), String> {
-        let qemu = QemuOptions::default().default_binary;
-        if qemu.exists() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} is missing: run `make deps` (Debian package qemu-system-x86)",
-                qemu.display()
-            ))
-        }
-    }
-}
-
 /// This process's open fds, as `fd -> target`.
 fn own_fds() -> Result<Vec<String>> {
     let mut fds: Vec<String> = workspace_tests::fd_targets(std::process::id())?
@@ -112,7 +46,7 @@ fn own_fds() -> Result<Vec<String>> {
 }
 
 /// A prepared sandbox of `backend`, and this process's fds from before it.
-async fn prepared(backend: &Faulty) -> Result<(Sandbox, Vec<String>)> {
+async fn prepared(backend: &Kept) -> Result<(Sandbox, Vec<String>)> {
     backend
         .can_boot()
         .map_err(|why| anyhow::anyhow!("cannot boot a guest here: {why}"))?;
@@ -163,7 +97,7 @@ fn qemu_name(id: &str) -> String {
 }
 
 /// Stops and cleans up, then checks nothing is left, and that the same id prepares again.
-async fn finish(backend: &Faulty, sb: Sandbox, fds_before: Vec<String>) -> Result<()> {
+async fn finish(backend: &Kept, sb: Sandbox, fds_before: Vec<String>) -> Result<()> {
     let began = Instant::now();
     sb.hv.stop().await.context("stop")?;
     sb.hv.cleanup().await.context("cleanup")?;
@@ -216,67 +150,6 @@ async fn vmm_pid(sb: &Sandbox) -> Result<u32> {
     Ok(sb.hv.pids().await.context("pids")?.vmm)
 }
 
-/// `human-monitor-command`, for what QMP of QEMU 7.2 cannot list (netdevs).
-async fn hmp(qemu: &QemuHypervisor, command: &str) -> Result<String> {
-    let out = qemu
-        .qmp_execute(
-            "human-monitor-command",
-            Some(json!({ "command-line": command })),
-        )
-        .await?;
-    Ok(out.as_str().unwrap_or_default().to_string())
-}
-
-/// Ids of QEMU's devices (`qom-list /machine/peripheral`).
-async fn qemu_devices(qemu: &QemuHypervisor) -> Result<Vec<String>> {
-    let list = qemu
-        .qmp_execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
-        .await?;
-    Ok(list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
-        .filter_map(|p| p["name"].as_str().map(String::from))
-        .collect())
-}
-
-/// `(device, root port)` of every device behind a root port, from `query-pci`.
-async fn devices_behind_ports(qemu: &QemuHypervisor) -> Result<Vec<(String, String)>> {
-    let pci = qemu.qmp_execute("query-pci", None).await?;
-    let mut found = Vec::new();
-    fn walk(devices: &Value, found: &mut Vec<(String, String)>) {
-        for d in devices.as_array().into_iter().flatten() {
-            if let Some(bridge) = d.get("pci_bridge") {
-                let port = d["qdev_id"].as_str().unwrap_or_default().to_string();
-                for child in bridge["devices"].as_array().into_iter().flatten() {
-                    let id = child["qdev_id"].as_str().unwrap_or_default().to_string();
-                    found.push((id, port.clone()));
-                }
-                walk(&bridge["devices"], found);
-            }
-        }
-    }
-    for bus in pci.as_array().into_iter().flatten() {
-        walk(&bus["devices"], &mut found);
-    }
-    Ok(found)
-}
-
-/// Configures `nic` through the agent once the guest has probed it.
-async fn configure_when_seen(sb: &mut Sandbox, nic: &TestNic) -> Result<()> {
-    let began = Instant::now();
-    loop {
-        match sb.configure(nic).await {
-            Ok(_) => return Ok(()),
-            Err(e) if began.elapsed() > Duration::from_secs(60) => {
-                return Err(e.context("the guest never showed the hot-plugged NIC"))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
 /// Runs `op` in a task; checks it is still waiting after `pending` (QEMU is stopped, so it
 /// cannot be answered), then kills QEMU and returns how `op` ended and how long it took after
 /// the kill.
@@ -326,10 +199,10 @@ fn expect_exit_error<T: std::fmt::Debug>(
 #[test]
 fn qmp_closed_by_quit_is_reported_and_later_operations_fail_at_once() -> Result<()> {
     run_alone(async {
-        let backend = Faulty::new(default_options);
+        let backend = Kept::new(Qemu::Q35);
         let (mut sb, fds) = prepared(&backend).await?;
         sb.start_vm().await?;
-        let qemu = backend.qemu();
+        let qemu = backend.hypervisor();
         // QEMU may answer before it closes the socket, or close first.
         let _ = qemu.qmp_execute("quit", None).await;
         let exit = tokio::time::timeout(Duration::from_secs(10), sb.hv.wait_exit())
@@ -376,17 +249,20 @@ fn qmp_closed_by_quit_is_reported_and_later_operations_fail_at_once() -> Result<
 #[test]
 fn a_tap_deleted_under_a_running_vm_leaves_it_running_and_removable() -> Result<()> {
     run_alone(async {
-        let backend = Faulty::new(default_options);
+        let backend = Kept::new(Qemu::Q35);
         let (mut sb, fds) = prepared(&backend).await?;
         sb.start().await?;
         let mut nic = sb.tap(3, 1)?;
         let info = sb.hv.add_device(nic.device("net3")).await?;
-        configure_when_seen(&mut sb, &nic).await?;
+        sb.configure_when_seen(&nic).await?;
         sb.wait_ping(&nic.guest_ip, Duration::from_secs(30)).await?;
 
         sb.ip(&["link", "del", &nic.tap])?;
         ensure!(!sb.taps()?.contains(&nic.tap), "{} still exists", nic.tap);
-        let status = backend.qemu().qmp_execute("query-status", None).await?;
+        let status = backend
+            .hypervisor()
+            .qmp_execute("query-status", None)
+            .await?;
         ensure!(status["running"] == true, "QEMU is not running: {status}");
         // The guest still answers its agent.
         let ifaces = sb
@@ -400,9 +276,9 @@ fn a_tap_deleted_under_a_running_vm_leaves_it_running_and_removable() -> Result<
             .remove_device(&info.id)
             .await
             .context("removing the NIC whose TAP was deleted")?;
-        let devices = qemu_devices(&backend.qemu()).await?;
+        let devices = device_ids(&backend.hypervisor()).await?;
         ensure!(!devices.contains(&"dev-net3".to_string()), "{devices:?}");
-        ensure!(!hmp(&backend.qemu(), "info network")
+        ensure!(!hmp(&backend.hypervisor(), "info network")
             .await?
             .contains("net3:"));
         finish(&backend, sb, fds).await
@@ -412,7 +288,7 @@ fn a_tap_deleted_under_a_running_vm_leaves_it_running_and_removable() -> Result<
 fn short_unplug(run_root: &Path) -> QemuOptions {
     QemuOptions {
         unplug_timeout: Duration::from_secs(6),
-        ..default_options(run_root)
+        ..Qemu::options(run_root)
     }
 }
 
@@ -424,11 +300,14 @@ fn short_unplug(run_root: &Path) -> QemuOptions {
 #[test]
 fn an_unplug_the_guest_ignores_times_out_keeps_its_port_and_does_not_delay_stop() -> Result<()> {
     run_alone(async {
-        let mut backend = Faulty::new(short_unplug);
-        backend.kernel_params = "acpiphp.disable=1";
+        let backend = Kept::new(Qemu {
+            kernel_params: "acpiphp.disable=1",
+            ..Qemu::Q35
+        })
+        .options(short_unplug);
         let (mut sb, fds) = prepared(&backend).await?;
         sb.start().await?;
-        let qemu = backend.qemu();
+        let qemu = backend.hypervisor();
         let mut first = sb.tap(4, 1)?;
         let info = sb.hv.add_device(first.device("net4")).await?;
 
@@ -450,7 +329,7 @@ fn an_unplug_the_guest_ignores_times_out_keeps_its_port_and_does_not_delay_stop(
             "not an unplug timeout: {chain}"
         );
         ensure!(
-            qemu_devices(&qemu).await?.contains(&"dev-net4".to_string()),
+            device_ids(&qemu).await?.contains(&"dev-net4".to_string()),
             "QEMU no longer has the device, yet the guest never released it"
         );
 
@@ -506,7 +385,7 @@ fn an_unplug_the_guest_ignores_times_out_keeps_its_port_and_does_not_delay_stop(
 fn short_qmp(run_root: &Path) -> QemuOptions {
     QemuOptions {
         qmp_timeout: Duration::from_secs(1),
-        ..default_options(run_root)
+        ..Qemu::options(run_root)
     }
 }
 
@@ -515,10 +394,10 @@ fn short_qmp(run_root: &Path) -> QemuOptions {
 #[test]
 fn a_hotplug_answered_after_its_timeout_is_settled_with_qemu() -> Result<()> {
     run_alone(async {
-        let backend = Faulty::new(short_qmp);
+        let backend = Kept::new(Qemu::Q35).options(short_qmp);
         let (mut sb, fds) = prepared(&backend).await?;
         sb.start().await?;
-        let qemu = backend.qemu();
+        let qemu = backend.hypervisor();
         let pid = vmm_pid(&sb).await?;
         let mut late = sb.tap(6, 1)?;
         let late_tap = late.tap.clone();
@@ -543,7 +422,7 @@ fn a_hotplug_answered_after_its_timeout_is_settled_with_qemu() -> Result<()> {
         // The next hotplug first settles the earlier one with QEMU.
         let mut next = sb.tap(7, 1)?;
         let info = sb.hv.add_device(next.device("net7")).await?;
-        let devices = qemu_devices(&qemu).await?;
+        let devices = device_ids(&qemu).await?;
         let network = hmp(&qemu, "info network").await?;
         let record = sb.hv.save_state().await?;
         let recorded: Vec<String> = record.devices.iter().map(|d| d.id.to_string()).collect();
@@ -570,7 +449,7 @@ fn a_hotplug_answered_after_its_timeout_is_settled_with_qemu() -> Result<()> {
             "{behind:?}"
         );
         ensure!(info.hotplugged);
-        configure_when_seen(&mut sb, &next).await?;
+        sb.configure_when_seen(&next).await?;
         sb.wait_ping(&next.guest_ip, Duration::from_secs(30))
             .await?;
         finish(&backend, sb, fds).await
@@ -578,7 +457,7 @@ fn a_hotplug_answered_after_its_timeout_is_settled_with_qemu() -> Result<()> {
 }
 
 /// A VM that booted far enough to take QMP commands (no agent wait).
-async fn running(backend: &Faulty) -> Result<(Sandbox, Vec<String>, u32)> {
+async fn running(backend: &Kept) -> Result<(Sandbox, Vec<String>, u32)> {
     let (mut sb, fds) = prepared(backend).await?;
     sb.start_vm().await?;
     let pid = vmm_pid(&sb).await?;
@@ -590,7 +469,7 @@ async fn running(backend: &Faulty) -> Result<(Sandbox, Vec<String>, u32)> {
 #[test]
 fn kill_of_qemu_during_a_nic_hotplug_fails_it_at_once() -> Result<()> {
     run_alone(async {
-        let backend = Faulty::new(default_options);
+        let backend = Kept::new(Qemu::Q35);
         let (sb, fds, pid) = running(&backend).await?;
         let mut nic = sb.tap(8, 2)?;
         let device = nic.device("net8");
@@ -606,7 +485,7 @@ fn kill_of_qemu_during_a_nic_hotplug_fails_it_at_once() -> Result<()> {
 #[test]
 fn kill_of_qemu_during_a_block_hotplug_fails_it_at_once() -> Result<()> {
     run_alone(async {
-        let backend = Faulty::new(default_options);
+        let backend = Kept::new(Qemu::Q35);
         let (sb, fds, pid) = running(&backend).await?;
         let image = sb.run_root.path().join("disk.img");
         std::fs::write(&image, vec![0u8; 1 << 20])?;
@@ -631,7 +510,7 @@ fn kill_of_qemu_during_a_block_hotplug_fails_it_at_once() -> Result<()> {
 #[test]
 fn kill_of_qemu_during_stop_ends_stop_at_once() -> Result<()> {
     run_alone(async {
-        let backend = Faulty::new(default_options);
+        let backend = Kept::new(Qemu::Q35);
         let (sb, fds, pid) = running(&backend).await?;
         let hv = sb.hv.clone();
         let (result, took) = kill_while_pending(pid, async move { hv.stop().await }).await?;
@@ -650,7 +529,7 @@ fn kill_of_qemu_during_stop_ends_stop_at_once() -> Result<()> {
 #[test]
 fn a_dropped_start_kills_qemu() -> Result<()> {
     run_alone(async {
-        let backend = Faulty::new(default_options);
+        let backend = Kept::new(Qemu::Q35);
         let (sb, fds) = prepared(&backend).await?;
         let name = qemu_name(&sb.id);
         let spawned = async {

@@ -15,8 +15,8 @@ use hypervisor::{
 use hypervisor_qemu::qmp::QmpError;
 use hypervisor_qemu::QemuHypervisor;
 use serde_json::json;
-use workspace_tests::qemu::{Kept, Qemu};
-use workspace_tests::{fd_targets, scenarios, test_logger, Backend, GuestAssets, Sandbox, TestNic};
+use workspace_tests::qemu::{block_nodes, device_ids, hmp, Kept, Qemu};
+use workspace_tests::{fd_targets, scenarios, test_logger, Backend, GuestAssets, Sandbox};
 
 const QEMU: Qemu = Qemu::Q35;
 
@@ -240,8 +240,8 @@ async fn q35_guest_answers_ping_and_agent_sees_two_queue_pairs() {
         .collect();
 
     let backend = Kept::new(Qemu {
-        machine: "q35",
         image: Some(image.clone()),
+        ..Qemu::Q35
     });
     scenarios::boot_ping_and_agent(&backend, 2, &|pid, _nic| {
         let fds = fd_targets(pid)?;
@@ -336,6 +336,7 @@ async fn microvm_boots_with_two_queues_and_image_and_refuses_hotplug() {
     let microvm = Qemu {
         machine: "microvm",
         image: Some(image),
+        ..Qemu::Q35
     };
     let assets = GuestAssets::find();
     let mut config = microvm.config(&assets);
@@ -589,40 +590,6 @@ fn failed_qmp_command(err: &Error, id: &str, step: &str) -> Result<String> {
     }
 }
 
-async fn hmp(qemu: &QemuHypervisor, command: &str) -> Result<String> {
-    let out = qemu
-        .qmp_execute(
-            "human-monitor-command",
-            Some(json!({ "command-line": command })),
-        )
-        .await?;
-    Ok(out.as_str().unwrap_or_default().to_string())
-}
-
-async fn block_nodes(qemu: &QemuHypervisor) -> Result<Vec<String>> {
-    let nodes = qemu.qmp_execute("query-named-block-nodes", None).await?;
-    Ok(nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["node-name"].as_str().map(String::from))
-        .collect())
-}
-
-/// Configures `nic` through the agent once the guest has probed it.
-async fn configure_when_seen(sb: &mut Sandbox, nic: &TestNic) -> Result<()> {
-    let began = Instant::now();
-    loop {
-        match sb.configure(nic).await {
-            Ok(_) => return Ok(()),
-            Err(e) if began.elapsed() > Duration::from_secs(60) => {
-                return Err(e.context("the guest never showed the hot-plugged NIC"))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
 /// A hotplug that fails after QEMU took some of it leaves nothing: `netdev_add` failing
 /// closes the fds passed with `getfd` (`closefd`); `device_add` failing removes the netdev
 /// (`netdev_del`) or the block node (`blockdev-del`). Checked in QEMU (its fd table, `info
@@ -636,8 +603,8 @@ async fn q35_failed_hotplugs_roll_back_everything() {
     let disk = dir.path().join("data.img");
     pattern_image(&disk).unwrap();
     let backend = Kept::new(Qemu {
-        machine: "q35",
         image: Some(image),
+        ..Qemu::Q35
     });
     let assets = GuestAssets::find();
     let mut sb = Sandbox::prepare(&backend, backend.config(&assets))
@@ -738,15 +705,11 @@ async fn q35_failed_hotplugs_roll_back_everything() {
         .unwrap();
     let began = Instant::now();
     loop {
-        let peripherals = qemu
-            .qmp_execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+        let gone = !device_ids(&qemu)
             .await
-            .unwrap();
-        let gone = !peripherals
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["name"] == "blocker");
+            .unwrap()
+            .iter()
+            .any(|id| id == "blocker");
         if gone {
             break;
         }
@@ -759,7 +722,7 @@ async fn q35_failed_hotplugs_roll_back_everything() {
     let mut third = sb.tap(3, 2).unwrap();
     sb.hv.add_device(third.device("net3")).await.unwrap();
     assert_eq!(tun_fds(pid).unwrap(), tun_before + 2);
-    configure_when_seen(&mut sb, &third).await.unwrap();
+    sb.configure_when_seen(&third).await.unwrap();
     sb.wait_ping(&third.guest_ip, Duration::from_secs(60))
         .await
         .unwrap();
