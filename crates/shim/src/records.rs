@@ -7,7 +7,9 @@
 //! The run directory is claimed atomically with its first record in it (a private directory
 //! renamed into place), so a run directory without a record is never a live sandbox's.
 
-use std::io::ErrorKind;
+use std::fs::DirBuilder;
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -176,16 +178,16 @@ impl Records {
     pub fn claim(state_dir: &Path, record: Record) -> std::result::Result<Records, ClaimError> {
         let parent = state_dir.parent().expect("a run directory has a parent");
         let fail = |e: anyhow::Error| ClaimError::Failed(e);
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("Creating {}", parent.display()))
-            .map_err(fail)?;
+        create_private_parent(parent).map_err(fail)?;
         let name = state_dir
             .file_name()
             .expect("a run directory has a name")
             .to_string_lossy();
         let staging = parent.join(format!(".{name}.claim-{}", record.owner.pid));
         let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir(&staging)
+        DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&staging)
             .with_context(|| format!("Creating {}", staging.display()))
             .map_err(fail)?;
         let records = Records {
@@ -239,10 +241,61 @@ impl Records {
         let path = self.dir.join(RECORD_FILE);
         let tmp = self.dir.join(format!("{RECORD_FILE}.tmp"));
         let text = serde_json::to_string_pretty(&self.record)?;
-        std::fs::write(&tmp, text).with_context(|| format!("Writing {}", tmp.display()))?;
+        write_private(&tmp, text.as_bytes())?;
         std::fs::rename(&tmp, &path)
             .with_context(|| format!("Recording what sandbox {} created", self.record.id))
     }
+}
+
+/// Mode of the directories the shim makes under its run root.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of the files and sockets in them.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` (`RUN_ROOT/sandboxes`) 0700, or makes it 0700. The run root above it is
+/// created 0700 when missing; an existing one is made 0700 only when it is the default
+/// one, the shim's own (a `--run-root` given may be a shared directory).
+fn create_private_parent(dir: &Path) -> Result<()> {
+    if let Some(root) = dir.parent().filter(|r| !r.exists()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(root)
+            .with_context(|| format!("Creating the run root {}", root.display()))?;
+    }
+    if let Some(root) = dir
+        .parent()
+        .filter(|r| *r == Path::new(crate::DEFAULT_RUN_ROOT))
+    {
+        set_mode(root, DIR_MODE)?;
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("Creating {}", dir.display()))?;
+    set_mode(dir, DIR_MODE)
+}
+
+/// Sets the permission bits of `path`.
+pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("Making {} {mode:o}", path.display()))
+}
+
+/// Writes `path` readable by its owner only (0600 from its creation; an existing file is
+/// made 0600 too).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .with_context(|| format!("Writing {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+        .and_then(|()| file.write_all(bytes))
+        .with_context(|| format!("Writing {}", path.display()))
 }
 
 /// Claim directories of `name` left by processes that died between creating and renaming
@@ -291,6 +344,30 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["a"]);
+    }
+
+    #[test]
+    fn run_directories_are_0700_and_the_record_0600() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().unwrap();
+        let run_root = root.path().join("run");
+        let dir = run_root.join("sandboxes").join("m");
+        // A looser record left by an older shim is made private when rewritten.
+        std::fs::create_dir_all(run_root.join("sandboxes")).unwrap();
+        set_mode(&run_root.join("sandboxes"), 0o755).unwrap();
+        let mut records = Records::claim(&dir, Record::new("m")).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&run_root.join("sandboxes")), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(RECORD_FILE)), 0o600);
+        set_mode(&dir.join(RECORD_FILE), 0o644).unwrap();
+        records.update(|r| r.backend_dir = None).unwrap();
+        assert_eq!(mode(&dir.join(RECORD_FILE)), 0o600);
+        let file = root.path().join("f");
+        std::fs::write(&file, "old").unwrap();
+        write_private(&file, b"new").unwrap();
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "new");
     }
 
     #[test]

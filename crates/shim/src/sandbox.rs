@@ -544,10 +544,10 @@ fn netdev_resolve(p: &Path) -> PathBuf {
     }
 }
 
+/// Writes `path` (0600) through a temporary file renamed over it.
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{text}\n"))
-        .with_context(|| format!("Writing {}", tmp.display()))?;
+    records::write_private(&tmp, format!("{text}\n").as_bytes())?;
     std::fs::rename(&tmp, path).with_context(|| format!("Renaming to {}", path.display()))
 }
 

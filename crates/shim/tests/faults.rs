@@ -832,3 +832,50 @@ fn a_namespace_of_the_sandbox_name_made_by_someone_else_is_refused_and_kept() {
     assert_eq!(tree(&root.path().join("sandboxes")), Vec::<PathBuf>::new());
     theirs.delete().unwrap();
 }
+
+#[test]
+fn run_files_are_private_0700_directories_0600_files_and_socket() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    require_root();
+    let _one = serial();
+    let id = unique_name("fpm");
+    let tmp = tempfile::tempdir().unwrap();
+    // A run root that does not exist yet: the shim creates it.
+    let root = tmp.path().join("run");
+    let ready = tmp.path().join("ready.json");
+    let mut shim = Shim::start(&id, &root, &["--ready-file", ready.to_str().unwrap()]);
+    shim.wait_for("sandbox ready");
+    let dir = root.join("sandboxes").join(&id);
+    let mode = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        (m.mode() & 0o7777, m.file_type())
+    };
+    for d in [
+        root.clone(),
+        root.join("sandboxes"),
+        dir.clone(),
+        root.join("vm"),
+        root.join("vm").join(&id),
+    ] {
+        assert_eq!(mode(&d).0, 0o700, "directory {}", d.display());
+    }
+    for f in [
+        dir.join("record.json"),
+        dir.join("facts.json"),
+        ready.clone(),
+    ] {
+        assert_eq!(mode(&f).0, 0o600, "file {}", f.display());
+    }
+    let (bits, kind) = mode(&dir.join("control.sock"));
+    assert!(kind.is_socket());
+    assert_eq!(bits, 0o600, "control socket");
+    signal("TERM", shim.pid());
+    let (status, error) = shim.wait_exit();
+    assert!(status.success(), "exit {status}: {error:?}\n{}", shim.log());
+    let left: Vec<PathBuf> = tree(&root)
+        .into_iter()
+        .filter(|p| p != Path::new("sandboxes") && p != Path::new("vm"))
+        .collect();
+    assert_eq!(left, Vec::<PathBuf>::new(), "run files left");
+    assert!(!ready.exists(), "the ready file is left");
+}

@@ -16,6 +16,7 @@ use super::{ms, write_atomic, Netns, Phase, RunOptions, Sandbox};
 use crate::backend;
 use crate::facts::{NicFacts, SandboxFacts};
 use crate::net::NicPlan;
+use crate::records;
 
 /// How long the guest may take to show a NIC after it was plugged.
 const GUEST_NIC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,6 +88,8 @@ impl Sandbox {
         };
         let listener = UnixListener::bind(&control)
             .with_context(|| format!("Binding control socket {}", control.display()))?;
+        // Inside a 0700 directory: nobody else could connect meanwhile.
+        records::set_mode(&control, records::FILE_MODE)?;
         self.facts = Some(facts.clone());
         self.publish(&facts, opts.json)?;
         info!(self.log, "sandbox ready"; "ms" => ms(began.elapsed()));
