@@ -154,7 +154,7 @@ pub async fn run(log: &slog::Logger, opts: RunOptions) -> Result<()> {
     let outcome = tokio::select! {
         done = sb.run(opts, spec, began) => done,
         sig = signals.recv() => {
-            info!(log, "signal received, stopping"; "signal" => sig);
+            info!(log, "signal received, stopping"; "signal" => sig, "during" => sb.phase.doing());
             Ok(())
         }
     };
@@ -165,7 +165,8 @@ pub async fn run(log: &slog::Logger, opts: RunOptions) -> Result<()> {
     let teardown = tokio::select! {
         done = sb.teardown() => done,
         sig = signals.recv() => {
-            warn!(log, "second signal: forcing the teardown"; "signal" => sig);
+            warn!(log, "second signal: forcing the teardown"; "signal" => sig,
+                "during" => "tearing down");
             let problems = sb.force().await;
             if let Err(e) = outcome {
                 error!(log, "the sandbox had failed before"; "error" => format!("{e:#}"));
@@ -247,13 +248,30 @@ impl Netns {
     }
 }
 
-/// What the run is doing, for the message when the VM exits under it.
+/// What the run is doing: for the message when the VM exits under it, and for the log
+/// line of a signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    Preparing,
+    Booting,
     Agent,
     GuestNetwork,
     Serving,
     Hotplug,
+}
+
+impl Phase {
+    /// As the `during` field of the signal's log line says it.
+    fn doing(self) -> &'static str {
+        match self {
+            Phase::Preparing => "preparing the namespace, TAPs and devices",
+            Phase::Booting => "booting",
+            Phase::Agent => "waiting for the guest agent",
+            Phase::GuestNetwork => "configuring the guest network",
+            Phase::Serving => "serving",
+            Phase::Hotplug => "hot-plugging a NIC",
+        }
+    }
 }
 
 struct Sandbox {
@@ -313,7 +331,7 @@ impl Sandbox {
             queues: 1,
             vmm_pid: None,
             facts: None,
-            phase: Phase::Agent,
+            phase: Phase::Preparing,
         }
     }
 
@@ -378,6 +396,7 @@ impl Sandbox {
         timings.insert("prepare".to_string(), ms(t.elapsed()));
 
         let t = Instant::now();
+        self.phase = Phase::Booting;
         info!(self.log, "booting"; "timeout_s" => opts.boot_timeout.as_secs());
         self.boot(opts.boot_timeout).await?;
         timings.insert("vmm_start".to_string(), ms(t.elapsed()));

@@ -879,3 +879,30 @@ fn run_files_are_private_0700_directories_0600_files_and_socket() {
     assert_eq!(left, Vec::<PathBuf>::new(), "run files left");
     assert!(!ready.exists(), "the ready file is left");
 }
+
+#[test]
+fn the_signal_log_line_names_what_was_in_progress() {
+    require_root();
+    let _one = serial();
+    let id = unique_name("fsd");
+    let root = tempfile::tempdir().unwrap();
+    let before = snapshot(&id, root.path(), None);
+    let (mut shim, qemu, client) = reach(Phase::Hotplug, &id, root.path(), &[]);
+    signal("TERM", shim.pid());
+    let line = shim.wait_for("signal received, stopping");
+    signal("CONT", qemu);
+    assert_eq!(line.record["signal"], "SIGTERM", "{:?}", line.record);
+    assert_eq!(
+        line.record["during"], "hot-plugging a NIC",
+        "{:?}",
+        line.record
+    );
+    let (status, error) = shim.wait_exit();
+    assert!(status.success(), "exit {status}: {error:?}\n{}", shim.log());
+    let out = client.unwrap().wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the hotplug of a stopped sandbox succeeded"
+    );
+    assert_nothing_left(&before, &id, root.path(), None);
+}

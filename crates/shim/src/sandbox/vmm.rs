@@ -62,6 +62,7 @@ impl Sandbox {
             Err(e) => format!("{:#}", anyhow::Error::from(e)),
         };
         let when = match self.phase {
+            Phase::Preparing | Phase::Booting => "while it was booting",
             Phase::Agent => "before the guest agent answered",
             Phase::GuestNetwork => "while the guest's network was being configured",
             Phase::Serving => "on its own",
