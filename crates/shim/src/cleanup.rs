@@ -69,8 +69,9 @@ pub async fn remove(record: &Record, state_dir: &Path) -> Report {
                     .removed
                     .push(format!("network namespace {}", ns.path.display())),
                 Err(e) => report.problems.push(format!(
-                    "deleting network namespace {}: {e}",
-                    ns.path.display()
+                    "deleting network namespace {}: {}",
+                    ns.path.display(),
+                    chain(e)
                 )),
             }
         }
@@ -132,7 +133,7 @@ async fn remove_tap(tap: &records::TapRecord, report: &mut Report) {
         Err(netdev::Error::TapNotFound { .. }) => {}
         Err(e) => report
             .problems
-            .push(format!("deleting TAP {}: {e}", tap.name)),
+            .push(format!("deleting TAP {}: {}", tap.name, chain(e))),
     }
 }
 
@@ -149,6 +150,11 @@ fn remove_path(path: &Path, what: &str, report: &mut Report) {
             .problems
             .push(format!("removing {what} {}: {e}", path.display())),
     }
+}
+
+/// An error with its causes, on one line.
+pub fn chain(e: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::from(e))
 }
 
 /// `sandbox cleanup --id ID`: removes a sandbox whose shim is gone, and prints what it

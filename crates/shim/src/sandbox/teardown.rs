@@ -22,11 +22,11 @@ impl Sandbox {
         self.agent = None;
         if self.hv.state().await.is_alive() {
             if let Err(e) = self.hv.stop().await {
-                problems.push(format!("stopping the VM: {e}"));
+                problems.push(format!("stopping the VM: {}", cleanup::chain(e)));
             }
         }
         if let Err(e) = self.hv.cleanup().await {
-            problems.push(format!("cleaning up the VM: {e}"));
+            problems.push(format!("cleaning up the VM: {}", cleanup::chain(e)));
         }
         self.devices.clear().await;
         // Filters, qdiscs and TAPs the endpoints added; the pod's interfaces stay.
@@ -44,7 +44,7 @@ impl Sandbox {
             for tap in std::mem::take(&mut self.persistent_taps) {
                 match netdev::delete_tap(&tap, Some(ns.path())) {
                     Ok(()) | Err(netdev::Error::TapNotFound { .. }) => {}
-                    Err(e) => problems.push(format!("deleting TAP {tap}: {e}")),
+                    Err(e) => problems.push(format!("deleting TAP {tap}: {}", cleanup::chain(e))),
                 }
             }
         }
