@@ -88,11 +88,15 @@ enum SandboxCommand {
     /// Exit status: 0 = stopped on request and removed; 1 = failed (the error says why;
     /// what was created is removed); 3 = the teardown was forced by a second signal.
     ///
-    /// Everything created is recorded in the run directory as it is created: if this
-    /// process dies, `sandbox cleanup --id ID` removes what it left.
+    /// Everything created is recorded in the run directory (0700, files 0600) as it is
+    /// created: if this process dies, `sandbox cleanup --id ID` removes what it left, and
+    /// `sandbox run` with that id refuses, naming the cleanup command.
     Run(RunArgs),
     /// Remove what a `sandbox run` that died left (VMM, namespace, TAPs, tc state, files),
     /// from its record; refuses while that shim runs; succeeds when there is nothing left.
+    ///
+    /// Exit status: 0 = removed (or nothing to remove); 1 = the owner still runs, or
+    /// something could not be removed (it says what; run it again once fixed).
     Cleanup(CleanupArgs),
     /// Hot-plug one more NIC into a running sandbox and give the guest an address on it.
     HotplugNic(TargetArgs),

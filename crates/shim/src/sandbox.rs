@@ -19,14 +19,18 @@
 //! Everything the run creates is recorded in its run directory as it is created
 //! ([`crate::records`]), so that `sandbox cleanup --id ID` ([`crate::cleanup`]) removes a
 //! sandbox whose shim died. `run` with the id of such a sandbox refuses at once and names
-//! the cleanup command; with the id of a running one it names the owner's pid.
+//! the cleanup command; with the id of a running one it names the owner's pid. Nothing is
+//! recorded as the sandbox's that someone else made: an existing `kata-ID` namespace, a
+//! taken TAP name or a busy ingress of a pod interface fail the run before the record
+//! names them. The run directory is 0700, its files and the control socket 0600.
 //!
 //! # Signals and exit status
 //!
 //! The whole run (boot, agent wait, guest NIC configuration, a hotplug being served) is
 //! raced against SIGTERM/SIGINT: the first one cancels whatever is in progress and tears
-//! down. A second one during the teardown forces it: the VMM is killed (SIGKILL) and what
-//! the record lists is removed. While the guest agent is awaited, the VM's exit is watched
+//! down; its log line (`signal received, stopping`) says what was in progress in its
+//! `during` field. A second one during the teardown forces it: the VMM is killed (SIGKILL)
+//! and what the record lists is removed. While the guest agent is awaited, the VM's exit is watched
 //! too: a VM that exits fails the run at once, naming the exit and the guest init's error
 //! line (`guest-init: error: ...`) when its console has one.
 //!
