@@ -74,14 +74,37 @@ pub(crate) async fn redirect(ns: &NetnsHandle, from: u32, to: u32, name: &str) -
 
 /// Deletes the ingress qdisc of `index`, and with it every filter attached to it.
 pub(crate) async fn del_ingress(ns: &NetnsHandle, index: u32) -> Result<()> {
-    let mut req = ns.handle.qdisc().del(index as i32);
+    del_ingress_request(ns, index)
+        .execute()
+        .await
+        .map_err(|e| del_ingress_failed(index, e))
+}
+
+/// Deletes the ingress qdisc of `index` if it has one; `false` when there was none.
+pub(crate) async fn del_ingress_if_any(ns: &NetnsHandle, index: u32) -> Result<bool> {
+    match del_ingress_request(ns, index).execute().await {
+        Ok(()) => Ok(true),
+        // No qdisc: ENOENT or EINVAL, depending on the kernel; the device gone: ENODEV.
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => {
+            Ok(false)
+        }
+        Err(e) => Err(del_ingress_failed(index, e)),
+    }
+}
+
+fn del_ingress_request(ns: &NetnsHandle, index: u32) -> rtnetlink::QDiscDelRequest {
+    let mut req = ns.handle.clone().qdisc().del(index as i32);
     let msg = req.message_mut();
     msg.header.parent = netlink_packet_route::tc::TcHandle::INGRESS;
     msg.header.handle = netlink_packet_route::tc::TcHandle::from(0xffff_0000);
-    req.execute().await.map_err(|e| Error::Netlink {
+    req
+}
+
+fn del_ingress_failed(index: u32, e: rtnetlink::Error) -> Error {
+    Error::Netlink {
         step: format!("Removing the ingress qdisc of interface {index}"),
         message: e.to_string(),
-    })
+    }
 }
 
 /// Whether `index` has an ingress (or clsact) qdisc already.
@@ -100,23 +123,4 @@ pub(crate) async fn has_ingress(ns: &NetnsHandle, index: u32) -> Result<bool> {
         }
     }
     Ok(false)
-}
-
-/// Deletes the ingress qdisc of `index` if it has one; `false` when there was none.
-pub(crate) async fn del_ingress_if_any(ns: &NetnsHandle, index: u32) -> Result<bool> {
-    let mut req = ns.handle.qdisc().del(index as i32);
-    let msg = req.message_mut();
-    msg.header.parent = netlink_packet_route::tc::TcHandle::INGRESS;
-    msg.header.handle = netlink_packet_route::tc::TcHandle::from(0xffff_0000);
-    match req.execute().await {
-        Ok(()) => Ok(true),
-        // No qdisc: ENOENT or EINVAL, depending on the kernel; the device gone: ENODEV.
-        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => {
-            Ok(false)
-        }
-        Err(e) => Err(Error::Netlink {
-            step: format!("Removing the ingress qdisc of interface {index}"),
-            message: e.to_string(),
-        }),
-    }
 }

@@ -6,8 +6,9 @@ use std::process::Command;
 
 use endpoint::{AttachOptions, Error, NetnsHandle, TapHandoff};
 
-fn ip(ns: &str, args: &[&str]) {
-    let out = Command::new("ip")
+/// Runs `program -n NS ARGS` (ip or tc) and returns its stdout.
+fn in_ns(program: &str, ns: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
         .arg("-n")
         .arg(ns)
         .args(args)
@@ -15,26 +16,19 @@ fn ip(ns: &str, args: &[&str]) {
         .unwrap();
     assert!(
         out.status.success(),
-        "ip -n {ns} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn tc(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("tc")
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tc -n {ns} {}: {}",
+        "{program} -n {ns} {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(ns: &str, args: &[&str]) {
+    in_ns("ip", ns, args);
+}
+
+fn tc(ns: &str, args: &[&str]) -> String {
+    in_ns("tc", ns, args)
 }
 
 fn links(ns: &str) -> Vec<String> {
