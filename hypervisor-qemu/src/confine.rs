@@ -311,18 +311,6 @@ fn qemu_accepts(binary: &Path, args: &[&str]) -> std::result::Result<(), String>
     }
 }
 
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
-
 /// What confinement `config` gives QEMU (`binary`) on this host: the seccomp filter, the
 /// unprivileged user, the chroot.
 pub fn check_confinement(config: &HypervisorConfig, binary: &Path) -> Vec<ConfinementCheck> {
@@ -375,7 +363,7 @@ pub fn check_confinement(config: &HypervisorConfig, binary: &Path) -> Vec<Confin
                 ),
             ),
             Ok(None) => line("rootless", Off, "off".into()),
-            Err(e) => line("rootless", Broken, chain(&e)),
+            Err(e) => line("rootless", Broken, crate::error_chain(&e)),
         }
     });
     out.push(if !config.chroot {

@@ -307,6 +307,9 @@ fn drop_privileges(who: &RunAs) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs in the forked child, so it must not allocate: `capset(2)` is called directly on two
+/// stack words. The `caps` crate would build `HashSet`s, and neither nix nor libc wraps
+/// `capset`.
 fn keep_only_chroot_capability() -> std::io::Result<()> {
     #[repr(C)]
     struct Header {
