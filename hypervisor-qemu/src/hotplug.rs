@@ -11,7 +11,8 @@
 //! Removal is `device_del`, then waiting for the guest to release the device
 //! (`DEVICE_DELETED`), then `netdev_del` or `blockdev-del`. The port is freed only then. An
 //! unplug that times out stays *pending*: the device keeps its port, and a later
-//! `remove_device` (or any hotplug) checks QEMU again. `stop` ends that wait at once.
+//! `remove_device` (or any hotplug) checks QEMU again. `stop` ends that wait, and any other
+//! QMP wait of a hotplug, at once (see `QemuHypervisor::unless_stopping`).
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, OwnedFd};
@@ -26,6 +27,7 @@ use serde_json::{json, Value};
 use slog::{info, warn};
 
 use crate::cmdline::{nic_props, Machine, PciPlace};
+use crate::lifecycle::STOPPING;
 use crate::qmp::QmpError;
 use crate::reconcile::{fdset_opaque, qemu_device_id, Unsettled};
 use crate::{ColdDevice, Inner, QemuHypervisor};
@@ -43,6 +45,16 @@ impl QemuHypervisor {
     pub(crate) async fn do_add_device(&self, device: Device) -> Result<DeviceInfo> {
         device.config.validate()?;
         let mut inner = self.inner.lock().await;
+        let id = device.id.clone();
+        // A stop ends a hotplug at its next QMP wait; the hotplug is settled like one without
+        // answer (recorded before its first command).
+        self.unless_stopping(self.add_device_locked(&mut inner, device), || {
+            Error::device(&id, "Adding", STOPPING)
+        })
+        .await
+    }
+
+    async fn add_device_locked(&self, inner: &mut Inner, device: Device) -> Result<DeviceInfo> {
         let op = Operation::AddDevice;
         let mode = self
             .shared
@@ -60,7 +72,7 @@ impl QemuHypervisor {
         if mode == PlugMode::Hot {
             // Ports of earlier hotplugs of unknown outcome, or of finished unplugs, are
             // decided before one is chosen.
-            if let Err(e) = self.reconcile(&mut inner).await {
+            if let Err(e) = self.reconcile(inner).await {
                 warn!(self.log, "could not reconcile with QEMU"; "error" => crate::error_chain(&e));
             }
             if inner.unsettled.contains_key(&device.id) {
@@ -86,18 +98,10 @@ impl QemuHypervisor {
             ));
         }
         let info = match (device.config, mode) {
-            (DeviceConfig::Network(n), PlugMode::Cold) => {
-                self.cold_nic(&mut inner, device.id, n)?
-            }
-            (DeviceConfig::Network(n), PlugMode::Hot) => {
-                self.hot_nic(&mut inner, device.id, n).await?
-            }
-            (DeviceConfig::Block(b), PlugMode::Cold) => {
-                self.cold_block(&mut inner, device.id, b)?
-            }
-            (DeviceConfig::Block(b), PlugMode::Hot) => {
-                self.hot_block(&mut inner, device.id, b).await?
-            }
+            (DeviceConfig::Network(n), PlugMode::Cold) => self.cold_nic(inner, device.id, n)?,
+            (DeviceConfig::Network(n), PlugMode::Hot) => self.hot_nic(inner, device.id, n).await?,
+            (DeviceConfig::Block(b), PlugMode::Cold) => self.cold_block(inner, device.id, b)?,
+            (DeviceConfig::Block(b), PlugMode::Hot) => self.hot_block(inner, device.id, b).await?,
             (DeviceConfig::Vsock(_), _) => {
                 return Err(Self::unsupported(
                     "a vsock device",
@@ -112,6 +116,14 @@ impl QemuHypervisor {
 
     pub(crate) async fn do_remove_device(&self, id: &DeviceId) -> Result<()> {
         let mut inner = self.inner.lock().await;
+        // A stop ends an unplug at its next QMP wait: one waiting for the guest stays pending.
+        self.unless_stopping(self.remove_device_locked(&mut inner, id), || {
+            Error::device(id, "Unplugging", STOPPING)
+        })
+        .await
+    }
+
+    async fn remove_device_locked(&self, inner: &mut Inner, id: &DeviceId) -> Result<()> {
         let op = Operation::RemoveDevice;
         let mode = self
             .shared
@@ -126,7 +138,7 @@ impl QemuHypervisor {
         let was_pending = inner.unplugging.contains(id);
         if mode == PlugMode::Hot {
             // A retried unplug, or an earlier hotplug of unknown outcome, is decided first.
-            if let Err(e) = self.reconcile(&mut inner).await {
+            if let Err(e) = self.reconcile(inner).await {
                 warn!(self.log, "could not reconcile with QEMU"; "error" => crate::error_chain(&e));
             }
             if inner.unsettled.contains_key(id) {
@@ -160,7 +172,6 @@ impl QemuHypervisor {
         let dev_id = qemu_device_id(id);
         // Subscribed before device_del: the event cannot be missed.
         let mut events = qmp.subscribe();
-        let mut stop = self.shared.stop_requested.subscribe();
         match qmp
             .execute(
                 "device_del",
@@ -172,7 +183,7 @@ impl QemuHypervisor {
             Ok(_) => {}
             // Already gone from QEMU: only the backend is left to remove.
             Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {
-                return self.finish_unplug(&mut inner, &qmp, id).await;
+                return self.finish_unplug(inner, &qmp, id).await;
             }
             // A repeated request for an unplug in progress (QEMU 7.2: "Device ... is already
             // in the process of unplug"); keep waiting for the guest.
@@ -187,23 +198,16 @@ impl QemuHypervisor {
             }
         }
         inner.unplugging.insert(id.clone());
-        let released = tokio::select! {
-            r = qmp.wait_event(
+        let released = qmp
+            .wait_event(
                 &mut events,
                 "DEVICE_DELETED",
                 |d| d["device"].as_str() == Some(dev_id.as_str()),
                 self.opts.unplug_timeout,
-            ) => r,
-            _ = stop.wait_for(|s| *s) => {
-                return Err(Error::device(
-                    id,
-                    "Waiting for the guest to release",
-                    "the VM is stopping; the unplug stays pending",
-                ));
-            }
-        };
+            )
+            .await;
         match released {
-            Ok(_) => self.finish_unplug(&mut inner, &qmp, id).await,
+            Ok(_) => self.finish_unplug(inner, &qmp, id).await,
             // The unplug stays pending: a later remove_device checks again; the port is not
             // reused until the device is gone.
             Err(e) => Err(Error::device(

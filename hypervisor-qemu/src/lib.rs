@@ -18,8 +18,10 @@
 //! settled with QEMU's own lists (`qom-list /machine/peripheral`, `query-named-block-nodes`)
 //! before the next device operation: the device is adopted if QEMU has it, or what is half
 //! there is removed. A root port is freed only once the guest released its device; an unplug
-//! the guest has not acknowledged stays pending (its port reserved) and `stop` does not wait
-//! for it. A QEMU that exits mid-operation fails the operation at once with its exit.
+//! the guest has not acknowledged stays pending (its port reserved). `stop` waits for no
+//! operation's QMP command or event: a boot, hotplug, unplug or pause in progress gives up at
+//! its next wait (the operations are cancel-safe there). A QEMU that exits mid-operation fails
+//! the operation at once with its exit.
 //! State changes are compare-and-set, so an exit recorded meanwhile is never overwritten,
 //! and a `start` whose future is dropped kills the QEMU it spawned.
 //!
@@ -189,9 +191,28 @@ struct Shared {
     status: Mutex<Status>,
     exit: watch::Sender<Option<VmExit>>,
     stopping: AtomicBool,
-    /// Set by `stop` before it waits for the operation lock: an unplug waiting for the guest
-    /// gives up at once (leaving the device marked unplug-pending), so stop is not delayed.
-    stop_requested: watch::Sender<bool>,
+    /// How many `stop` calls are under way, counted from before they wait for the operation
+    /// lock: while it is not zero, an operation holding the lock gives up its QMP waits at
+    /// once (see [`QemuHypervisor::unless_stopping`]), so stop is not delayed by a hotplug, an
+    /// unplug waiting for the guest, a pause or a boot. A stop future that is dropped takes
+    /// its count back ([`StopRequest`]).
+    stop_requested: watch::Sender<u32>,
+}
+
+/// One `stop` under way, counted in [`Shared::stop_requested`] for as long as it lives.
+struct StopRequest<'a>(&'a Shared);
+
+impl<'a> StopRequest<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.stop_requested.send_modify(|n| *n += 1);
+        StopRequest(shared)
+    }
+}
+
+impl Drop for StopRequest<'_> {
+    fn drop(&mut self) {
+        self.0.stop_requested.send_modify(|n| *n -= 1);
+    }
 }
 
 #[derive(Debug)]
@@ -282,7 +303,7 @@ impl QemuHypervisor {
                 }),
                 exit: watch::channel(None).0,
                 stopping: AtomicBool::new(false),
-                stop_requested: watch::channel(false).0,
+                stop_requested: watch::channel(0).0,
             }),
             inner: tokio::sync::Mutex::default(),
         }
@@ -356,6 +377,23 @@ impl QemuHypervisor {
             .state()
             .next(op)
             .map_err(|_| self.exited_or_state(op))
+    }
+
+    /// Runs `op`, an operation under the operation lock, unless a `stop` is under way: then
+    /// `op` is dropped at its next await and the call fails with `stopping()`. Every operation
+    /// is cancel-safe at its awaits (a hotplug is recorded before its first command and
+    /// settled later, a dropped start kills its QEMU), and the VM is about to stop anyway.
+    async fn unless_stopping<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T>>,
+        stopping: impl FnOnce() -> Error,
+    ) -> Result<T> {
+        let mut stop = self.shared.stop_requested.subscribe();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|n| *n > 0) => Err(stopping()),
+            r = op => r,
+        }
     }
 
     /// The host features this backend decided with.
@@ -507,7 +545,7 @@ mod tests {
             status: Mutex::new(Status { state, pids: None }),
             exit: watch::channel(None).0,
             stopping: AtomicBool::new(false),
-            stop_requested: watch::channel(false).0,
+            stop_requested: watch::channel(0).0,
         }
     }
 
@@ -520,6 +558,80 @@ mod tests {
         let s = shared(VmState::Running);
         assert!(s.transition(VmState::Running, VmState::Paused));
         assert_eq!(s.state(), VmState::Paused);
+    }
+
+    /// A running backend whose QMP peer is a scripted fake, with a short QMP timeout
+    /// replaced by a long one, so that only a preemption can end a wait quickly.
+    async fn running_on_fake() -> (QemuHypervisor, crate::qmp::tests::FakeQemu) {
+        let (client, fake) = crate::qmp::tests::connected().await;
+        let host = HostFeatures {
+            hw_virt: false,
+            kvm_device: false,
+            vhost_net: false,
+            vhost_vsock: false,
+        };
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let opts = QemuOptions {
+            qmp_timeout: Duration::from_secs(60),
+            ..QemuOptions::default()
+        };
+        let hv = QemuHypervisor::with_host(log, opts, host);
+        hv.shared.status().state = VmState::Running;
+        hv.inner.lock().await.qmp = Some(Arc::new(client));
+        (hv, fake)
+    }
+
+    #[tokio::test]
+    async fn stop_preempts_a_qmp_command_that_qemu_does_not_answer() {
+        let (hv, mut fake) = running_on_fake().await;
+        let began = std::time::Instant::now();
+        let pause = async {
+            let r = hv.pause().await;
+            (r, began.elapsed())
+        };
+        let stop = async {
+            // QEMU has the pause's command and sits on it.
+            fake.expect("stop").await;
+            hv.stop().await
+        };
+        let ((paused, took), stopped) = tokio::join!(pause, stop);
+        stopped.expect("stop succeeds");
+        let err = paused.expect_err("the pause was preempted");
+        assert!(error_chain(&err).contains("the VM is stopping"), "{err}");
+        assert!(
+            took < Duration::from_secs(5),
+            "pause held stop for {took:?}"
+        );
+        assert_eq!(hv.shared.state(), VmState::Stopped);
+        assert_eq!(
+            *hv.shared.stop_requested.borrow(),
+            0,
+            "stop took its count back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_stop_does_not_leave_later_operations_preempted() {
+        let (hv, mut fake) = running_on_fake().await;
+        {
+            // stop waits for the operation lock held here, and is dropped waiting.
+            let _held = hv.inner.lock().await;
+            let dropped = tokio::time::timeout(Duration::from_millis(50), hv.stop()).await;
+            assert!(
+                dropped.is_err(),
+                "stop cannot finish while the lock is held"
+            );
+        }
+        assert_eq!(*hv.shared.stop_requested.borrow(), 0);
+        let script = async {
+            let id = fake.expect("stop").await;
+            fake.send(serde_json::json!({"return": {}, "id": id})).await;
+            fake.send(serde_json::json!({"event": "STOP", "data": {}}))
+                .await;
+        };
+        let (paused, ()) = tokio::join!(hv.pause(), script);
+        paused.expect("a later pause is not preempted");
+        assert_eq!(hv.shared.state(), VmState::Paused);
     }
 
     #[test]

@@ -21,6 +21,9 @@ use crate::process::{self, QemuProcess};
 use crate::qmp::QmpClient;
 use crate::{ColdDevice, QemuHypervisor, RootPort, RunDir, Shared, BACKEND};
 
+/// Why an operation gave up because a `stop` is under way.
+pub(crate) const STOPPING: &str = "the VM is stopping";
+
 /// First `pcie.0` slot for devices; slot 0 is the host bridge, 0x1f the ICH9 LPC/SMBus.
 pub(crate) const FIRST_ROOT_SLOT: u8 = 2;
 /// Last usable `pcie.0` slot.
@@ -156,6 +159,14 @@ impl QemuHypervisor {
     pub(crate) async fn do_start(&self, timeout: Duration) -> Result<()> {
         let mut inner = self.inner.lock().await;
         self.check(Operation::Start)?;
+        // A stop during boot ends it (the dropped start kills the QEMU it spawned).
+        self.unless_stopping(self.start_locked(&mut inner, timeout), || {
+            Error::backend("Starting QEMU", STOPPING)
+        })
+        .await
+    }
+
+    async fn start_locked(&self, inner: &mut crate::Inner, timeout: Duration) -> Result<()> {
         let began = Instant::now();
         let spec = inner.spec.clone().expect("prepared");
         let run = inner.run.clone().expect("prepared");
@@ -220,7 +231,7 @@ impl QemuHypervisor {
         let mut ports = Vec::new();
         if machine == Machine::Q35 {
             for i in 0..self.opts.hotplug_ports {
-                let slot = self.take_root_slot(&mut inner)?;
+                let slot = self.take_root_slot(inner)?;
                 ports.push(RootPort {
                     id: format!("rp{i}"),
                     slot,
@@ -345,16 +356,23 @@ impl QemuHypervisor {
         };
         let mut events = qmp.subscribe();
         let done = async {
-            qmp.execute(cmd, None, self.opts.qmp_timeout)
-                .await
-                .map_err(|e| (format!("Asking QEMU to {op}"), e))?;
-            qmp.wait_event(&mut events, event, |_| true, self.opts.qmp_timeout)
-                .await
-                .map_err(|e| (format!("Waiting for QEMU's {event} event"), e))
+            let asked = async {
+                qmp.execute(cmd, None, self.opts.qmp_timeout)
+                    .await
+                    .map_err(|e| (format!("Asking QEMU to {op}"), e))?;
+                qmp.wait_event(&mut events, event, |_| true, self.opts.qmp_timeout)
+                    .await
+                    .map_err(|e| (format!("Waiting for QEMU's {event} event"), e))
+            };
+            match asked.await {
+                Ok(_) => Ok(()),
+                Err((step, e)) => Err(self.qmp_failure(step, e).await),
+            }
         };
-        if let Err((step, e)) = done.await {
-            return Err(self.qmp_failure(step, e).await);
-        }
+        self.unless_stopping(done, || {
+            Error::backend(format!("Asking QEMU to {op}"), STOPPING)
+        })
+        .await?;
         // Compare-and-set: a VM that exited meanwhile stays Stopped.
         if !self.shared.transition(from, next) {
             return Err(self.exited_or_state(op));
@@ -363,8 +381,8 @@ impl QemuHypervisor {
     }
 
     pub(crate) async fn do_stop(&self) -> Result<()> {
-        // Before the lock: an unplug holding it while it waits for the guest gives up now.
-        self.shared.stop_requested.send_replace(true);
+        // Before the lock: an operation holding it gives up its QMP waits now.
+        let _request = crate::StopRequest::new(&self.shared);
         let mut inner = self.inner.lock().await;
         self.check(Operation::Stop)?;
         let Some(child) = inner.process.as_ref() else {
