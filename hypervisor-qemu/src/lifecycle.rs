@@ -18,7 +18,7 @@ use slog::{info, warn};
 
 use crate::cmdline::{Accel, AgentArgs, BlockArgs, CmdlineSpec, Machine, NicArgs};
 use crate::process::{self, QemuProcess};
-use crate::qmp::QmpClient;
+use crate::qmp::{QmpClient, QmpEvent, QmpEvents};
 use crate::{ColdDevice, QemuHypervisor, RootPort, RunDir, Shared, BACKEND};
 
 /// Why an operation gave up because a `stop` is under way.
@@ -304,6 +304,8 @@ impl QemuHypervisor {
                 });
             }
         };
+        // Taken before anything else is asked, so no SHUTDOWN event can slip by the watcher.
+        let events = qmp.subscribe();
         let qmp = Arc::new(qmp);
         let vcpus = vcpu_threads(&qmp, self.opts.qmp_timeout).await;
         self.shared.status().pids = Some(VmmPids {
@@ -313,7 +315,7 @@ impl QemuHypervisor {
         });
         // The watcher starts after the state is Running, so an exit it sees always wins.
         self.shared.transition(VmState::Prepared, VmState::Running);
-        spawn_exit_watch(self.shared.clone(), &child, self.log.clone());
+        spawn_exit_watch(self.shared.clone(), &child, events, self.log.clone());
         cancelled.armed = false;
         for info in cold_infos {
             inner.hot.insert(info.id.clone(), info);
@@ -514,6 +516,7 @@ impl QemuHypervisor {
         let qmp = QmpClient::connect(&run.qmp(), opts.qmp_timeout)
             .await
             .map_err(|e| Error::backend(format!("Re-attaching to QEMU pid {pid}"), e))?;
+        let events = qmp.subscribe();
         let status = qmp
             .execute("query-status", None, opts.qmp_timeout)
             .await
@@ -530,7 +533,7 @@ impl QemuHypervisor {
             st.state = state;
             st.pids = Some(saved.pids.clone());
         }
-        spawn_exit_watch(hv.shared.clone(), &child, hv.log.clone());
+        spawn_exit_watch(hv.shared.clone(), &child, events, hv.log.clone());
         {
             let mut inner = hv.inner.lock().await;
             inner.spec = Some(saved.sandbox.clone());
@@ -690,43 +693,123 @@ impl Drop for StartGuard<'_> {
     }
 }
 
-/// Watches QEMU until it exits, then records why.
-fn spawn_exit_watch(shared: Arc<Shared>, child: &QemuProcess, log: slog::Logger) {
+/// Watches QEMU until it exits, then records why. It reads QEMU's events meanwhile (so its
+/// queue never grows) and keeps the reason of the last `SHUTDOWN`: QEMU exits 0 on a guest
+/// power-off, on a `quit` and on SIGTERM alike, and only that event tells them apart.
+fn spawn_exit_watch(
+    shared: Arc<Shared>,
+    child: &QemuProcess,
+    events: QmpEvents,
+    log: slog::Logger,
+) {
     let mut exited = child.exited.clone();
     let output = child.output.clone();
     let status_known = child.status_known;
     tokio::spawn(async move {
-        let Ok(status) = exited
-            .wait_for(Option::is_some)
-            .await
-            .map(|s| s.expect("Some"))
-        else {
-            return;
+        let mut events = Some(events);
+        let mut shutdown = None;
+        let status = loop {
+            tokio::select! {
+                s = exited.wait_for(Option::is_some) => match s {
+                    Ok(s) => break (*s).expect("Some"),
+                    Err(_) => return,
+                },
+                ev = next_event(&mut events) => match ev {
+                    Some(ev) => note_shutdown(&mut shutdown, &ev),
+                    None => events = None,
+                },
+            }
         };
         let stopping = shared.stopping.load(Ordering::SeqCst);
-        let reason = if stopping {
-            ExitReason::Stopped
-        } else if !status_known {
-            ExitReason::Crashed(
-                "QEMU exited while re-attached; only its original parent can read its status"
-                    .into(),
-            )
-        } else if status.signal().is_some() {
-            ExitReason::Killed
-        } else if status.code() == Some(0) {
-            ExitReason::GuestShutdown
-        } else {
-            ExitReason::Crashed(output.text())
-        };
+        if let (false, Some(mut rest)) = (stopping, events) {
+            // QEMU wrote its last events before it exited: they are read once its socket's
+            // end is (the connection closes right after).
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(ev) = rest.next().await {
+                    note_shutdown(&mut shutdown, &ev);
+                }
+            })
+            .await;
+        }
+        let reason = exit_reason(
+            stopping,
+            status,
+            status_known,
+            shutdown.as_deref(),
+            &output.text(),
+        );
         let exit = VmExit {
             reason,
             code: status.code().filter(|_| status_known),
             signal: status.signal().filter(|_| status_known),
         };
-        info!(log, "QEMU exited"; "how" => exit.to_string());
+        info!(log, "QEMU exited"; "how" => exit.to_string(), "shutdown" => shutdown);
         shared.set_state(VmState::Stopped);
         shared.exit.send_replace(Some(exit));
     });
+}
+
+/// The next event of `events`; never, once they ended.
+async fn next_event(events: &mut Option<QmpEvents>) -> Option<QmpEvent> {
+    match events {
+        Some(e) => e.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn note_shutdown(shutdown: &mut Option<String>, ev: &QmpEvent) {
+    if ev.name == "SHUTDOWN" {
+        *shutdown = Some(ev.data["reason"].as_str().unwrap_or("none").to_string());
+    }
+}
+
+/// Why QEMU exited with `status`, given whether the runtime was `stopping` it and the reason
+/// of its last `SHUTDOWN` event (QEMU 7.2: `guest-shutdown`, `guest-reset`, `guest-panic`;
+/// `host-qmp-quit`, `host-signal`, `host-ui`, ...). A QEMU that failed after its SHUTDOWN
+/// still reports the failure.
+fn exit_reason(
+    stopping: bool,
+    status: ExitStatus,
+    status_known: bool,
+    shutdown: Option<&str>,
+    output: &str,
+) -> ExitReason {
+    if stopping {
+        return ExitReason::Stopped;
+    }
+    let clean = !status_known || status.code() == Some(0);
+    match shutdown {
+        Some("guest-shutdown" | "guest-reset" | "guest-panic") if clean => {
+            return ExitReason::GuestShutdown
+        }
+        Some(host) if clean => {
+            let why = match host {
+                "host-qmp-quit" => "QEMU got a QMP quit that was not the runtime's stop".into(),
+                "host-signal" => output
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("terminating on signal"))
+                    .map(|l| format!("QEMU got a termination signal ({})", l.trim()))
+                    .unwrap_or_else(|| "QEMU got a termination signal".into()),
+                other => format!("QEMU shut down, reason {other}"),
+            };
+            return ExitReason::HostRequest(why);
+        }
+        _ => {}
+    }
+    if !status_known {
+        ExitReason::Crashed(
+            "QEMU exited while re-attached; only its original parent can read its status".into(),
+        )
+    } else if status.signal().is_some() {
+        ExitReason::Killed
+    } else if status.code() == Some(0) {
+        // No SHUTDOWN was seen (the monitor closed earlier): QEMU exits 0 only by shutting
+        // down, most often for the guest.
+        ExitReason::GuestShutdown
+    } else {
+        ExitReason::Crashed(output.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -739,6 +822,54 @@ mod tests {
         assert!(a >= 3);
         assert_eq!(a, guest_cid("sandbox-1"));
         assert_ne!(a, guest_cid("sandbox-2"));
+    }
+
+    #[test]
+    fn the_shutdown_event_tells_a_host_quit_and_a_signal_from_a_guest_power_off() {
+        let ok = ExitStatus::from_raw(0);
+        let reason = |shutdown, known| exit_reason(false, ok, known, shutdown, "");
+        assert_eq!(
+            reason(Some("guest-shutdown"), true),
+            ExitReason::GuestShutdown
+        );
+        assert_eq!(reason(Some("guest-reset"), true), ExitReason::GuestShutdown);
+        let ExitReason::HostRequest(why) = reason(Some("host-qmp-quit"), true) else {
+            panic!("a quit behind the runtime's back is a host request");
+        };
+        assert!(why.contains("QMP quit"), "{why}");
+        let signal = exit_reason(
+            false,
+            ok,
+            true,
+            Some("host-signal"),
+            "qemu-system-x86_64: terminating on signal 15 from pid 42 (kill)",
+        );
+        let ExitReason::HostRequest(why) = signal else {
+            panic!("SIGTERM to QEMU is a host request: {signal:?}");
+        };
+        assert!(why.contains("signal 15 from pid 42"), "{why}");
+        // Re-attached: the event decides although the status is unknown.
+        assert_eq!(
+            reason(Some("guest-shutdown"), false),
+            ExitReason::GuestShutdown
+        );
+        // The runtime's own stop, and a failure after the event, are not host requests.
+        assert_eq!(
+            exit_reason(true, ok, true, Some("host-qmp-quit"), ""),
+            ExitReason::Stopped
+        );
+        let failed = ExitStatus::from_raw(1 << 8);
+        assert!(matches!(
+            exit_reason(false, failed, true, Some("host-qmp-quit"), "boom"),
+            ExitReason::Crashed(t) if t == "boom"
+        ));
+        let killed = ExitStatus::from_raw(libc::SIGKILL);
+        assert_eq!(
+            exit_reason(false, killed, true, Some("guest-shutdown"), ""),
+            ExitReason::Killed
+        );
+        // Without the event, as before.
+        assert_eq!(reason(None, true), ExitReason::GuestShutdown);
     }
 
     #[test]

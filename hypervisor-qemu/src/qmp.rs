@@ -124,6 +124,12 @@ impl QmpEvents {
     pub fn try_next(&mut self) -> Option<QmpEvent> {
         self.rx.try_recv().ok()
     }
+
+    /// The next event, waiting for it; `None` once the connection ended and every event
+    /// read before that was taken.
+    pub async fn next(&mut self) -> Option<QmpEvent> {
+        self.rx.recv().await
+    }
 }
 
 /// What a pending command receives: its `return` value, or why it failed.

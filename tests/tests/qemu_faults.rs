@@ -555,3 +555,40 @@ fn a_dropped_start_kills_qemu() -> Result<()> {
         finish(&backend, sb, fds).await
     })
 }
+
+/// QEMU exits 0 on a guest power-off, on a `quit` and on SIGTERM alike; its SHUTDOWN event
+/// tells them apart: a `quit` or a signal behind the backend's back is reported as a host
+/// request naming it, never as the guest shutting down.
+#[test]
+fn a_quit_or_a_sigterm_behind_the_backend_is_a_host_request_not_a_guest_shutdown() -> Result<()> {
+    run_alone(async {
+        for how in ["quit", "SIGTERM"] {
+            let backend = Kept::new(Qemu::Q35);
+            let (mut sb, fds) = prepared(&backend).await?;
+            sb.start_vm().await?;
+            let pid = sb.hv.pids().await?.vmm;
+            if how == "quit" {
+                // QEMU may answer before it closes the socket, or close first.
+                let _ = backend.hypervisor().qmp_execute("quit", None).await;
+            } else {
+                kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
+            }
+            let exit = tokio::time::timeout(Duration::from_secs(10), sb.hv.wait_exit())
+                .await
+                .with_context(|| format!("wait_exit did not report the {how}"))??;
+            println!("exit after {how}: {exit}");
+            let hypervisor::ExitReason::HostRequest(why) = &exit.reason else {
+                bail!("{how} is reported as {exit}, not as a host request");
+            };
+            let named = if how == "quit" {
+                "QMP quit"
+            } else {
+                "terminating on signal 15"
+            };
+            ensure!(why.contains(named), "{how} reported as {exit}");
+            ensure!(exit.code == Some(0), "{exit:?}");
+            finish(&backend, sb, fds).await?;
+        }
+        Ok(())
+    })
+}

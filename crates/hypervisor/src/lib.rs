@@ -176,6 +176,10 @@ pub enum ExitReason {
     Stopped,
     /// The guest powered off or rebooted.
     GuestShutdown,
+    /// The VMM shut down cleanly on a host-side request that did not come from
+    /// [`Hypervisor::stop`]: a `quit` from another monitor client, a termination signal. The
+    /// text says which.
+    HostRequest(String),
     /// The VMM was killed by a signal it did not expect.
     Killed,
     /// The VMM failed; the text says how.
@@ -249,6 +253,7 @@ impl fmt::Display for VmExit {
         match &self.reason {
             ExitReason::Stopped => f.write_str("stopped by the runtime")?,
             ExitReason::GuestShutdown => f.write_str("the guest shut down")?,
+            ExitReason::HostRequest(why) => write!(f, "shut down on a host request: {why}")?,
             ExitReason::Killed => f.write_str("killed")?,
             ExitReason::Crashed(why) => write!(f, "crashed: {why}")?,
             ExitReason::VcpuFault(fault) => write!(f, "crashed: {fault}")?,
