@@ -292,6 +292,10 @@ impl QmpClient {
         let mut c = lock(&self.conn);
         // After the close the sender is dropped here, so the subscriber sees the end at once.
         if c.closed.is_none() {
+            // Subscribers that dropped their queue go now, not only when an event comes: a
+            // quiet VM with many short-lived waiters (an unplug refused at once, a pause)
+            // would otherwise keep every one.
+            c.subscribers.retain(|s| !s.is_closed());
             c.subscribers.push(tx);
         }
         QmpEvents { rx }
@@ -935,6 +939,17 @@ pub(crate) mod tests {
             client.closed_reason().as_deref(),
             Some("QEMU closed the socket")
         );
+    }
+
+    #[tokio::test]
+    async fn dropped_subscribers_are_pruned_without_any_event() {
+        let (client, _fake) = connected().await;
+        let kept = client.subscribe();
+        for _ in 0..1000 {
+            drop(client.subscribe());
+        }
+        assert_eq!(lock(&client.conn).subscribers.len(), 2, "kept, and the last");
+        drop(kept);
     }
 
     #[tokio::test]
