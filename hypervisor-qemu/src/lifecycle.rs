@@ -193,6 +193,18 @@ impl QemuHypervisor {
 
         let files = crate::confine::StartFiles::open(&spec.config, &run, &inner.cold, &mut fds)?;
 
+        // Before the cold devices are taken: a start refused here can be retried with them.
+        let mut ports = Vec::new();
+        if machine == Machine::Q35 {
+            for i in 0..self.opts.hotplug_ports {
+                let slot = self.take_root_slot(inner)?;
+                ports.push(RootPort {
+                    id: format!("rp{i}"),
+                    slot,
+                    used_by: None,
+                });
+            }
+        }
         let mut nics = Vec::new();
         let mut blocks = Vec::new();
         let mut cold_infos = Vec::new();
@@ -228,17 +240,6 @@ impl QemuHypervisor {
                 }),
             }
         }
-        let mut ports = Vec::new();
-        if machine == Machine::Q35 {
-            for i in 0..self.opts.hotplug_ports {
-                let slot = self.take_root_slot(inner)?;
-                ports.push(RootPort {
-                    id: format!("rp{i}"),
-                    slot,
-                    used_by: None,
-                });
-            }
-        }
         let cmd = CmdlineSpec {
             name: spec.id.clone(),
             machine,
@@ -269,8 +270,13 @@ impl QemuHypervisor {
             child: None,
             log: &self.log,
             armed: true,
+            exit: VmExit {
+                reason: ExitReason::Stopped,
+                code: None,
+                signal: None,
+            },
         };
-        let child = process::spawn(
+        let child = match process::spawn(
             &binary,
             &args,
             fds,
@@ -279,11 +285,15 @@ impl QemuHypervisor {
             files.run_as,
         )
         .await
-        .map_err(|e| {
-            // The cold devices' fds went with the failed command: this VM cannot start.
-            self.shared.set_state(VmState::Stopped);
-            Error::backend(format!("Starting QEMU for sandbox {}", spec.id), e)
-        })?;
+        {
+            Ok(child) => child,
+            Err(e) => {
+                // The cold devices' fds went with the failed command: this VM cannot start.
+                let e = Error::backend(format!("Starting QEMU for sandbox {}", spec.id), e);
+                cancelled.exit.reason = ExitReason::Crashed(crate::error_chain(&e));
+                return Err(e);
+            }
+        };
         let pid = child.pid;
         cancelled.child = Some((pid, child.exited.clone()));
 
@@ -292,16 +302,20 @@ impl QemuHypervisor {
             Ok(Ok(qmp)) => qmp,
             Ok(Err(e)) => {
                 kill_and_reap(&child).await;
-                self.shared.set_state(VmState::Stopped);
+                cancelled.exit = match &e {
+                    Error::VmmExited(exit) => exit.clone(),
+                    other => crashed(other),
+                };
                 return Err(e);
             }
             Err(_) => {
                 kill_and_reap(&child).await;
-                self.shared.set_state(VmState::Stopped);
-                return Err(Error::Timeout {
+                let e = Error::Timeout {
                     what: format!("QEMU (pid {pid}) to answer on QMP"),
                     timeout,
-                });
+                };
+                cancelled.exit = crashed(&e);
+                return Err(e);
             }
         };
         // Taken before anything else is asked, so no SHUTDOWN event can slip by the watcher.
@@ -673,6 +687,18 @@ struct StartGuard<'a> {
     log: &'a slog::Logger,
     /// Cleared once start succeeded.
     armed: bool,
+    /// What `wait_exit` reports for a start that did not succeed: `Stopped` when it was
+    /// cancelled (dropped, or ended by a stop), else why it failed.
+    exit: VmExit,
+}
+
+/// The exit of a start that failed with `e` before QEMU ran.
+fn crashed(e: &Error) -> VmExit {
+    VmExit {
+        reason: ExitReason::Crashed(format!("QEMU did not start: {}", crate::error_chain(e))),
+        code: None,
+        signal: None,
+    }
 }
 
 impl Drop for StartGuard<'_> {
@@ -690,6 +716,16 @@ impl Drop for StartGuard<'_> {
             }
         }
         self.shared.set_state(VmState::Stopped);
+        // No exit watcher runs for this QEMU: record the end here, so that `wait_exit`
+        // returns rather than waiting forever.
+        let exit = self.exit.clone();
+        self.shared.exit.send_if_modified(|current| {
+            let unset = current.is_none();
+            if unset {
+                *current = Some(exit);
+            }
+            unset
+        });
     }
 }
 
@@ -870,6 +906,78 @@ mod tests {
         );
         // Without the event, as before.
         assert_eq!(reason(None, true), ExitReason::GuestShutdown);
+    }
+
+    #[tokio::test]
+    async fn a_start_that_did_not_succeed_still_ends_wait_exit() {
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let hv = QemuHypervisor::new(log.clone(), crate::QemuOptions::default());
+        hv.shared.set_state(VmState::Prepared);
+        drop(StartGuard {
+            shared: &hv.shared,
+            child: None,
+            log: &log,
+            armed: true,
+            exit: VmExit {
+                reason: ExitReason::Stopped,
+                code: None,
+                signal: None,
+            },
+        });
+        assert_eq!(hv.shared.state(), VmState::Stopped);
+        let exit = tokio::time::timeout(
+            Duration::from_secs(5),
+            hypervisor::Hypervisor::wait_exit(&hv),
+        )
+        .await
+        .expect("wait_exit returns after a cancelled start")
+        .unwrap();
+        assert_eq!(exit.reason, ExitReason::Stopped);
+    }
+
+    #[tokio::test]
+    async fn a_start_refused_for_want_of_slots_keeps_the_cold_devices() {
+        use hypervisor::device::{BlockConfig, BlockDriver};
+        use hypervisor::{Device, DeviceConfig, DeviceId, Hypervisor};
+        let run_root = tempfile::tempdir().unwrap();
+        let disk = tempfile::NamedTempFile::new().unwrap();
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let hv = QemuHypervisor::new(
+            log,
+            crate::QemuOptions {
+                run_root: run_root.path().to_path_buf(),
+                // More ports than pcie.0 has slots: start is refused before QEMU runs.
+                hotplug_ports: 40,
+                ..crate::QemuOptions::default()
+            },
+        );
+        hv.prepare(&SandboxSpec {
+            id: "slots".into(),
+            netns: None,
+            config: HypervisorConfig {
+                kernel: "/nonexistent/vmlinuz".into(),
+                seccomp_sandbox: None,
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+        let disk = BlockConfig {
+            path: disk.path().to_path_buf(),
+            read_only: true,
+            driver: BlockDriver::VirtioBlkPci,
+        };
+        hv.add_device(Device {
+            id: DeviceId::new("disk0").unwrap(),
+            config: DeviceConfig::Block(disk),
+        })
+        .await
+        .unwrap();
+        let err = hv.start(Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.is_unsupported(), "{err}");
+        assert_eq!(hv.state().await, VmState::Prepared);
+        assert_eq!(hv.inner.lock().await.cold.len(), 1, "the cold disk is kept");
+        hv.cleanup().await.unwrap();
     }
 
     #[test]
