@@ -457,6 +457,7 @@ impl QemuHypervisor {
                 "accel": inner.accel.map(Accel::as_str),
                 "agent": inner.agent,
                 "unplug_pending": inner.unplugging.iter().collect::<Vec<_>>(),
+                "unsettled": inner.unsettled.values().collect::<Vec<_>>(),
                 "ports": inner.ports.iter().map(|p| json!({
                     "id": p.id, "slot": p.slot, "used_by": p.used_by,
                 })).collect::<Vec<_>>(),
@@ -570,6 +571,7 @@ impl QemuHypervisor {
                 .filter_map(|id| hypervisor::DeviceId::new(id.as_str()?).ok())
                 .filter(|id| inner.hot.contains_key(id))
                 .collect();
+            inner.unsettled = unsettled_from(data, inner.ports.len());
             inner.qmp = Some(Arc::new(qmp));
             inner.process = Some(child);
         }
@@ -605,6 +607,22 @@ impl QemuHypervisor {
         }
         Ok(())
     }
+}
+
+/// The saved hotplugs of unknown outcome whose port is in range; the next device operation
+/// settles them with QEMU.
+fn unsettled_from(
+    data: &serde_json::Value,
+    ports: usize,
+) -> std::collections::BTreeMap<hypervisor::DeviceId, crate::reconcile::Unsettled> {
+    data["unsettled"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|u| serde_json::from_value::<crate::reconcile::Unsettled>(u.clone()).ok())
+        .filter(|u| u.port < ports)
+        .map(|u| (u.info.id.clone(), u))
+        .collect()
 }
 
 /// A guest CID derived from the sandbox id, in the unreserved range.
@@ -978,6 +996,63 @@ mod tests {
         assert_eq!(hv.state().await, VmState::Prepared);
         assert_eq!(hv.inner.lock().await.cold.len(), 1, "the cold disk is kept");
         hv.cleanup().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_hotplug_of_unknown_outcome_survives_save_and_restore_with_its_port() {
+        use hypervisor::device::GuestLocation;
+        use hypervisor::{DeviceId, DeviceInfo, DeviceKind};
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let hv = QemuHypervisor::new(log, crate::QemuOptions::default());
+        let id = DeviceId::new("net1").unwrap();
+        {
+            let mut inner = hv.inner.lock().await;
+            inner.spec = Some(SandboxSpec {
+                id: "sb".into(),
+                netns: None,
+                config: HypervisorConfig::default(),
+            });
+            inner.run = Some(RunDir {
+                dir: "/run/x/sb".into(),
+                console_log: None,
+            });
+            inner.ports = vec![RootPort {
+                id: "rp0".into(),
+                slot: 2,
+                used_by: Some(id.clone()),
+            }];
+            let info = DeviceInfo {
+                id: id.clone(),
+                kind: DeviceKind::Network,
+                location: GuestLocation::Pci {
+                    path: "02/00".into(),
+                },
+                hotplugged: true,
+                mac: None,
+                queue_pairs: Some(1),
+                host: Some("tap1".into()),
+            };
+            inner.unsettled.insert(
+                id.clone(),
+                crate::reconcile::Unsettled {
+                    info,
+                    port: 0,
+                    fd_names: vec!["fd-net1-0".into()],
+                    backend_maybe_added: true,
+                },
+            );
+        }
+        let saved = hv.do_save_state().await.unwrap();
+        let restored = unsettled_from(&saved.backend_data, 1);
+        let u = restored
+            .get(&id)
+            .expect("the unsettled hotplug is restored");
+        assert_eq!((u.port, u.backend_maybe_added), (0, true));
+        assert_eq!(u.fd_names, ["fd-net1-0"]);
+        assert!(
+            unsettled_from(&saved.backend_data, 0).is_empty(),
+            "a port out of range is not trusted"
+        );
     }
 
     #[test]

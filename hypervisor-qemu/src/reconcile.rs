@@ -26,8 +26,9 @@ use slog::info;
 use crate::qmp::{QmpClient, QmpError};
 use crate::{Inner, QemuHypervisor};
 
-/// A hotplug that failed in a way that leaves its outcome unknown.
-#[derive(Debug, Clone)]
+/// A hotplug that failed in a way that leaves its outcome unknown. Saved with the state, so a
+/// runtime that re-attaches settles it too (its port stays reserved meanwhile).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Unsettled {
     /// What the device is, should QEMU have it.
     pub info: DeviceInfo,
