@@ -21,9 +21,11 @@
 //! the guest has not acknowledged stays pending (its port reserved). `stop` waits for no
 //! operation's QMP command or event: a boot, hotplug, unplug or pause in progress gives up at
 //! its next wait (the operations are cancel-safe there). A QEMU that exits mid-operation fails
-//! the operation at once with its exit.
+//! the operation at once with its exit. QEMU exits 0 on a guest power-off, a `quit` and
+//! SIGTERM alike; the reason of its last `SHUTDOWN` event tells them apart
+//! (`ExitReason::GuestShutdown`, or `ExitReason::HostRequest` naming the quit or the signal).
 //! State changes are compare-and-set, so an exit recorded meanwhile is never overwritten,
-//! and a `start` whose future is dropped kills the QEMU it spawned.
+//! and a `start` whose future is dropped kills the QEMU it spawned and records its end.
 //!
 //! This crate must never depend on Dragonball's crates (`dbs-*`), not even for tests; the
 //! workspace's boundary test enforces that.
