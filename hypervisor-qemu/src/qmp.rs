@@ -948,7 +948,11 @@ pub(crate) mod tests {
         for _ in 0..1000 {
             drop(client.subscribe());
         }
-        assert_eq!(lock(&client.conn).subscribers.len(), 2, "kept, and the last");
+        assert_eq!(
+            lock(&client.conn).subscribers.len(),
+            2,
+            "kept, and the last"
+        );
         drop(kept);
     }
 
