@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: boots a sandbox VM with the shim, pings it from its network namespace,
-# hot-plugs a second NIC and pings through it, then stops it with SIGTERM and checks that
-# nothing is left: no QEMU process, no namespace, no TAP, no run directory.
+# `make demo`: boots a sandbox VM with the shim, shows how QEMU is confined (its uid, seccomp
+# mode and root), pings the guest from its network namespace, hot-plugs a second NIC and
+# pings through it, then stops it with SIGTERM and checks that nothing is left: no QEMU
+# process, no namespace, no TAP, no run directory.
 #
 # `make demo` first installs what is missing (`make deps`) and builds the guest
 # (`make guest-assets`). Needs root. Env: GUEST_DIR, CARGO, DEMO_CONFIG.
@@ -29,7 +30,6 @@ field() { sed -n "s/.*\"$1\":\"\\{0,1\\}\\([^\",]*\\).*/\\1/p" "${2:-/dev/stdin}
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, TAP devices): run sudo make demo"
 
 shim_pid=""
-vmm_pid=""
 cleanup() {
     local rc=$?
     if [ -n "$shim_pid" ] && kill -0 "$shim_pid" 2>/dev/null; then
@@ -38,8 +38,10 @@ cleanup() {
         for _ in $(seq $((STOP_LIMIT * 10))); do kill -0 "$shim_pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$shim_pid" 2>/dev/null || true
     fi
-    [ -n "$vmm_pid" ] && kill -KILL "$vmm_pid" 2>/dev/null || true
-    ip netns del "kata-$ID" 2>/dev/null || true
+    # What a dead shim left is in its record: the shim's own cleanup removes it.
+    if [ $rc -ne 0 ] && [ -x "$SHIM" ]; then
+        "$SHIM" sandbox cleanup --id "$ID" --run-root "$RUN_ROOT" >&2 || true
+    fi
     if [ $rc -ne 0 ] && [ -f "$LOG" ]; then
         echo "--- shim log ($LOG) ---" >&2; tail -n 30 "$LOG" >&2
     fi
@@ -76,6 +78,8 @@ vmm_pid=$(field vmm_pid "$READY")
 guest1=$(field guest_ip "$READY")
 tap1=$(field tap "$READY")
 [ -n "$ns" ] && [ -n "$guest1" ] && [ -n "$vmm_pid" ] || die "could not read the facts in $READY"
+status_of() { awk -v k="$1:" '$1 == k { print $2; exit }' "/proc/$vmm_pid/status"; }
+echo "  QEMU $vmm_pid: uid $(status_of Uid) ($(id -nu "$(status_of Uid)" 2>/dev/null || echo '?')), seccomp mode $(status_of Seccomp), root $(readlink "/proc/$vmm_pid/root")"
 
 say "ping $guest1 (guest eth0, via $tap1) from namespace $ns"
 t=$(now)
@@ -113,7 +117,6 @@ for tap in $taps; do ip -o link show "$tap" >/dev/null 2>&1 && left+=("TAP $tap 
 [ -n "$(find "$RUN_ROOT" -mindepth 2 -print -quit 2>/dev/null)" ] && left+=("run files under $RUN_ROOT")
 [ -e "$READY" ] && left+=("ready file $READY")
 [ ${#left[@]} -eq 0 ] || die "left behind: ${left[*]}"
-vmm_pid=""
 echo "  no QEMU process, no namespace $ns, no TAP ($taps), no run directory"
 
 echo
