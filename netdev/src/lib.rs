@@ -56,7 +56,7 @@
 mod error;
 mod handoff;
 mod name;
-mod netns;
+pub mod netns;
 mod reaper;
 mod sys;
 mod tap;

@@ -1,9 +1,14 @@
-//! Network namespaces: running work inside one without moving the caller, and owning
-//! named namespaces the way `ip netns add` does.
+//! Network namespaces: resolving a namespace argument, entering one, running work inside
+//! one without moving the caller, and owning named namespaces the way `ip netns add` does.
+//!
+//! This is the one place the runtime's crates enter a network namespace:
+//! [`resolve`] turns a name or path into the namespace file, [`enter`] is the bare
+//! `setns(2)` on an open namespace fd (usable in a forked child before `exec`), and
+//! [`run_in`] runs work on a thread inside a namespace.
 
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread;
@@ -18,8 +23,8 @@ use crate::{Error, Result};
 /// Where named network namespaces live (`ip netns` uses the same directory).
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
-/// Resolves a namespace argument: a path is used as is, a bare name means
-/// `/run/netns/NAME`.
+/// Resolves a namespace argument: a path is used as is, a bare name (one component, not
+/// absolute) means `/run/netns/NAME`.
 pub fn resolve(netns: &Path) -> PathBuf {
     if netns.components().count() == 1 && !netns.has_root() {
         Path::new(NETNS_RUN_DIR).join(netns)
@@ -50,24 +55,34 @@ pub(crate) fn open_netns(path: &Path, step: &str) -> Result<OwnedFd> {
     })
 }
 
-fn enter(ns: &OwnedFd, path: &Path, step: &str) -> Result<()> {
-    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|errno| {
-        let source = io::Error::from(errno);
-        match errno {
-            nix::errno::Errno::EPERM => Error::PermissionDenied {
-                step: step.to_owned(),
-                source,
-            },
-            nix::errno::Errno::EINVAL => Error::NotANetns {
-                step: step.to_owned(),
-                netns: path.to_path_buf(),
-                source,
-            },
-            _ => Error::Io {
-                step: step.to_owned(),
-                source,
-            },
-        }
+/// Moves the calling thread into the network namespace open at `ns` (`setns(2)` with
+/// `CLONE_NEWNET`).
+///
+/// This is only the system call: it does not allocate, lock or touch anything but
+/// `errno`, so it is async-signal-safe and may run in a forked child before `exec`
+/// (a `pre_exec` hook). Errors are the raw OS error: `EINVAL` when `ns` is not a
+/// network namespace, `EPERM` without `CAP_SYS_ADMIN`. Prefer [`run_in`] when the work
+/// can run on a dedicated thread: that leaves the caller where it is.
+pub fn enter(ns: BorrowedFd<'_>) -> io::Result<()> {
+    setns(ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+}
+
+/// [`enter`], with errors naming the step and the namespace.
+fn enter_at(ns: &OwnedFd, path: &Path, step: &str) -> Result<()> {
+    enter(ns.as_fd()).map_err(|source| match source.raw_os_error() {
+        Some(libc::EPERM) => Error::PermissionDenied {
+            step: step.to_owned(),
+            source,
+        },
+        Some(libc::EINVAL) => Error::NotANetns {
+            step: step.to_owned(),
+            netns: path.to_path_buf(),
+            source,
+        },
+        _ => Error::Io {
+            step: step.to_owned(),
+            source,
+        },
     })
 }
 
@@ -100,7 +115,7 @@ where
         let worker = thread::Builder::new()
             .name("netdev-netns".into())
             .spawn_scoped(scope, move || {
-                enter(&ns, path, step)?;
+                enter_at(&ns, path, step)?;
                 drop(ns);
                 f()
             })

@@ -2,10 +2,12 @@
 
 mod common;
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use common::{run, thread_netns_inode, TestNs};
-use netdev::{run_in, Error, NetNs};
+use netdev::{netns, run_in, Error, NetNs};
 
 #[test]
 fn netns_create_and_delete_work_like_ip_netns() {
@@ -50,4 +52,48 @@ fn a_panic_inside_run_in_reaches_the_caller() {
     let result = std::panic::catch_unwind(|| run_in(t.path(), || panic!("inside")));
     assert!(result.is_err());
     t.finish();
+}
+
+#[test]
+fn enter_moves_only_the_calling_thread_and_reports_the_raw_error() {
+    let t = TestNs::new();
+    let before = thread_netns_inode();
+    let want = std::fs::metadata(t.path()).unwrap().ino();
+    let ns = std::fs::File::open(t.path()).unwrap();
+    let not_ns = std::fs::File::open("/proc/self/status").unwrap();
+    let (inside, refused) = std::thread::scope(|s| {
+        s.spawn(|| {
+            // A file that is not a namespace is refused with the bare errno and moves nothing.
+            let refused = netns::enter(not_ns.as_fd()).unwrap_err();
+            assert_eq!(thread_netns_inode(), before);
+            netns::enter(ns.as_fd()).unwrap();
+            (thread_netns_inode(), refused)
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(inside, want);
+    assert_eq!(refused.raw_os_error(), Some(libc::EINVAL), "{refused}");
+    assert_eq!(thread_netns_inode(), before);
+    // The typed path through run_in names the file and says what to pass.
+    let err = run_in("/proc/self/status", || ()).unwrap_err();
+    assert!(matches!(err, Error::NotANetns { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("/proc/self/status is not a network namespace"),
+        "{err}"
+    );
+    drop((ns, not_ns));
+    t.finish();
+}
+
+#[test]
+fn resolve_maps_a_bare_name_under_run_netns_and_keeps_paths() {
+    assert_eq!(
+        netns::resolve(Path::new("pod1")),
+        Path::new(netns::NETNS_RUN_DIR).join("pod1")
+    );
+    for p in ["/proc/7/ns/net", "./pod1", "run/netns/pod1"] {
+        assert_eq!(netns::resolve(Path::new(p)), Path::new(p));
+    }
 }
