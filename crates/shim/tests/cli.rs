@@ -27,23 +27,87 @@ fn write_config(dir: &Path, name: &str, body: &str) -> String {
     file.to_string_lossy().into_owned()
 }
 
+/// The backends of the feature set cargo built this test, and so the shim beside it, with:
+/// (name, compiled in), in the order the shim lists them.
+fn feature_set() -> [(&'static str, bool); 2] {
+    [
+        ("qemu", cfg!(feature = "qemu")),
+        ("dragonball", cfg!(feature = "dragonball")),
+    ]
+}
+
 #[test]
-fn version_lists_the_compiled_in_backends() {
+fn version_lists_exactly_the_backends_of_the_feature_set() {
     let out = shim(&["--version"]);
-    let (stdout, _) = text(&out);
-    assert!(out.status.success());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
     let line = stdout
         .lines()
         .find(|l| l.starts_with("backends: "))
         .unwrap_or_else(|| panic!("no backends line in {stdout:?}"));
-    assert_eq!(line.contains("qemu"), cfg!(feature = "qemu"), "{line}");
-    assert_eq!(
-        line.contains("dragonball"),
-        cfg!(feature = "dragonball"),
-        "{line}"
-    );
-    // Every backend compiled in boots VMs: no "cannot boot" or "yet" notes.
-    assert!(!line.contains("yet") && !line.contains("cannot"), "{line}");
+    let built: Vec<&str> = feature_set()
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+    let want = if built.is_empty() {
+        "backends: none (built with --no-default-features)".to_string()
+    } else {
+        format!("backends: {}", built.join(", "))
+    };
+    assert_eq!(line, want, "--version printed:\n{stdout}");
+}
+
+#[test]
+fn sandbox_check_accepts_exactly_the_backends_of_the_feature_set() {
+    // Without a configuration, one backend line per compiled-in backend.
+    let out = shim(&["sandbox", "check"]);
+    let (stdout, stderr) = text(&out);
+    let listed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("backend"))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .unwrap_or("")
+                .trim_end_matches(':')
+        })
+        .collect();
+    let built: Vec<&str> = feature_set()
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+    assert_eq!(listed, built, "sandbox check printed:\n{stdout}\n{stderr}");
+
+    // With a configuration for each backend: compiled in, or refused naming the feature.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, on) in feature_set() {
+        let config = write_config(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!("[hypervisor.{name}]\nkernel = \"/k\"\n"),
+        );
+        let out = shim(&["sandbox", "check", "--config", &config]);
+        let (stdout, stderr) = text(&out);
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("backend"))
+            .unwrap_or_else(|| panic!("no backend line for {name} in:\n{stdout}\n{stderr}"));
+        if on {
+            assert!(
+                line.starts_with("PASS") && line.contains(&format!("{name}: compiled in")),
+                "{line}"
+            );
+        } else {
+            let refusal = format!(
+                "the \"{name}\" hypervisor is not compiled into this shim; rebuild with --features {name}"
+            );
+            assert!(
+                line.starts_with("FAIL") && line.contains(&refusal),
+                "{line}"
+            );
+            assert!(!out.status.success(), "{stdout}");
+        }
+    }
 }
 
 #[cfg(not(feature = "dragonball"))]
