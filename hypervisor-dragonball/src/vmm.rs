@@ -15,6 +15,7 @@
 //! channels the threads complete.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
@@ -505,6 +506,5 @@ fn enter_netns(path: &Path) -> Result<()> {
         source,
     };
     let f = File::open(path).map_err(err)?;
-    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| err(std::io::Error::from(e)))
+    netdev::netns::enter(f.as_fd()).map_err(err)
 }

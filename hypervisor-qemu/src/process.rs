@@ -29,7 +29,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write as _;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -189,18 +189,13 @@ pub async fn spawn(
     // namespace fd has in the parent (setns then fails with EINVAL).
     if let Some(ns) = &netns_file {
         let ns_fd = ns.as_raw_fd();
-        // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
-        // which is async-signal-safe; `netns_file` stays open in the parent until spawn
-        // returns, and this hook runs before any other touches the child's fd table, so the
-        // fd number still names the namespace file in the child.
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // `netdev::netns::enter`, a bare setns(2) that does not allocate (async-signal-safe);
+        // `netns_file` stays open in the parent until spawn returns, and this hook runs
+        // before any other touches the child's fd table, so the fd number still names the
+        // namespace file in the child while it is borrowed.
         unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
+            cmd.pre_exec(move || netdev::netns::enter(BorrowedFd::borrow_raw(ns_fd)));
         }
     }
     fds.apply_tokio(&mut cmd).map_err(SpawnError::Fds)?;
