@@ -429,7 +429,7 @@ impl Sandbox {
     fn open_netns(&mut self, given: Option<&Path>) -> Result<()> {
         self.netns = Some(match given {
             Some(p) => {
-                let p = netdev_resolve(p);
+                let p = netdev::netns::resolve(p);
                 if !p.exists() {
                     bail!(
                         "network namespace {} does not exist: create it (ip netns add) or leave out --netns",
@@ -556,14 +556,6 @@ impl Sandbox {
                 warn!(self.log, "deleting an unused TAP"; "tap" => tap, "error" => e.to_string());
             }
         }
-    }
-}
-
-fn netdev_resolve(p: &Path) -> PathBuf {
-    if p.components().count() == 1 && !p.has_root() {
-        Path::new(netdev::NETNS_RUN_DIR).join(p)
-    } else {
-        p.to_path_buf()
     }
 }
 
