@@ -21,7 +21,7 @@ SHIM_FEATSETS := "" "--features qemu" "--features dragonball" "--features qemu,d
 
 export GUEST_DIR
 
-.PHONY: help build test check demo bench soak footprint guest-assets test-guest deps clean
+.PHONY: help build test check demo bench soak footprint guest-assets test-guest deps tools clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -33,6 +33,9 @@ build: ## Build the shim (release) with HYPERVISOR's backends
 
 deps: ## Install the Debian packages the tests and demo need
 	@scripts/install-deps.sh
+
+tools: ## Install the cargo tools `make check` runs (cargo-deny, pinned)
+	@scripts/install-tools.sh
 
 guest-assets: deps ## Build the guest kernel + initramfs (with the agent) into .cache/guest
 	@scripts/guest-assets.sh
@@ -54,7 +57,7 @@ test: deps guest-assets test-guest ## Run every test: unit, privileged (root), b
 	@$(CARGO) test -q -p workspace-tests --all-features --test dependency_boundaries -- --show-output \
 		| grep -E '^[a-z].*: [0-9]+ crates$$'
 
-check: ## fmt, clippy -D warnings on every feature combination, docs -D warnings
+check: tools ## fmt, clippy -D warnings on every feature combination, docs -D warnings, cargo deny
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	@set -e; for c in $(LIB_CRATES); do \
@@ -66,6 +69,9 @@ check: ## fmt, clippy -D warnings on every feature combination, docs -D warnings
 		$(CARGO) clippy -q -p containerd-shim-kata-v2 --all-targets --no-default-features $$f -- -D warnings; \
 	done
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --all-features --no-deps
+# deny.toml's offline checks (drop --hide-inclusion-graph to see who brings a crate).
+# `advisories` is left out: it fetches the advisory database over the network.
+	$(CARGO) deny --offline check --hide-inclusion-graph bans licenses sources
 
 demo: deps guest-assets ## Boot a sandbox, ping it, hotplug a NIC, tear down
 	@scripts/demo.sh
