@@ -539,7 +539,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn shared(state: VmState) -> Shared {
@@ -562,9 +562,11 @@ mod tests {
         assert_eq!(s.state(), VmState::Paused);
     }
 
-    /// A running backend whose QMP peer is a scripted fake, with a short QMP timeout
-    /// replaced by a long one, so that only a preemption can end a wait quickly.
-    async fn running_on_fake() -> (QemuHypervisor, crate::qmp::tests::FakeQemu) {
+    /// A prepared-nothing backend whose QMP connection is a scripted fake QEMU, on a host
+    /// with no KVM and no vhost.
+    pub(crate) async fn on_fake_qmp(
+        opts: QemuOptions,
+    ) -> (QemuHypervisor, crate::qmp::tests::FakeQemu) {
         let (client, fake) = crate::qmp::tests::connected().await;
         let host = HostFeatures {
             hw_virt: false,
@@ -573,13 +575,20 @@ mod tests {
             vhost_vsock: false,
         };
         let log = slog::Logger::root(slog::Discard, slog::o!());
-        let opts = QemuOptions {
+        let hv = QemuHypervisor::with_host(log, opts, host);
+        hv.inner.lock().await.qmp = Some(Arc::new(client));
+        (hv, fake)
+    }
+
+    /// A running backend on a fake QEMU, with a long QMP timeout, so that only a
+    /// preemption can end a wait quickly.
+    async fn running_on_fake() -> (QemuHypervisor, crate::qmp::tests::FakeQemu) {
+        let (hv, fake) = on_fake_qmp(QemuOptions {
             qmp_timeout: Duration::from_secs(60),
             ..QemuOptions::default()
-        };
-        let hv = QemuHypervisor::with_host(log, opts, host);
+        })
+        .await;
         hv.shared.status().state = VmState::Running;
-        hv.inner.lock().await.qmp = Some(Arc::new(client));
         (hv, fake)
     }
 

@@ -246,25 +246,15 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::host::HostFeatures;
-    use crate::qmp::tests::{connected, FakeQemu};
+    use crate::qmp::tests::FakeQemu;
     use crate::RootPort;
 
     /// A backend with one unsettled NIC hotplug `net1` on root port `rp0`, and the fake QEMU.
     async fn unsettled_nic(backend_maybe_added: bool) -> (QemuHypervisor, FakeQemu) {
-        let (client, fake) = connected().await;
-        let host = HostFeatures {
-            hw_virt: false,
-            kvm_device: false,
-            vhost_net: false,
-            vhost_vsock: false,
-        };
-        let log = slog::Logger::root(slog::Discard, slog::o!());
-        let hv = QemuHypervisor::with_host(log, crate::QemuOptions::default(), host);
+        let (hv, fake) = crate::tests::on_fake_qmp(crate::QemuOptions::default()).await;
         let id = DeviceId::new("net1").unwrap();
         {
             let mut inner = hv.inner.lock().await;
-            inner.qmp = Some(Arc::new(client));
             inner.ports = vec![RootPort {
                 id: "rp0".into(),
                 slot: 4,
