@@ -77,8 +77,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hypervisor::{
-    AgentAddress, Capabilities, Device, DeviceId, DeviceInfo, Error, Hypervisor, HypervisorConfig,
-    Operation, Result, SandboxSpec, SavedState, VmExit, VmState, VmmPids,
+    AgentAddress, AgentChannelSource, Capabilities, Device, DeviceId, DeviceInfo, Error,
+    Hypervisor, HypervisorConfig, Operation, Result, SandboxSpec, SavedState, VmExit, VmState,
+    VmmPids,
 };
 use tokio::sync::watch;
 
@@ -214,6 +215,10 @@ impl DragonballHypervisor {
             tap_fds: false,
             pause: true,
             vsock: true,
+            in_process: true,
+            // The first CID a guest may have (0 to 2 are reserved); each VM has its own
+            // hybrid-vsock socket, so one CID serves every sandbox.
+            agent_channel: AgentChannelSource::VsockDevice { guest_cid: 3 },
         }
     }
 

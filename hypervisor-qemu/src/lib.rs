@@ -412,6 +412,8 @@ impl QemuHypervisor {
             tap_fds: true,
             pause: true,
             vsock: self.host.vhost_vsock,
+            in_process: false,
+            agent_channel: hypervisor::AgentChannelSource::Builtin,
         }
     }
 

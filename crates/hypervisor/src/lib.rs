@@ -117,6 +117,27 @@ pub struct Capabilities {
     pub pause: bool,
     /// The agent can be reached over vsock (vhost-vsock or hybrid vsock).
     pub vsock: bool,
+    /// The VM runs inside the caller's process: its vCPUs are the caller's threads, and it
+    /// ends with the caller.
+    pub in_process: bool,
+    /// How the guest agent's channel comes to exist.
+    pub agent_channel: AgentChannelSource,
+}
+
+/// How a backend provides the guest agent's channel ([`Capabilities::agent_channel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentChannelSource {
+    /// The backend creates the channel itself at `prepare` (a virtio-serial port or a
+    /// vhost-vsock device); [`Hypervisor::agent_address`] names it.
+    #[default]
+    Builtin,
+    /// The channel is a vsock device the caller adds before start, with this guest CID
+    /// (a hybrid vsock: [`Hypervisor::agent_address`] names it once the device is added).
+    VsockDevice {
+        /// The guest CID to give the device.
+        guest_cid: u32,
+    },
 }
 
 impl Capabilities {

@@ -41,24 +41,6 @@ impl BackendKind {
         Self::ALL.into_iter().find(|b| b.name() == name)
     }
 
-    /// Whether the guest agent is reached through a vsock device the shim must add before
-    /// start (Dragonball's hybrid vsock), rather than a channel the backend creates itself
-    /// (QEMU's virtio-serial or vhost-vsock).
-    pub fn agent_needs_vsock_device(self) -> bool {
-        match self {
-            BackendKind::Qemu => false,
-            BackendKind::Dragonball => true,
-        }
-    }
-
-    /// Whether the backend runs the VM inside the shim's own process.
-    pub fn in_process(self) -> bool {
-        match self {
-            BackendKind::Qemu => false,
-            BackendKind::Dragonball => true,
-        }
-    }
-
     /// Whether this build contains the backend.
     pub fn is_compiled(self) -> bool {
         match self {
@@ -158,6 +140,8 @@ pub struct HostProbe {
     pub vhost_vsock: Option<bool>,
     /// What the accelerator found cannot do here, when it is usable only in part.
     pub kvm_caveat: Option<String>,
+    /// Whether the VM runs inside the shim's own process ([`hypervisor::Capabilities`]).
+    pub in_process: bool,
 }
 
 /// Probes the host as `kind` would, for `wanted` and the configured VMM `binary`.
@@ -183,6 +167,7 @@ pub fn probe_host(
                 vhost_net: Some(host.vhost_net),
                 vhost_vsock: Some(host.vhost_vsock),
                 kvm_caveat: None,
+                in_process: false,
             })
         }
         #[cfg(feature = "dragonball")]
@@ -225,6 +210,7 @@ pub fn probe_host(
                 vhost_net: None,
                 vhost_vsock: None,
                 kvm_caveat,
+                in_process: true,
             })
         }
         #[allow(unreachable_patterns)]

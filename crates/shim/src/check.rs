@@ -192,7 +192,7 @@ fn backend_lines(
                 Status::Pass,
                 format!(
                     "{kind}: compiled in ({})",
-                    if kind.in_process() {
+                    if p.in_process {
                         "in-process VMM"
                     } else {
                         "VMM as a child process"

@@ -54,7 +54,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use guest_agent::client::AgentClient;
 use hypervisor::device::VsockConfig;
-use hypervisor::{DeviceConfig, DeviceManager, Hypervisor, MacAddress, SandboxSpec};
+use hypervisor::{
+    AgentChannelSource, DeviceConfig, DeviceManager, Hypervisor, MacAddress, SandboxSpec,
+};
 use slog::{error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -69,9 +71,6 @@ pub use control::request;
 
 /// Exit status of `sandbox run` when a second signal forced the teardown.
 pub const EXIT_FORCED: u8 = 3;
-
-/// Guest context id of the vsock device added for backends whose agent channel is one.
-const GUEST_CID: u32 = 3;
 
 /// Options of `sandbox run`.
 #[derive(Debug, Clone)]
@@ -388,11 +387,9 @@ impl Sandbox {
         } else {
             TapHandoff::Name
         };
-        if self.backend.agent_needs_vsock_device() {
+        if let AgentChannelSource::VsockDevice { guest_cid } = caps.agent_channel {
             self.devices
-                .add(DeviceConfig::Vsock(VsockConfig {
-                    guest_cid: GUEST_CID,
-                }))
+                .add(DeviceConfig::Vsock(VsockConfig { guest_cid }))
                 .await
                 .context("Adding the vsock device of the agent channel")?;
         }
