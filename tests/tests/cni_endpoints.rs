@@ -49,9 +49,9 @@ async fn pod_on(net: &CniNetwork) -> Result<Pod> {
                         .guest
                         .routes
                         .iter()
-                        .map(|(dest, gateway)| RouteConfig {
-                            dest: dest.clone(),
-                            gateway: gateway.clone(),
+                        .map(|r| RouteConfig {
+                            dest: r.dest.to_string(),
+                            gateway: r.gateway.map(|g| g.to_string()),
                         })
                         .collect(),
                 },

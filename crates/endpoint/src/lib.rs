@@ -57,7 +57,9 @@ use hypervisor::device::{NetworkBackend, NetworkConfig};
 use hypervisor::MacAddress;
 
 pub use netlink::NetnsHandle;
-pub use scan::{scan, Interface, InterfaceKind, IpNet, NetnsSnapshot, Route};
+pub use scan::{
+    scan, GuestRoute, Interface, InterfaceKind, IpNet, NetnsSnapshot, Route, RouteDestination,
+};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -161,8 +163,8 @@ pub struct GuestInterface {
     pub addresses: Vec<String>,
     /// MTU.
     pub mtu: u32,
-    /// Routes through this interface: destination (`default` or a CIDR) and gateway.
-    pub routes: Vec<(String, Option<String>)>,
+    /// Routes through this interface.
+    pub routes: Vec<GuestRoute>,
 }
 
 /// One attached interface.
@@ -388,13 +390,7 @@ async fn attach_one(
         .routes
         .iter()
         .filter(|r| r.oif == Some(iface.index))
-        .map(|r| {
-            (
-                r.dest
-                    .map_or_else(|| "default".to_string(), |d| d.to_string()),
-                r.gateway.map(|g| g.to_string()),
-            )
-        })
+        .map(GuestRoute::from)
         .collect();
     let backend = match opts.handoff {
         TapHandoff::Fds => NetworkBackend::TapFds {

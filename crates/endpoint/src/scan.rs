@@ -100,6 +100,59 @@ pub struct Route {
     pub oif: Option<u32>,
 }
 
+/// Where a route leads: everywhere else, or one network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteDestination {
+    /// The default route.
+    Default,
+    /// A network, in CIDR notation.
+    Net(IpNet),
+}
+
+impl From<Option<IpNet>> for RouteDestination {
+    fn from(dest: Option<IpNet>) -> Self {
+        dest.map_or(RouteDestination::Default, RouteDestination::Net)
+    }
+}
+
+impl fmt::Display for RouteDestination {
+    /// `default`, or the network as `10.1.0.0/16`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteDestination::Default => f.write_str("default"),
+            RouteDestination::Net(net) => net.fmt(f),
+        }
+    }
+}
+
+/// A route the guest installs on one of its NICs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRoute {
+    /// Destination.
+    pub dest: RouteDestination,
+    /// Next hop; without it the destination is on-link.
+    pub gateway: Option<IpAddr>,
+}
+
+impl fmt::Display for GuestRoute {
+    /// As `ip route` reads it: `default via 10.88.0.1`, `10.1.0.0/16`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.gateway {
+            Some(g) => write!(f, "{} via {g}", self.dest),
+            None => self.dest.fmt(f),
+        }
+    }
+}
+
+impl From<&Route> for GuestRoute {
+    fn from(r: &Route) -> Self {
+        GuestRoute {
+            dest: r.dest.into(),
+            gateway: r.gateway,
+        }
+    }
+}
+
 /// What a namespace holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetnsSnapshot {
@@ -239,4 +292,29 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
 
 fn is_link_local(v6: &Ipv6Addr) -> bool {
     (v6.segments()[0] & 0xffc0) == 0xfe80
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_routes_print_as_ip_route_reads_them() {
+        let net = IpNet {
+            addr: "10.1.0.0".parse().unwrap(),
+            prefix: 16,
+        };
+        let default_via = GuestRoute {
+            dest: None.into(),
+            gateway: Some("10.88.0.1".parse().unwrap()),
+        };
+        let on_link = GuestRoute {
+            dest: Some(net).into(),
+            gateway: None,
+        };
+        assert_eq!(default_via.dest.to_string(), "default");
+        assert_eq!(default_via.to_string(), "default via 10.88.0.1");
+        assert_eq!(on_link.dest.to_string(), "10.1.0.0/16");
+        assert_eq!(on_link.to_string(), "10.1.0.0/16");
+    }
 }

@@ -87,9 +87,9 @@ pub fn plan(ep: &Endpoint) -> NicPlan {
             .guest
             .routes
             .iter()
-            .map(|(dest, gateway)| RouteConfig {
-                dest: dest.clone(),
-                gateway: gateway.clone(),
+            .map(|r| RouteConfig {
+                dest: r.dest.to_string(),
+                gateway: r.gateway.map(|g| g.to_string()),
             })
             .collect(),
         host_address: None,
