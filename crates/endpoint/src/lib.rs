@@ -94,12 +94,32 @@ pub enum Error {
     #[error("interface {0} disappeared while it was being attached")]
     Vanished(String),
     /// A netlink request failed.
-    #[error("{step}: {message}")]
+    #[error("{step}")]
     Netlink {
         /// What was being done.
         step: String,
-        /// The kernel's or the library's message.
-        message: String,
+        /// The kernel's or the library's error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Opening a route netlink socket inside the namespace failed.
+    #[error("opening a route netlink socket in {}", netns.display())]
+    NetlinkSocket {
+        /// The namespace.
+        netns: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking thread a step ran on ended without an answer (it panicked, or the
+    /// runtime shut down).
+    #[error("{step}: its blocking thread ended without an answer")]
+    Blocking {
+        /// What was being done.
+        step: String,
+        /// The cause.
+        #[source]
+        source: tokio::task::JoinError,
     },
     /// The TAP name planned for an interface is taken (another sandbox attached this
     /// namespace, or left its TAP).
@@ -344,9 +364,9 @@ async fn attach_one(
             .create()
     })
     .await
-    .map_err(|e| Error::Netlink {
-        step: "Creating a TAP".into(),
-        message: e.to_string(),
+    .map_err(|source| Error::Blocking {
+        step: format!("Creating the TAP for {}", iface.name),
+        source,
     })?
     .map_err(|source| Error::Tap {
         interface: iface.name.clone(),
@@ -426,9 +446,9 @@ async fn delete_tap(ns: &NetnsHandle, name: &str) -> Result<()> {
     let (netns, tap) = (ns.netns.clone(), name.to_string());
     tokio::task::spawn_blocking(move || netdev::delete_tap(&tap, Some(&netns)))
         .await
-        .map_err(|e| Error::Netlink {
+        .map_err(|source| Error::Blocking {
             step: format!("Deleting TAP {name}"),
-            message: e.to_string(),
+            source,
         })?
         .map_err(|source| Error::TapDelete {
             tap: name.to_string(),

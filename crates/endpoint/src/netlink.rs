@@ -36,17 +36,17 @@ impl NetnsHandle {
             })
         })
         .await
-        .map_err(|e| Error::Netlink {
+        .map_err(|source| Error::Blocking {
             step: format!("Opening netlink in {}", netns.display()),
-            message: e.to_string(),
+            source,
         })?
-        .map_err(|e| Error::Namespace {
+        .map_err(|source| Error::Namespace {
             netns: netns.to_path_buf(),
-            source: e,
+            source,
         })?
-        .map_err(|e| Error::Netlink {
-            step: format!("Opening netlink in {}", netns.display()),
-            message: e.to_string(),
+        .map_err(|source| Error::NetlinkSocket {
+            netns: netns.to_path_buf(),
+            source,
         })?;
         // SAFETY: `fd` was just created by `Socket::new` and released with `into_raw_fd`;
         // nothing else owns it, and `TokioSocket` takes ownership.

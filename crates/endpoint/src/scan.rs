@@ -163,9 +163,9 @@ pub struct NetnsSnapshot {
 }
 
 fn netlink_err(step: &str) -> impl Fn(rtnetlink::Error) -> Error + '_ {
-    move |e| Error::Netlink {
+    move |source| Error::Netlink {
         step: step.to_string(),
-        message: e.to_string(),
+        source,
     }
 }
 

@@ -42,7 +42,7 @@ pub(crate) async fn add_ingress(ns: &NetnsHandle, index: u32, name: &str) -> Res
             Err(e) => {
                 return Err(Error::Netlink {
                     step: format!("Adding an ingress qdisc to {name}"),
-                    message: e.to_string(),
+                    source: e,
                 })
             }
         }
@@ -60,15 +60,15 @@ pub(crate) async fn redirect(ns: &NetnsHandle, from: u32, to: u32, name: &str) -
         .priority(PRIORITY)
         .protocol(ALL_PROTOCOLS)
         .redirect(to)
-        .map_err(|e| Error::Netlink {
+        .map_err(|source| Error::Netlink {
             step: step(),
-            message: e.to_string(),
+            source,
         })?
         .execute()
         .await
-        .map_err(|e| Error::Netlink {
+        .map_err(|source| Error::Netlink {
             step: step(),
-            message: e.to_string(),
+            source,
         })
 }
 
@@ -103,7 +103,7 @@ fn del_ingress_request(ns: &NetnsHandle, index: u32) -> rtnetlink::QDiscDelReque
 fn del_ingress_failed(index: u32, e: rtnetlink::Error) -> Error {
     Error::Netlink {
         step: format!("Removing the ingress qdisc of interface {index}"),
-        message: e.to_string(),
+        source: e,
     }
 }
 
@@ -112,9 +112,9 @@ pub(crate) async fn has_ingress(ns: &NetnsHandle, index: u32) -> Result<bool> {
     let step = || format!("Listing the qdiscs of interface {index}");
     // A qdisc dump covers every device: keep the one asked about.
     let mut qdiscs = ns.handle.qdisc().get().index(index as i32).execute();
-    while let Some(msg) = qdiscs.try_next().await.map_err(|e| Error::Netlink {
+    while let Some(msg) = qdiscs.try_next().await.map_err(|source| Error::Netlink {
         step: step(),
-        message: e.to_string(),
+        source,
     })? {
         if msg.header.index == index as i32
             && msg.header.parent == netlink_packet_route::tc::TcHandle::INGRESS
