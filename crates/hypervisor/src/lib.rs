@@ -6,6 +6,8 @@
 //! - the device model ([`device`]): network, block and vsock devices, validated once;
 //! - the VM configuration ([`HypervisorConfig`]) and [`Capabilities`];
 //! - the lifecycle state machine ([`VmState`]) and typed [`Error`]s;
+//! - the lifecycle core ([`vm`]): [`Vm`], the one [`Hypervisor`] implementation, over a
+//!   [`Backend`] that supplies only a VMM's own steps;
 //! - the [`DeviceManager`], one per sandbox, deciding cold or hot plug, rolling back half-done
 //!   attachments and reference-counting shared block devices.
 //!
@@ -49,10 +51,12 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod host;
+pub mod lifecycle;
 pub mod manager;
 pub mod state;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod vm;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -64,8 +68,10 @@ use serde::{Deserialize, Serialize};
 pub use config::{Accelerator, AgentChannelKind, HypervisorConfig};
 pub use device::{Device, DeviceConfig, DeviceId, DeviceInfo, DeviceKind, MacAddress};
 pub use error::{ConfigError, Error, Result};
+pub use lifecycle::Lifecycle;
 pub use manager::DeviceManager;
 pub use state::{Operation, PlugMode, VmState};
+pub use vm::{Backend, Vm};
 
 /// What a sandbox asks a backend to prepare.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,12 +356,15 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Resumes the vCPUs. `Paused` -> `Running`.
     async fn resume(&self) -> Result<()>;
 
-    /// Attaches a device: cold before start, hot while running (if [`Capabilities`] allow).
-    /// Returns the device as the guest will see it. On failure nothing of it is left.
-    async fn add_device(&self, device: Device) -> Result<DeviceInfo>;
+    /// Attaches a device `mode`-plugged: cold in `Prepared`, hot while `Running` (if
+    /// [`Capabilities`] allow). The [`DeviceManager`] decides the mode; a mode that does not
+    /// match the state is [`Error::InvalidState`]. Returns the device as the guest will see
+    /// it. On failure nothing of it is left.
+    async fn add_device(&self, device: Device, mode: PlugMode) -> Result<DeviceInfo>;
 
-    /// Detaches a device added with [`add_device`](Self::add_device).
-    async fn remove_device(&self, id: &DeviceId) -> Result<()>;
+    /// Detaches a device added with [`add_device`](Self::add_device): from the start-up
+    /// configuration (`Cold`) or from the running guest (`Hot`).
+    async fn remove_device(&self, id: &DeviceId, mode: PlugMode) -> Result<()>;
 
     /// The current lifecycle state.
     async fn state(&self) -> VmState;

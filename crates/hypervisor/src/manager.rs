@@ -141,10 +141,13 @@ impl DeviceManager {
         let id = reg.next_id(kind);
         let info = self
             .hypervisor
-            .add_device(Device {
-                id: id.clone(),
-                config,
-            })
+            .add_device(
+                Device {
+                    id: id.clone(),
+                    config,
+                },
+                mode,
+            )
             .await?;
         reg.entries.insert(
             id,
@@ -207,7 +210,7 @@ impl DeviceManager {
                         .into(),
             });
         }
-        self.hypervisor.remove_device(id).await?;
+        self.hypervisor.remove_device(id, mode).await?;
         reg.entries.remove(id);
         Ok(())
     }
@@ -255,7 +258,7 @@ mod tests {
     }
 
     async fn prepared(caps: Capabilities) -> (Arc<FakeHypervisor>, DeviceManager) {
-        let fake = Arc::new(FakeHypervisor::new(caps));
+        let fake = Arc::new(FakeHypervisor::fake(caps));
         fake.prepare(&SandboxSpec {
             id: "s1".into(),
             netns: None,

@@ -1,0 +1,659 @@
+//! The lifecycle core: one [`Hypervisor`] implementation, [`Vm`], over any [`Backend`].
+//!
+//! [`Vm`] owns what every backend shares: the state machine and its guarded transitions (a
+//! [`Lifecycle`]), the operation lock that serializes a sandbox's requests, `stop` preempting
+//! the operation in flight, the exit record and [`Hypervisor::wait_exit`], the checks of
+//! `prepare` (the spec, the network namespace), the sandbox's run directory (created 0700,
+//! refused if it exists, removed by `cleanup`), a cancelled `start` recorded as an exit,
+//! saved state, and cleanup. A backend supplies only the steps that differ between VMMs: the
+//! [`Backend`] trait. Whether a device is cold- or hot-plugged is decided by the
+//! [`DeviceManager`](crate::DeviceManager) and handed down; the backend is told which.
+//!
+//! ```text
+//!  DeviceManager --add_device(dev, mode)--> Vm<B> --cold_plug / hot_plug--> B (QEMU, Dragonball, ...)
+//!                                             |
+//!                                             +-- Arc<Lifecycle> <-- B's exit watcher
+//! ```
+
+use std::fmt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+
+use crate::device::{Device, DeviceId, DeviceInfo};
+use crate::error::{ConfigError, Error, Result};
+use crate::lifecycle::{Lifecycle, STOPPING};
+use crate::state::{Operation, PlugMode, VmState};
+use crate::{
+    AgentAddress, Capabilities, ExitReason, Hypervisor, HypervisorConfig, SandboxSpec, SavedState,
+    VmExit, VmmPids,
+};
+
+/// Mode of run directories and of the run root.
+const DIR_MODE: u32 = 0o700;
+
+/// How long `stop` waits for the backend's watcher to record the end of a VMM that stopped.
+const EXIT_RECORD_WAIT: Duration = Duration::from_secs(2);
+
+/// What a backend's steps are given: the sandbox and its lifecycle.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The prepared sandbox.
+    pub spec: &'a SandboxSpec,
+    /// Its run directory (exists, 0700, owned by the runtime).
+    pub run_dir: &'a Path,
+    /// The VM's lifecycle record, to hand to an exit watcher or to report an exit with.
+    pub lifecycle: &'a Arc<Lifecycle>,
+}
+
+/// The VMM-specific steps of a backend: everything [`Vm`] does not do itself.
+///
+/// Each step runs under the VM's operation lock with the backend's per-sandbox state
+/// (`Self::Sandbox`). Steps that wait are dropped at an await when a `stop` comes, so they
+/// must be cancel-safe there. A backend does not check states or plug modes, create run
+/// directories or record exits of failed starts: [`Vm`] does.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// The backend's per-sandbox state; `Default` is "nothing prepared".
+    type Sandbox: Send + Sync + fmt::Debug + Default;
+
+    /// The backend's name (`qemu`, `dragonball`), in errors, logs and saved state.
+    fn name(&self) -> &'static str;
+
+    /// Parent of the per-sandbox run directories.
+    fn run_root(&self) -> &Path;
+
+    /// Checks the spec against this backend and host and fills the sandbox state. Called
+    /// after the spec and its namespace were checked and the run directory created; on
+    /// error, the run directory is removed and the state reset.
+    async fn prepare(&self, vm: &mut Self::Sandbox, ctx: Context<'_>) -> Result<()>;
+
+    /// Boots the VM with its cold-plugged devices, within `timeout`, and returns the VMM's
+    /// pids. The backend arranges for the VMM's exit to be recorded ([`Lifecycle::finish`]).
+    /// On error, or when the future is dropped, nothing may be left running: a start that
+    /// failed is recorded as an exit by [`Vm`] unless the backend recorded one itself.
+    async fn start(
+        &self,
+        vm: &mut Self::Sandbox,
+        ctx: Context<'_>,
+        timeout: Duration,
+    ) -> Result<VmmPids>;
+
+    /// Stops a VM that was started (gracefully, then by force) and waits for its VMM to end.
+    async fn stop(&self, vm: &mut Self::Sandbox, ctx: Context<'_>) -> Result<()>;
+
+    /// Pauses the vCPUs.
+    async fn pause(&self, vm: &mut Self::Sandbox, ctx: Context<'_>) -> Result<()> {
+        let _ = (vm, ctx);
+        Err(unsupported(
+            self.name(),
+            "pause",
+            "the backend cannot pause a VM",
+        ))
+    }
+
+    /// Resumes the vCPUs.
+    async fn resume(&self, vm: &mut Self::Sandbox, ctx: Context<'_>) -> Result<()> {
+        let _ = (vm, ctx);
+        Err(unsupported(
+            self.name(),
+            "resume",
+            "the backend cannot pause a VM",
+        ))
+    }
+
+    /// Adds a device to the VM's start-up configuration (state `Prepared`).
+    async fn cold_plug(
+        &self,
+        vm: &mut Self::Sandbox,
+        ctx: Context<'_>,
+        device: Device,
+    ) -> Result<DeviceInfo>;
+
+    /// Adds a device to the running guest. Called only when [`capabilities`](Self::capabilities)
+    /// allow it.
+    async fn hot_plug(
+        &self,
+        vm: &mut Self::Sandbox,
+        ctx: Context<'_>,
+        device: Device,
+    ) -> Result<DeviceInfo> {
+        let _ = (vm, ctx);
+        Err(unsupported(
+            self.name(),
+            format!("{} hotplug", device.config.kind()),
+            "the backend has no hotplug; add the device before start",
+        ))
+    }
+
+    /// Removes a device: from the start-up configuration (`Cold`, state `Prepared`) or from
+    /// the running guest (`Hot`).
+    async fn remove(
+        &self,
+        vm: &mut Self::Sandbox,
+        ctx: Context<'_>,
+        id: &DeviceId,
+        mode: PlugMode,
+    ) -> Result<()>;
+
+    /// What the backend can do with this sandbox on this host.
+    fn capabilities(&self, vm: &Self::Sandbox) -> Capabilities;
+
+    /// Where the guest agent listens (the sandbox is prepared).
+    fn agent_address(&self, vm: &Self::Sandbox) -> Result<AgentAddress>;
+
+    /// Fills in the defaults the backend chose (binary, machine type, accelerator).
+    fn effective_config(&self, vm: &Self::Sandbox, config: &mut HypervisorConfig) {
+        let _ = (vm, config);
+    }
+
+    /// The attached devices and the backend's own data, for [`SavedState`]. The run
+    /// directory is added to the data as `run_dir`.
+    fn saved(&self, vm: &Self::Sandbox) -> (Vec<DeviceInfo>, serde_json::Value);
+
+    /// Releases what the sandbox holds on the host besides the run directory (devices that
+    /// never reached the VMM, for instance), after the VM stopped.
+    async fn release(&self, vm: &mut Self::Sandbox) -> Result<()> {
+        *vm = Self::Sandbox::default();
+        Ok(())
+    }
+}
+
+/// An [`Error::Unsupported`] of backend `backend`.
+pub fn unsupported(
+    backend: &'static str,
+    operation: impl Into<String>,
+    reason: impl Into<String>,
+) -> Error {
+    Error::Unsupported {
+        backend,
+        operation: operation.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug)]
+struct Prepared {
+    spec: SandboxSpec,
+    run_dir: PathBuf,
+}
+
+#[derive(Debug)]
+struct Inner<S> {
+    prepared: Option<Prepared>,
+    sandbox: S,
+}
+
+/// A VM of backend `B`: the one [`Hypervisor`] implementation. See the module docs.
+#[derive(Debug)]
+pub struct Vm<B: Backend> {
+    backend: B,
+    life: Arc<Lifecycle>,
+    inner: Mutex<Inner<B::Sandbox>>,
+}
+
+impl<B: Backend> Vm<B> {
+    /// A VM in state `Created`.
+    pub fn new(backend: B) -> Self {
+        Vm {
+            backend,
+            life: Arc::new(Lifecycle::default()),
+            inner: Mutex::new(Inner {
+                prepared: None,
+                sandbox: B::Sandbox::default(),
+            }),
+        }
+    }
+
+    /// A VM whose VMM an earlier runtime process started, re-attached by the backend: the
+    /// sandbox `spec` with its `run_dir`, in `state` (`Running` or `Paused`), with `pids` and
+    /// the backend's rebuilt `sandbox` state. The backend watches the VMM for exit through
+    /// [`lifecycle`](Self::lifecycle).
+    pub fn restored(
+        backend: B,
+        spec: SandboxSpec,
+        run_dir: PathBuf,
+        state: VmState,
+        pids: VmmPids,
+        sandbox: B::Sandbox,
+    ) -> Self {
+        let life = Lifecycle::new(state);
+        life.set_pids(pids);
+        Vm {
+            backend,
+            life: Arc::new(life),
+            inner: Mutex::new(Inner {
+                prepared: Some(Prepared { spec, run_dir }),
+                sandbox,
+            }),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The lifecycle record.
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.life
+    }
+
+    /// Runs `f` on the backend's sandbox state under the operation lock.
+    pub async fn with_sandbox<R>(&self, f: impl FnOnce(&B::Sandbox) -> R) -> R {
+        f(&self.inner.lock().await.sandbox)
+    }
+
+    fn not_prepared(&self, operation: Operation) -> Error {
+        Error::InvalidState {
+            operation,
+            state: self.life.state(),
+        }
+    }
+
+    fn stopping(&self, step: String) -> impl FnOnce() -> Error {
+        move || Error::backend(step, STOPPING)
+    }
+
+    /// The checks and run directory of `prepare`, then the backend's step.
+    async fn prepare_locked(
+        &self,
+        inner: &mut Inner<B::Sandbox>,
+        spec: &SandboxSpec,
+    ) -> Result<()> {
+        self.life.check(Operation::Prepare)?;
+        spec.validate()?;
+        if let Some(ns) = &spec.netns {
+            if !ns.exists() {
+                return Err(ConfigError::new(
+                    "netns",
+                    format!(
+                        "network namespace {} does not exist; create it (ip netns add) or pass an existing one",
+                        ns.display()
+                    ),
+                )
+                .into());
+            }
+        }
+        let root = self.backend.run_root();
+        create_run_root(root)
+            .map_err(|e| Error::backend(format!("Creating the run root {}", root.display()), e))?;
+        let run_dir = root.join(&spec.id);
+        std::fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&run_dir)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    ConfigError::new(
+                        "id",
+                        format!(
+                            "run directory {} already exists: a sandbox with this id is running or was not cleaned up",
+                            run_dir.display()
+                        ),
+                    )
+                    .into()
+                } else {
+                    Error::backend(format!("Creating run directory {}", run_dir.display()), e)
+                }
+            })?;
+        let ctx = Context {
+            spec,
+            run_dir: &run_dir,
+            lifecycle: &self.life,
+        };
+        if let Err(e) = self.backend.prepare(&mut inner.sandbox, ctx).await {
+            inner.sandbox = B::Sandbox::default();
+            let _ = std::fs::remove_dir_all(&run_dir);
+            return Err(e);
+        }
+        inner.prepared = Some(Prepared {
+            spec: spec.clone(),
+            run_dir,
+        });
+        self.life.transition(VmState::Created, VmState::Prepared);
+        Ok(())
+    }
+
+    async fn start_locked(&self, inner: &mut Inner<B::Sandbox>, timeout: Duration) -> Result<()> {
+        let Inner { prepared, sandbox } = inner;
+        let p = prepared.as_ref().expect("checked: prepared");
+        let ctx = Context {
+            spec: &p.spec,
+            run_dir: &p.run_dir,
+            lifecycle: &self.life,
+        };
+        // A start that does not return (dropped by its caller, or by a stop) ends the VM;
+        // the backend's own guards kill what it spawned.
+        let mut ended = StartGuard {
+            life: &self.life,
+            armed: true,
+        };
+        let pids = match self.backend.start(sandbox, ctx, timeout).await {
+            Ok(pids) => pids,
+            Err(e) => {
+                ended.armed = false;
+                // First exit wins: a backend that recorded how its VMM ended keeps that.
+                self.life.finish(match &e {
+                    Error::VmmExited(exit) => exit.clone(),
+                    other => VmExit {
+                        reason: ExitReason::Crashed(format!(
+                            "the VM did not start: {}",
+                            error_chain(other)
+                        )),
+                        code: None,
+                        signal: None,
+                    },
+                });
+                return Err(e);
+            }
+        };
+        ended.armed = false;
+        self.life.set_pids(pids);
+        // Compare-and-set: a VM whose VMM already ended keeps its `Stopped`.
+        self.life.transition(VmState::Prepared, VmState::Running);
+        Ok(())
+    }
+}
+
+/// Records a `start` that never returned as a stop.
+struct StartGuard<'a> {
+    life: &'a Lifecycle,
+    armed: bool,
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.life.finish(VmExit {
+                reason: ExitReason::Stopped,
+                code: None,
+                signal: None,
+            });
+        }
+    }
+}
+
+/// Creates the run root 0700 (and its parents).
+fn create_run_root(root: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(root)?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(DIR_MODE))
+}
+
+/// An error and its sources on one line, for logs and exit reasons.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+#[async_trait]
+impl<B: Backend> Hypervisor for Vm<B> {
+    fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    async fn prepare(&self, spec: &SandboxSpec) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        self.prepare_locked(&mut inner, spec).await
+    }
+
+    async fn start(&self, timeout: Duration) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        self.life.check(Operation::Start)?;
+        let step = format!("Starting the {} VM", self.backend.name());
+        self.life
+            .unless_stopping(self.start_locked(&mut inner, timeout), self.stopping(step))
+            .await
+    }
+
+    async fn stop(&self) -> Result<()> {
+        // Counted before the lock: the operation holding it gives up at its next await.
+        let _request = self.life.stop_requested();
+        let mut inner = self.inner.lock().await;
+        self.life.check(Operation::Stop)?;
+        self.life.mark_stopping();
+        let Inner { prepared, sandbox } = &mut *inner;
+        let ran = self.life.pids().is_some();
+        if let (Some(p), true) = (prepared.as_ref(), ran) {
+            let ctx = Context {
+                spec: &p.spec,
+                run_dir: &p.run_dir,
+                lifecycle: &self.life,
+            };
+            self.backend.stop(sandbox, ctx).await?;
+            // The backend's watcher records the VMM's end (with its status) as it sees it.
+            let _ = self.life.exit_within(EXIT_RECORD_WAIT).await;
+        }
+        // A VM that never ran, or whose watcher has not recorded the end yet: stopped by
+        // the runtime.
+        self.life.finish(VmExit {
+            reason: ExitReason::Stopped,
+            code: None,
+            signal: None,
+        });
+        Ok(())
+    }
+
+    async fn wait_exit(&self) -> Result<VmExit> {
+        Ok(self.life.wait_exit().await)
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.pause_resume(Operation::Pause).await
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.pause_resume(Operation::Resume).await
+    }
+
+    async fn add_device(&self, device: Device, mode: PlugMode) -> Result<DeviceInfo> {
+        device.config.validate()?;
+        let mut inner = self.inner.lock().await;
+        let now = self
+            .life
+            .state()
+            .plug_mode(Operation::AddDevice)
+            .map_err(|_| self.life.exited_or_state(Operation::AddDevice))?;
+        check_mode(Operation::AddDevice, mode, now, self.life.state())?;
+        let kind = device.config.kind();
+        if !self
+            .backend
+            .capabilities(&inner.sandbox)
+            .can_plug(kind, mode)
+        {
+            return Err(unsupported(
+                self.backend.name(),
+                format!("{kind} hotplug"),
+                "the backend or machine type cannot add this device to a running guest; add it before start",
+            ));
+        }
+        let Inner { prepared, sandbox } = &mut *inner;
+        let p = prepared.as_ref().expect("checked: prepared");
+        let ctx = Context {
+            spec: &p.spec,
+            run_dir: &p.run_dir,
+            lifecycle: &self.life,
+        };
+        let id = device.id.clone();
+        let op = async {
+            match mode {
+                PlugMode::Cold => self.backend.cold_plug(sandbox, ctx, device).await,
+                PlugMode::Hot => self.backend.hot_plug(sandbox, ctx, device).await,
+            }
+        };
+        self.life
+            .unless_stopping(op, || Error::device(&id, "Adding", STOPPING))
+            .await
+    }
+
+    async fn remove_device(&self, id: &DeviceId, mode: PlugMode) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let now = self
+            .life
+            .state()
+            .plug_mode(Operation::RemoveDevice)
+            .map_err(|_| self.life.exited_or_state(Operation::RemoveDevice))?;
+        check_mode(Operation::RemoveDevice, mode, now, self.life.state())?;
+        let Inner { prepared, sandbox } = &mut *inner;
+        let p = prepared.as_ref().expect("checked: prepared");
+        let ctx = Context {
+            spec: &p.spec,
+            run_dir: &p.run_dir,
+            lifecycle: &self.life,
+        };
+        self.life
+            .unless_stopping(self.backend.remove(sandbox, ctx, id, mode), || {
+                Error::device(id, "Unplugging", STOPPING)
+            })
+            .await
+    }
+
+    async fn state(&self) -> VmState {
+        self.life.state()
+    }
+
+    async fn capabilities(&self) -> Capabilities {
+        self.backend.capabilities(&self.inner.lock().await.sandbox)
+    }
+
+    async fn pids(&self) -> Result<VmmPids> {
+        self.life.pids().ok_or(Error::InvalidState {
+            operation: Operation::Start,
+            state: self.life.state(),
+        })
+    }
+
+    async fn agent_address(&self) -> Result<AgentAddress> {
+        let inner = self.inner.lock().await;
+        if inner.prepared.is_none() {
+            return Err(self.not_prepared(Operation::Prepare));
+        }
+        self.backend.agent_address(&inner.sandbox)
+    }
+
+    async fn console_log(&self) -> Option<PathBuf> {
+        let inner = self.inner.lock().await;
+        let p = inner.prepared.as_ref()?;
+        Some(
+            p.spec
+                .config
+                .console_log
+                .clone()
+                .unwrap_or_else(|| p.run_dir.join("console.log")),
+        )
+    }
+
+    async fn netns(&self) -> Option<PathBuf> {
+        let inner = self.inner.lock().await;
+        inner.prepared.as_ref().and_then(|p| p.spec.netns.clone())
+    }
+
+    async fn config(&self) -> Result<HypervisorConfig> {
+        let inner = self.inner.lock().await;
+        let p = inner
+            .prepared
+            .as_ref()
+            .ok_or_else(|| self.not_prepared(Operation::Prepare))?;
+        let mut config = p.spec.config.clone();
+        self.backend.effective_config(&inner.sandbox, &mut config);
+        Ok(config)
+    }
+
+    async fn save_state(&self) -> Result<SavedState> {
+        let inner = self.inner.lock().await;
+        let p = inner
+            .prepared
+            .as_ref()
+            .ok_or_else(|| self.not_prepared(Operation::Prepare))?;
+        let (devices, mut data) = self.backend.saved(&inner.sandbox);
+        if data.is_null() {
+            data = serde_json::json!({});
+        }
+        if let Some(map) = data.as_object_mut() {
+            map.insert("run_dir".into(), serde_json::json!(p.run_dir));
+        }
+        Ok(SavedState {
+            backend: self.backend.name().into(),
+            sandbox: p.spec.clone(),
+            state: self.life.state(),
+            pids: self.life.pids().unwrap_or_default(),
+            devices,
+            backend_data: data,
+        })
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        if self.life.state() != VmState::Created {
+            self.stop().await?;
+        }
+        let mut inner = self.inner.lock().await;
+        self.backend.release(&mut inner.sandbox).await?;
+        if let Some(p) = &inner.prepared {
+            match std::fs::remove_dir_all(&p.run_dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::backend(
+                        format!("Removing run directory {}", p.run_dir.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Vm<B> {
+    async fn pause_resume(&self, op: Operation) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let from = self.life.state();
+        let next = self.life.check(op)?;
+        let Inner { prepared, sandbox } = &mut *inner;
+        let p = prepared.as_ref().expect("checked: running");
+        let ctx = Context {
+            spec: &p.spec,
+            run_dir: &p.run_dir,
+            lifecycle: &self.life,
+        };
+        let step = format!("Asking the {} VM to {op}", self.backend.name());
+        let asked = async {
+            match op {
+                Operation::Pause => self.backend.pause(sandbox, ctx).await,
+                _ => self.backend.resume(sandbox, ctx).await,
+            }
+        };
+        self.life
+            .unless_stopping(asked, self.stopping(step))
+            .await?;
+        // Compare-and-set: a VM that exited meanwhile stays Stopped.
+        if !self.life.transition(from, next) {
+            return Err(self.life.exited_or_state(op));
+        }
+        Ok(())
+    }
+}
+
+/// A device request whose plug mode does not match the VM's state.
+fn check_mode(op: Operation, asked: PlugMode, now: PlugMode, state: VmState) -> Result<()> {
+    if asked == now {
+        Ok(())
+    } else {
+        Err(Error::InvalidState {
+            operation: op,
+            state,
+        })
+    }
+}
