@@ -1,7 +1,7 @@
 //! How QEMU is confined: its seccomp filter, the unprivileged user it runs as, its chroot, and
 //! the private files it is handed.
 //!
-//! - **Files.** The run root and each run directory are 0700, the QMP and agent sockets 0600,
+//! - **Files.** The run root and each run directory are 0700 (the lifecycle core makes them), the QMP and agent sockets 0600,
 //!   the console log and `qemu.log` 0600, all owned by the runtime (root). QEMU opens none of
 //!   them by path: the sockets are inherited listening fds, the console log and every disk
 //!   reach it in fd sets (`-add-fd`, `/dev/fdset/N`; hot-plugged disks through QMP `add-fd`).
@@ -35,8 +35,6 @@ use crate::cmdline::{fdset_path, Accel};
 use crate::process::{self, RunAs};
 use crate::{ColdDevice, RunDir};
 
-/// Mode of the run root and of every run directory.
-pub const DIR_MODE: u32 = 0o700;
 /// Mode of the sockets, the console log and `qemu.log`.
 pub const FILE_MODE: u32 = 0o600;
 /// Mode of the empty directory QEMU chroots into.
@@ -139,20 +137,6 @@ pub fn check_access(config: &HypervisorConfig, accel: Accel, vsock: bool) -> Res
     Ok(())
 }
 
-/// Creates the run root (and missing parents) 0700, and makes an existing one 0700.
-pub fn create_run_root(root: &Path) -> std::io::Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(root)?;
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(DIR_MODE))
-}
-
-/// Creates a sandbox's run directory 0700; fails if it exists.
-pub fn create_run_dir(dir: &Path) -> std::io::Result<()> {
-    DirBuilder::new().mode(DIR_MODE).create(dir)
-}
-
 /// Makes a freshly bound socket 0600.
 pub fn make_private(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(FILE_MODE))
@@ -185,15 +169,13 @@ impl StartFiles {
     pub fn open(
         config: &HypervisorConfig,
         run: &RunDir,
+        console: &Path,
         cold: &[ColdDevice],
         fds: &mut netdev::ChildFds,
     ) -> Result<StartFiles> {
         let run_as = run_as(config)?;
-        let console = process::create_private(&run.console()).map_err(|e| {
-            Error::backend(
-                format!("Creating the console log {}", run.console().display()),
-                e,
-            )
+        let console = process::create_private(console).map_err(|e| {
+            Error::backend(format!("Creating the console log {}", console.display()), e)
         })?;
         let mut fdsets = vec![(CONSOLE_FDSET, fds.push(OwnedFd::from(console)))];
         let mut disks = HashMap::new();

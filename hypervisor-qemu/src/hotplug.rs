@@ -12,25 +12,28 @@
 //! (`DEVICE_DELETED`), then `netdev_del` or `blockdev-del`. The port is freed only then. An
 //! unplug that times out stays *pending*: the device keeps its port, and a later
 //! `remove_device` (or any hotplug) checks QEMU again. `stop` ends that wait, and any other
-//! QMP wait of a hotplug, at once (see `QemuHypervisor::unless_stopping`).
+//! QMP wait of a hotplug, at once (the lifecycle core's `unless_stopping`).
+//!
+//! Whether a device is cold- or hot-plugged, and whether the machine can hot-plug it, the
+//! `DeviceManager` and the lifecycle core decided before these steps run.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
 use hypervisor::device::{BlockConfig, BlockDriver, GuestLocation, NetworkBackend, NetworkConfig};
+use hypervisor::vm::Context;
 use hypervisor::{
-    ConfigError, Device, DeviceConfig, DeviceId, DeviceInfo, DeviceKind, Error, Operation,
-    PlugMode, Result,
+    ConfigError, Device, DeviceConfig, DeviceId, DeviceInfo, DeviceKind, Error, Lifecycle,
+    PlugMode, Result, SandboxSpec,
 };
 use serde_json::{json, Value};
 use slog::{info, warn};
 
 use crate::cmdline::{nic_props, Machine, PciPlace};
-use crate::lifecycle::STOPPING;
 use crate::qmp::QmpError;
 use crate::reconcile::{fdset_opaque, qemu_device_id, Unsettled};
-use crate::{ColdDevice, Inner, QemuHypervisor};
+use crate::{ColdDevice, Qemu, QemuSandbox};
 
 /// Device id of the configuration's root filesystem `image`; no other device may use it.
 pub const IMAGE_DEVICE_ID: &str = "image";
@@ -41,26 +44,15 @@ const MICROVM_MMIO_SIZE: u64 = 0x200;
 /// Transports QEMU's microvm creates.
 const MICROVM_TRANSPORTS: usize = 8;
 
-impl QemuHypervisor {
-    pub(crate) async fn do_add_device(&self, device: Device) -> Result<DeviceInfo> {
-        device.config.validate()?;
-        let mut inner = self.inner.lock().await;
-        let id = device.id.clone();
-        // A stop ends a hotplug at its next QMP wait; the hotplug is settled like one without
-        // answer (recorded before its first command).
-        self.unless_stopping(self.add_device_locked(&mut inner, device), || {
-            Error::device(&id, "Adding", STOPPING)
-        })
-        .await
-    }
-
-    async fn add_device_locked(&self, inner: &mut Inner, device: Device) -> Result<DeviceInfo> {
-        let op = Operation::AddDevice;
-        let mode = self
-            .shared
-            .state()
-            .plug_mode(op)
-            .map_err(|_| self.exited_or_state(op))?;
+impl Qemu {
+    /// Adds `device` `mode`-plugged.
+    pub(crate) async fn plug(
+        &self,
+        inner: &mut QemuSandbox,
+        ctx: Context<'_>,
+        device: Device,
+        mode: PlugMode,
+    ) -> Result<DeviceInfo> {
         if inner.hot.contains_key(&device.id) || inner.cold.iter().any(|c| c.info().id == device.id)
         {
             return Err(ConfigError::new(
@@ -86,22 +78,18 @@ impl QemuHypervisor {
                 .into());
             }
         }
-        let machine = inner.machine.expect("prepared");
-        let kind = device.config.kind();
-        if mode == PlugMode::Hot && !self.capabilities_for(Some(machine)).can_plug(kind, mode) {
-            return Err(Self::unsupported(
-                format!("{kind} hotplug"),
-                format!(
-                    "machine type {} has no hotplug; use q35, or add the device before start",
-                    machine.as_str()
-                ),
-            ));
-        }
+        let life = ctx.lifecycle;
         let info = match (device.config, mode) {
-            (DeviceConfig::Network(n), PlugMode::Cold) => self.cold_nic(inner, device.id, n)?,
-            (DeviceConfig::Network(n), PlugMode::Hot) => self.hot_nic(inner, device.id, n).await?,
+            (DeviceConfig::Network(n), PlugMode::Cold) => {
+                self.cold_nic(inner, ctx.spec, device.id, n)?
+            }
+            (DeviceConfig::Network(n), PlugMode::Hot) => {
+                self.hot_nic(inner, life, ctx.spec, device.id, n).await?
+            }
             (DeviceConfig::Block(b), PlugMode::Cold) => self.cold_block(inner, device.id, b)?,
-            (DeviceConfig::Block(b), PlugMode::Hot) => self.hot_block(inner, device.id, b).await?,
+            (DeviceConfig::Block(b), PlugMode::Hot) => {
+                self.hot_block(inner, life, device.id, b).await?
+            }
             (DeviceConfig::Vsock(_), _) => {
                 return Err(Self::unsupported(
                     "a vsock device",
@@ -114,115 +102,11 @@ impl QemuHypervisor {
         Ok(info)
     }
 
-    pub(crate) async fn do_remove_device(&self, id: &DeviceId) -> Result<()> {
-        let mut inner = self.inner.lock().await;
-        // A stop ends an unplug at its next QMP wait: one waiting for the guest stays pending.
-        self.unless_stopping(self.remove_device_locked(&mut inner, id), || {
-            Error::device(id, "Unplugging", STOPPING)
-        })
-        .await
-    }
-
-    async fn remove_device_locked(&self, inner: &mut Inner, id: &DeviceId) -> Result<()> {
-        let op = Operation::RemoveDevice;
-        let mode = self
-            .shared
-            .state()
-            .plug_mode(op)
-            .map_err(|_| self.exited_or_state(op))?;
-        if let Some(pos) = inner.cold.iter().position(|c| c.info().id == *id) {
-            // Never reached QEMU: dropping it closes its fds.
-            inner.cold.remove(pos);
-            return Ok(());
-        }
-        let was_pending = inner.unplugging.contains(id);
-        if mode == PlugMode::Hot {
-            // A retried unplug, or an earlier hotplug of unknown outcome, is decided first.
-            if let Err(e) = self.reconcile(inner).await {
-                warn!(self.log, "could not reconcile with QEMU"; "error" => crate::error_chain(&e));
-            }
-            if inner.unsettled.contains_key(id) {
-                return Err(Error::device(
-                    id,
-                    "Unplugging",
-                    "QEMU has not yet answered whether its hotplug completed; retry later",
-                ));
-            }
-            if was_pending && !inner.hot.contains_key(id) {
-                // The guest released it meanwhile; reconcile finished the removal.
-                return Ok(());
-            }
-        }
-        let info = inner
-            .hot
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::DeviceNotFound(id.clone()))?;
-        let port = inner
-            .ports
-            .iter()
-            .position(|p| p.used_by.as_ref() == Some(id));
-        if mode == PlugMode::Hot && (!info.hotplugged && port.is_none()) {
-            return Err(Self::unsupported(
-                format!("unplugging cold-plugged {} device {id}", info.kind),
-                "devices on pcie.0 cannot be unplugged; only hot-plugged devices can",
-            ));
-        }
-        let qmp = inner.qmp.clone().expect("running VMs have QMP");
-        let dev_id = qemu_device_id(id);
-        // Subscribed before device_del: the event cannot be missed.
-        let mut events = qmp.subscribe();
-        match qmp
-            .execute(
-                "device_del",
-                Some(json!({ "id": dev_id })),
-                self.opts.qmp_timeout,
-            )
-            .await
-        {
-            Ok(_) => {}
-            // Already gone from QEMU: only the backend is left to remove.
-            Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {
-                return self.finish_unplug(inner, &qmp, id).await;
-            }
-            // A repeated request for an unplug in progress (QEMU 7.2: "Device ... is already
-            // in the process of unplug"); keep waiting for the guest.
-            Err(QmpError::Command { desc, .. })
-                if was_pending || desc.contains("already in the process of unplug") => {}
-            Err(e) => {
-                if e.is_timeout() {
-                    // QEMU may have sent the request to the guest: the port stays reserved.
-                    inner.unplugging.insert(id.clone());
-                }
-                return Err(Error::device(id, "Unplugging", self.qmp_cause(e).await));
-            }
-        }
-        inner.unplugging.insert(id.clone());
-        let released = qmp
-            .wait_event(
-                &mut events,
-                "DEVICE_DELETED",
-                |d| d["device"].as_str() == Some(dev_id.as_str()),
-                self.opts.unplug_timeout,
-            )
-            .await;
-        match released {
-            Ok(_) => self.finish_unplug(inner, &qmp, id).await,
-            // The unplug stays pending: a later remove_device checks again; the port is not
-            // reused until the device is gone.
-            Err(e) => Err(Error::device(
-                id,
-                "Waiting for the guest to release",
-                self.qmp_cause(e).await,
-            )),
-        }
-    }
-
     /// Cold-plugs the configuration's root filesystem `image` as the VM's first block device:
     /// read-only virtio-blk (`virtio-blk-pci` on q35, `virtio-blk-device` on microvm), with
     /// the device id [`IMAGE_DEVICE_ID`]. Called by `prepare` before any other device, so the
     /// guest enumerates it first.
-    pub(crate) fn attach_image(&self, inner: &mut Inner, path: &Path) -> Result<DeviceInfo> {
+    pub(crate) fn attach_image(&self, inner: &mut QemuSandbox, path: &Path) -> Result<DeviceInfo> {
         let driver = match inner.machine.expect("prepared") {
             Machine::Q35 => BlockDriver::VirtioBlkPci,
             Machine::Microvm => BlockDriver::VirtioBlkMmio,
@@ -239,7 +123,7 @@ impl QemuHypervisor {
         )
     }
 
-    fn cold_place(&self, inner: &mut Inner) -> Result<(Option<PciPlace>, GuestLocation)> {
+    fn cold_place(&self, inner: &mut QemuSandbox) -> Result<(Option<PciPlace>, GuestLocation)> {
         match inner.machine.expect("prepared") {
             Machine::Q35 => {
                 let slot = self.take_root_slot(inner)?;
@@ -267,8 +151,14 @@ impl QemuHypervisor {
         }
     }
 
-    fn cold_nic(&self, inner: &mut Inner, id: DeviceId, n: NetworkConfig) -> Result<DeviceInfo> {
-        let (taps, vhost) = self.nic_fds(inner, &id, &n)?;
+    fn cold_nic(
+        &self,
+        inner: &mut QemuSandbox,
+        spec: &SandboxSpec,
+        id: DeviceId,
+        n: NetworkConfig,
+    ) -> Result<DeviceInfo> {
+        let (taps, vhost) = self.nic_fds(spec, &id, &n)?;
         let (place, location) = self.cold_place(inner)?;
         let info = nic_info(id, &n, location, false);
         inner.cold.push(ColdDevice::Nic {
@@ -282,7 +172,12 @@ impl QemuHypervisor {
         Ok(info)
     }
 
-    fn cold_block(&self, inner: &mut Inner, id: DeviceId, b: BlockConfig) -> Result<DeviceInfo> {
+    fn cold_block(
+        &self,
+        inner: &mut QemuSandbox,
+        id: DeviceId,
+        b: BlockConfig,
+    ) -> Result<DeviceInfo> {
         check_block_file(&id, &b)?;
         if b.driver == BlockDriver::VirtioBlkMmio && inner.machine == Some(Machine::Q35) {
             return Err(Self::unsupported(
@@ -304,11 +199,10 @@ impl QemuHypervisor {
     /// Opens (creating if needed) the TAP queues and, when usable, one vhost-net fd per queue.
     fn nic_fds(
         &self,
-        inner: &Inner,
+        spec: &SandboxSpec,
         id: &DeviceId,
         n: &NetworkConfig,
     ) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>)> {
-        let spec = inner.spec.as_ref().expect("prepared");
         let taps = match &n.backend {
             NetworkBackend::TapFds { queues, .. } => queues
                 .iter()
@@ -334,7 +228,7 @@ impl QemuHypervisor {
         Ok((taps, vhost))
     }
 
-    fn free_port(&self, inner: &Inner, id: &DeviceId) -> Result<usize> {
+    fn free_port(&self, inner: &QemuSandbox, id: &DeviceId) -> Result<usize> {
         inner
             .ports
             .iter()
@@ -352,12 +246,14 @@ impl QemuHypervisor {
 
     async fn hot_nic(
         &self,
-        inner: &mut Inner,
+        inner: &mut QemuSandbox,
+        life: &Lifecycle,
+        spec: &SandboxSpec,
         id: DeviceId,
         n: NetworkConfig,
     ) -> Result<DeviceInfo> {
         let port = self.free_port(inner, &id)?;
-        let (taps, vhost) = self.nic_fds(inner, &id, &n)?;
+        let (taps, vhost) = self.nic_fds(spec, &id, &n)?;
         let qmp = inner.qmp.clone().expect("running VMs have QMP");
         let t = self.opts.qmp_timeout;
         let rp = inner.ports[port].clone();
@@ -427,12 +323,13 @@ impl QemuHypervisor {
         // QEMU holds its own copies of the fds it received.
         drop(taps);
         drop(vhost);
-        self.end_hotplug(inner, info, result).await
+        self.end_hotplug(inner, life, info, result).await
     }
 
     async fn hot_block(
         &self,
-        inner: &mut Inner,
+        inner: &mut QemuSandbox,
+        life: &Lifecycle,
         id: DeviceId,
         b: BlockConfig,
     ) -> Result<DeviceInfo> {
@@ -508,12 +405,18 @@ impl QemuHypervisor {
             plugged
         };
         let result = steps.await;
-        self.end_hotplug(inner, info, result).await
+        self.end_hotplug(inner, life, info, result).await
     }
 
     /// Reserves `port` for the hotplug of `info` and records it as unsettled until
     /// [`end_hotplug`](Self::end_hotplug).
-    fn begin_hotplug(&self, inner: &mut Inner, info: &DeviceInfo, port: usize, names: Vec<String>) {
+    fn begin_hotplug(
+        &self,
+        inner: &mut QemuSandbox,
+        info: &DeviceInfo,
+        port: usize,
+        names: Vec<String>,
+    ) {
         inner.ports[port].used_by = Some(info.id.clone());
         inner.unsettled.insert(
             info.id.clone(),
@@ -531,7 +434,8 @@ impl QemuHypervisor {
     /// a connection that closed reports QEMU's exit.
     async fn end_hotplug(
         &self,
-        inner: &mut Inner,
+        inner: &mut QemuSandbox,
+        life: &Lifecycle,
         info: DeviceInfo,
         result: std::result::Result<Value, (&'static str, QmpError)>,
     ) -> Result<DeviceInfo> {
@@ -549,7 +453,7 @@ impl QemuHypervisor {
             if let Some(u) = inner.unsettled.remove(&id) {
                 inner.ports[u.port].used_by = None;
             }
-            return Err(Error::device(&id, step, self.qmp_cause(e).await));
+            return Err(Error::device(&id, step, self.qmp_cause(life, e).await));
         }
         // The netdev or block node exists only if its command was sent and not refused.
         let before_backend = matches!(step, "Passing a TAP fd of" | "Passing the disk of");

@@ -24,8 +24,11 @@
 //! the operation at once with its exit. QEMU exits 0 on a guest power-off, a `quit` and
 //! SIGTERM alike; the reason of its last `SHUTDOWN` event tells them apart
 //! (`ExitReason::GuestShutdown`, or `ExitReason::HostRequest` naming the quit or the signal).
-//! State changes are compare-and-set, so an exit recorded meanwhile is never overwritten,
-//! and a `start` whose future is dropped kills the QEMU it spawned and records its end.
+//! A `start` whose future is dropped kills the QEMU it spawned.
+//!
+//! The VM itself is [`hypervisor::Vm`], the lifecycle core (states, guarded transitions, the
+//! exit record, stop preempting an operation, run directories), over [`Qemu`], this crate's
+//! [`hypervisor::Backend`]: [`QemuHypervisor`] names the pair.
 //!
 //! This crate must never depend on Dragonball's crates (`dbs-*`), not even for tests; the
 //! workspace's boundary test enforces that.
@@ -35,13 +38,13 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use std::time::Duration;
-//! use hypervisor::{device::NetworkConfig, Device, DeviceConfig, DeviceId, Hypervisor};
-//! use hypervisor::{HypervisorConfig, SandboxSpec};
-//! use hypervisor_qemu::{QemuHypervisor, QemuOptions};
+//! use hypervisor::{device::NetworkConfig, DeviceConfig, DeviceManager, Hypervisor};
+//! use hypervisor::{HypervisorConfig, SandboxSpec, Vm};
+//! use hypervisor_qemu::{Qemu, QemuOptions};
 //!
 //! # async fn run() -> hypervisor::Result<()> {
 //! let log = slog::Logger::root(slog::Discard, slog::o!());
-//! let vm = Arc::new(QemuHypervisor::new(log, QemuOptions::default()));
+//! let vm = Arc::new(Vm::new(Qemu::new(log, QemuOptions::default())));
 //! vm.prepare(&SandboxSpec {
 //!     id: "demo".into(),
 //!     netns: Some("/run/netns/demo".into()),
@@ -52,9 +55,9 @@
 //!     },
 //! })
 //! .await?;
+//! let devices = DeviceManager::new(vm.clone());
 //! let nic = NetworkConfig::tap("tap0", "02:00:00:00:00:01".parse()?);
-//! vm.add_device(Device { id: DeviceId::new("net0")?, config: DeviceConfig::Network(nic) })
-//!     .await?;
+//! devices.add(DeviceConfig::Network(nic)).await?;
 //! vm.start(Duration::from_secs(30)).await?;
 //! println!("agent at {}", vm.agent_address().await?);
 //! vm.cleanup().await
@@ -65,29 +68,31 @@
 
 pub mod cmdline;
 mod confine;
+mod exit;
 pub mod host;
 mod hotplug;
 mod lifecycle;
 pub mod process;
 pub mod qmp;
 mod reconcile;
+mod restore;
+mod unplug;
 
 pub use confine::{check_confinement, ConfinementCheck, ConfinementState};
 pub use hotplug::IMAGE_DEVICE_ID;
+pub use restore::restore;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use hypervisor::{
-    AgentAddress, Capabilities, Device, DeviceId, DeviceInfo, Error, ExitReason, Hypervisor,
-    HypervisorConfig, Result, SandboxSpec, SavedState, VmExit, VmState, VmmPids,
+    AgentAddress, AgentChannelSource, Capabilities, DeviceId, DeviceInfo, Error, Lifecycle, Result,
+    Vm,
 };
-use tokio::sync::watch;
 
 use crate::cmdline::{Accel, Machine, PciPlace};
 use crate::host::HostFeatures;
@@ -96,6 +101,9 @@ use crate::qmp::QmpClient;
 
 /// The backend's name in errors and saved state.
 pub const BACKEND: &str = "qemu";
+
+/// A QEMU VM: the lifecycle core over the [`Qemu`] backend.
+pub type QemuHypervisor = Vm<Qemu>;
 
 /// Options of this backend that are not part of the VM's configuration.
 #[derive(Debug, Clone)]
@@ -127,12 +135,10 @@ impl Default for QemuOptions {
     }
 }
 
-/// Files of one sandbox under the run root.
+/// Files of one sandbox in its run directory.
 #[derive(Debug, Clone)]
 struct RunDir {
     dir: PathBuf,
-    /// The configured console log, if any (it outlives the run directory).
-    console_log: Option<PathBuf>,
 }
 
 impl RunDir {
@@ -141,11 +147,6 @@ impl RunDir {
     }
     fn agent(&self) -> PathBuf {
         self.dir.join("agent.sock")
-    }
-    fn console(&self) -> PathBuf {
-        self.console_log
-            .clone()
-            .unwrap_or_else(|| self.dir.join("console.log"))
     }
     fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")
@@ -187,79 +188,9 @@ struct RootPort {
     used_by: Option<DeviceId>,
 }
 
-/// State shared with the task that watches QEMU exit.
-#[derive(Debug)]
-struct Shared {
-    status: Mutex<Status>,
-    exit: watch::Sender<Option<VmExit>>,
-    stopping: AtomicBool,
-    /// How many `stop` calls are under way, counted from before they wait for the operation
-    /// lock: while it is not zero, an operation holding the lock gives up its QMP waits at
-    /// once (see [`QemuHypervisor::unless_stopping`]), so stop is not delayed by a hotplug, an
-    /// unplug waiting for the guest, a pause or a boot. A stop future that is dropped takes
-    /// its count back ([`StopRequest`]).
-    stop_requested: watch::Sender<u32>,
-}
-
-/// One `stop` under way, counted in [`Shared::stop_requested`] for as long as it lives.
-struct StopRequest<'a>(&'a Shared);
-
-impl<'a> StopRequest<'a> {
-    fn new(shared: &'a Shared) -> Self {
-        shared.stop_requested.send_modify(|n| *n += 1);
-        StopRequest(shared)
-    }
-}
-
-impl Drop for StopRequest<'_> {
-    fn drop(&mut self) {
-        self.0.stop_requested.send_modify(|n| *n -= 1);
-    }
-}
-
-#[derive(Debug)]
-struct Status {
-    state: VmState,
-    pids: Option<VmmPids>,
-}
-
-impl Shared {
-    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn state(&self) -> VmState {
-        self.status().state
-    }
-
-    /// Sets `state`, except that nothing leaves `Stopped`: the exit watcher may have set it
-    /// while an operation was in flight, and it is final. Returns whether the state is now
-    /// `state`.
-    fn set_state(&self, state: VmState) -> bool {
-        let mut st = self.status();
-        if st.state == VmState::Stopped && state != VmState::Stopped {
-            return false;
-        }
-        st.state = state;
-        true
-    }
-
-    /// Compare-and-set: moves from `from` to `to` only if the state is still `from` (a VM
-    /// that exited meanwhile stays `Stopped`). Returns whether it moved.
-    fn transition(&self, from: VmState, to: VmState) -> bool {
-        let mut st = self.status();
-        if st.state != from {
-            return false;
-        }
-        st.state = to;
-        true
-    }
-}
-
-/// Everything that changes under the operation lock.
+/// What the QEMU backend keeps for one sandbox, under the VM's operation lock.
 #[derive(Debug, Default)]
-struct Inner {
-    spec: Option<SandboxSpec>,
+pub struct QemuSandbox {
     machine: Option<Machine>,
     accel: Option<Accel>,
     agent: Option<AgentAddress>,
@@ -269,138 +200,62 @@ struct Inner {
     /// Hotplugs in flight or of unknown outcome, their ports reserved (see `reconcile`).
     unsettled: BTreeMap<DeviceId, reconcile::Unsettled>,
     /// Hot-plugged devices whose unplug the guest has not acknowledged yet.
-    unplugging: std::collections::BTreeSet<DeviceId>,
+    unplugging: BTreeSet<DeviceId>,
     ports: Vec<RootPort>,
     next_root_slot: u8,
     qmp: Option<Arc<QmpClient>>,
     process: Option<QemuProcess>,
 }
 
-/// A QEMU VM. See the crate docs.
+/// The QEMU backend: QEMU's own steps of the lifecycle. See the crate docs.
 #[derive(Debug)]
-pub struct QemuHypervisor {
+pub struct Qemu {
     log: slog::Logger,
     opts: QemuOptions,
     host: HostFeatures,
-    shared: Arc<Shared>,
-    inner: tokio::sync::Mutex<Inner>,
 }
 
-impl QemuHypervisor {
-    /// A backend in state `Created`, probing the host once.
+impl Qemu {
+    /// The backend, probing the host once.
     pub fn new(log: slog::Logger, opts: QemuOptions) -> Self {
         Self::with_host(log, opts, HostFeatures::probe())
     }
 
     /// Like [`new`](Self::new) with given host features (to force a configuration).
     pub fn with_host(log: slog::Logger, opts: QemuOptions, host: HostFeatures) -> Self {
-        QemuHypervisor {
+        Qemu {
             log: log.new(slog::o!("backend" => BACKEND)),
             opts,
             host,
-            shared: Arc::new(Shared {
-                status: Mutex::new(Status {
-                    state: VmState::Created,
-                    pids: None,
-                }),
-                exit: watch::channel(None).0,
-                stopping: AtomicBool::new(false),
-                stop_requested: watch::channel(0).0,
-            }),
-            inner: tokio::sync::Mutex::default(),
         }
     }
 
-    /// Runs a raw QMP `command` on the running VM's monitor and returns its `return` value.
-    /// For diagnostics and tests (`query-pci`, `qom-list`, `human-monitor-command`): devices
-    /// changed this way are unknown to this backend, whose `add_device`/`remove_device` are
-    /// the way to change the VM.
-    pub async fn qmp_execute(
-        &self,
-        command: &str,
-        arguments: Option<serde_json::Value>,
-    ) -> Result<serde_json::Value> {
-        let qmp = self
-            .inner
-            .lock()
-            .await
-            .qmp
-            .clone()
-            .ok_or(Error::InvalidState {
-                operation: hypervisor::Operation::Start,
-                state: self.shared.state(),
-            })?;
-        qmp.execute(command, arguments, self.opts.qmp_timeout)
-            .await
-            .map_err(|e| Error::backend(format!("Running QMP command {command}"), e))
+    /// The host features this backend decides with.
+    pub fn host(&self) -> HostFeatures {
+        self.host
     }
 
     /// What to report for a failed QMP command: when the connection closed because QEMU
     /// exited, QEMU's exit (waiting briefly for the exit watcher to record it), else `e`.
-    async fn qmp_cause(&self, e: qmp::QmpError) -> Box<dyn std::error::Error + Send + Sync> {
+    async fn qmp_cause(
+        &self,
+        life: &Lifecycle,
+        e: qmp::QmpError,
+    ) -> Box<dyn std::error::Error + Send + Sync> {
         if e.is_closed() {
-            let mut rx = self.shared.exit.subscribe();
-            let exited =
-                tokio::time::timeout(Duration::from_secs(2), rx.wait_for(Option::is_some)).await;
-            if let Ok(Ok(exit)) = exited {
-                return Box::new(Error::VmmExited(exit.clone().expect("waited for Some")));
+            if let Some(exit) = life.exit_within(Duration::from_secs(2)).await {
+                return Box::new(Error::VmmExited(exit));
             }
         }
         Box::new(e)
     }
 
     /// A failed QMP step as a backend error whose cause is QEMU's exit when it exited.
-    async fn qmp_failure(&self, step: String, e: qmp::QmpError) -> Error {
+    async fn qmp_failure(&self, life: &Lifecycle, step: String, e: qmp::QmpError) -> Error {
         Error::Backend {
             step,
-            source: self.qmp_cause(e).await,
+            source: self.qmp_cause(life, e).await,
         }
-    }
-
-    /// The error for `op` refused by the state: QEMU's exit when it exited.
-    fn exited_or_state(&self, op: hypervisor::Operation) -> Error {
-        let state = self.shared.state();
-        match self.shared.exit.borrow().clone() {
-            // A stop the runtime asked for is a state, not a surprise.
-            Some(exit) if state == VmState::Stopped && exit.reason != ExitReason::Stopped => {
-                Error::VmmExited(exit)
-            }
-            _ => Error::InvalidState {
-                operation: op,
-                state,
-            },
-        }
-    }
-
-    /// Checks that `op` is allowed now, and reports QEMU's exit when it is not because QEMU
-    /// exited.
-    fn check_op(&self, op: hypervisor::Operation) -> Result<VmState> {
-        self.shared
-            .state()
-            .next(op)
-            .map_err(|_| self.exited_or_state(op))
-    }
-
-    /// Runs `op`, an operation under the operation lock, unless a `stop` is under way: then
-    /// `op` is dropped at its next await and the call fails with `stopping()`. Every operation
-    /// is cancel-safe at its awaits (a hotplug is recorded before its first command and
-    /// settled later, a dropped start kills its QEMU), and the VM is about to stop anyway.
-    async fn unless_stopping<T>(
-        &self,
-        op: impl std::future::Future<Output = Result<T>>,
-        stopping: impl FnOnce() -> Error,
-    ) -> Result<T> {
-        let mut stop = self.shared.stop_requested.subscribe();
-        tokio::select! {
-            biased;
-            _ = stop.wait_for(|n| *n > 0) => Err(stopping()),
-            r = op => r,
-        }
-    }
-
-    /// The host features this backend decided with.
-    pub fn host(&self) -> HostFeatures {
-        self.host
     }
 
     fn capabilities_for(&self, machine: Option<Machine>) -> Capabilities {
@@ -413,162 +268,64 @@ impl QemuHypervisor {
             pause: true,
             vsock: self.host.vhost_vsock,
             in_process: false,
-            agent_channel: hypervisor::AgentChannelSource::Builtin,
+            agent_channel: AgentChannelSource::Builtin,
         }
     }
 
     fn unsupported(operation: impl Into<String>, reason: impl Into<String>) -> Error {
-        Error::Unsupported {
-            backend: BACKEND,
-            operation: operation.into(),
-            reason: reason.into(),
-        }
+        hypervisor::vm::unsupported(BACKEND, operation, reason)
     }
 }
 
+/// What a QEMU VM offers beyond the [`hypervisor::Hypervisor`] trait.
 #[async_trait]
-impl Hypervisor for QemuHypervisor {
-    fn name(&self) -> &'static str {
-        BACKEND
-    }
+pub trait QemuVm {
+    /// Runs a raw QMP `command` on the running VM's monitor and returns its `return` value.
+    /// For diagnostics and tests (`query-pci`, `qom-list`, `human-monitor-command`): devices
+    /// changed this way are unknown to the backend, whose device operations are the way to
+    /// change the VM.
+    async fn qmp_execute(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value>;
+}
 
-    async fn prepare(&self, spec: &SandboxSpec) -> Result<()> {
-        self.do_prepare(spec).await
-    }
-
-    async fn start(&self, timeout: Duration) -> Result<()> {
-        self.do_start(timeout).await
-    }
-
-    async fn stop(&self) -> Result<()> {
-        self.do_stop().await
-    }
-
-    async fn wait_exit(&self) -> Result<VmExit> {
-        let mut rx = self.shared.exit.subscribe();
-        let exit = rx
-            .wait_for(Option::is_some)
+#[async_trait]
+impl QemuVm for Vm<Qemu> {
+    async fn qmp_execute(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let qmp = self
+            .with_sandbox(|s| s.qmp.clone())
             .await
-            .map_err(|e| Error::backend("Waiting for QEMU to exit", e))?;
-        Ok(exit.clone().expect("waited for Some"))
-    }
-
-    async fn pause(&self) -> Result<()> {
-        self.do_pause_resume(true).await
-    }
-
-    async fn resume(&self) -> Result<()> {
-        self.do_pause_resume(false).await
-    }
-
-    async fn add_device(&self, device: Device) -> Result<DeviceInfo> {
-        self.do_add_device(device).await
-    }
-
-    async fn remove_device(&self, id: &DeviceId) -> Result<()> {
-        self.do_remove_device(id).await
-    }
-
-    async fn state(&self) -> VmState {
-        self.shared.state()
-    }
-
-    async fn capabilities(&self) -> Capabilities {
-        let machine = self.inner.lock().await.machine;
-        self.capabilities_for(machine)
-    }
-
-    async fn pids(&self) -> Result<VmmPids> {
-        let st = self.shared.status();
-        st.pids.clone().ok_or(Error::InvalidState {
-            operation: hypervisor::Operation::Start,
-            state: st.state,
-        })
-    }
-
-    async fn agent_address(&self) -> Result<AgentAddress> {
-        self.inner
-            .lock()
-            .await
-            .agent
-            .clone()
             .ok_or(Error::InvalidState {
-                operation: hypervisor::Operation::Prepare,
-                state: self.shared.state(),
-            })
-    }
-
-    async fn console_log(&self) -> Option<PathBuf> {
-        self.inner.lock().await.run.as_ref().map(RunDir::console)
-    }
-
-    async fn netns(&self) -> Option<PathBuf> {
-        let inner = self.inner.lock().await;
-        inner.spec.as_ref().and_then(|s| s.netns.clone())
-    }
-
-    async fn config(&self) -> Result<HypervisorConfig> {
-        let inner = self.inner.lock().await;
-        let spec = inner.spec.as_ref().ok_or(Error::InvalidState {
-            operation: hypervisor::Operation::Prepare,
-            state: self.shared.state(),
-        })?;
-        let mut config = spec.config.clone();
-        config.path = Some(self.binary(&config));
-        config.machine_type = inner.machine.map(|m| m.as_str().to_string());
-        Ok(config)
-    }
-
-    async fn save_state(&self) -> Result<SavedState> {
-        self.do_save_state().await
-    }
-
-    async fn cleanup(&self) -> Result<()> {
-        self.do_cleanup().await
+                operation: hypervisor::Operation::Start,
+                state: self.lifecycle().state(),
+            })?;
+        qmp.execute(command, arguments, self.backend().opts.qmp_timeout)
+            .await
+            .map_err(|e| Error::backend(format!("Running QMP command {command}"), e))
     }
 }
 
 /// An error and its sources on one line, for logs.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
+    hypervisor::vm::error_chain(e)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    fn shared(state: VmState) -> Shared {
-        Shared {
-            status: Mutex::new(Status { state, pids: None }),
-            exit: watch::channel(None).0,
-            stopping: AtomicBool::new(false),
-            stop_requested: watch::channel(0).0,
-        }
-    }
-
-    #[test]
-    fn a_transition_from_a_state_the_vm_left_does_nothing() {
-        // pause finished its QMP command after the exit watcher recorded the exit.
-        let s = shared(VmState::Stopped);
-        assert!(!s.transition(VmState::Running, VmState::Paused));
-        assert_eq!(s.state(), VmState::Stopped);
-        let s = shared(VmState::Running);
-        assert!(s.transition(VmState::Running, VmState::Paused));
-        assert_eq!(s.state(), VmState::Paused);
-    }
+    use hypervisor::{Hypervisor, HypervisorConfig, SandboxSpec, VmState, VmmPids};
 
     /// A prepared-nothing backend whose QMP connection is a scripted fake QEMU, on a host
     /// with no KVM and no vhost.
     pub(crate) async fn on_fake_qmp(
         opts: QemuOptions,
-    ) -> (QemuHypervisor, crate::qmp::tests::FakeQemu) {
+    ) -> (Qemu, QemuSandbox, crate::qmp::tests::FakeQemu) {
         let (client, fake) = crate::qmp::tests::connected().await;
         let host = HostFeatures {
             hw_virt: false,
@@ -577,26 +334,44 @@ pub(crate) mod tests {
             vhost_vsock: false,
         };
         let log = slog::Logger::root(slog::Discard, slog::o!());
-        let hv = QemuHypervisor::with_host(log, opts, host);
-        hv.inner.lock().await.qmp = Some(Arc::new(client));
-        (hv, fake)
+        let sandbox = QemuSandbox {
+            qmp: Some(Arc::new(client)),
+            ..QemuSandbox::default()
+        };
+        (Qemu::with_host(log, opts, host), sandbox, fake)
     }
 
-    /// A running backend on a fake QEMU, with a long QMP timeout, so that only a
-    /// preemption can end a wait quickly.
-    async fn running_on_fake() -> (QemuHypervisor, crate::qmp::tests::FakeQemu) {
-        let (hv, fake) = on_fake_qmp(QemuOptions {
+    /// A running VM on a fake QEMU, with a long QMP timeout, so that only a preemption can
+    /// end a wait quickly.
+    async fn running_on_fake(
+        run_root: &std::path::Path,
+    ) -> (QemuHypervisor, crate::qmp::tests::FakeQemu) {
+        let (qemu, sandbox, fake) = on_fake_qmp(QemuOptions {
             qmp_timeout: Duration::from_secs(60),
+            run_root: run_root.to_path_buf(),
             ..QemuOptions::default()
         })
         .await;
-        hv.shared.status().state = VmState::Running;
+        let spec = SandboxSpec {
+            id: "fake".into(),
+            netns: None,
+            config: HypervisorConfig::default(),
+        };
+        let hv = Vm::restored(
+            qemu,
+            spec,
+            run_root.join("fake"),
+            VmState::Running,
+            VmmPids::default(),
+            sandbox,
+        );
         (hv, fake)
     }
 
     #[tokio::test]
     async fn stop_preempts_a_qmp_command_that_qemu_does_not_answer() {
-        let (hv, mut fake) = running_on_fake().await;
+        let run_root = tempfile::tempdir().unwrap();
+        let (hv, mut fake) = running_on_fake(run_root.path()).await;
         let began = std::time::Instant::now();
         let pause = async {
             let r = hv.pause().await;
@@ -615,45 +390,11 @@ pub(crate) mod tests {
             took < Duration::from_secs(5),
             "pause held stop for {took:?}"
         );
-        assert_eq!(hv.shared.state(), VmState::Stopped);
-        assert_eq!(
-            *hv.shared.stop_requested.borrow(),
-            0,
-            "stop took its count back"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_dropped_stop_does_not_leave_later_operations_preempted() {
-        let (hv, mut fake) = running_on_fake().await;
-        {
-            // stop waits for the operation lock held here, and is dropped waiting.
-            let _held = hv.inner.lock().await;
-            let dropped = tokio::time::timeout(Duration::from_millis(50), hv.stop()).await;
-            assert!(
-                dropped.is_err(),
-                "stop cannot finish while the lock is held"
-            );
-        }
-        assert_eq!(*hv.shared.stop_requested.borrow(), 0);
-        let script = async {
-            let id = fake.expect("stop").await;
-            fake.send(serde_json::json!({"return": {}, "id": id})).await;
-            fake.send(serde_json::json!({"event": "STOP", "data": {}}))
-                .await;
-        };
-        let (paused, ()) = tokio::join!(hv.pause(), script);
-        paused.expect("a later pause is not preempted");
-        assert_eq!(hv.shared.state(), VmState::Paused);
-    }
-
-    #[test]
-    fn nothing_leaves_stopped() {
-        let s = shared(VmState::Stopped);
-        for state in [VmState::Prepared, VmState::Running, VmState::Paused] {
-            assert!(!s.set_state(state));
-            assert_eq!(s.state(), VmState::Stopped);
-        }
-        assert!(s.set_state(VmState::Stopped));
+        assert_eq!(hv.state().await, VmState::Stopped);
+        // The stop took its count back: a later operation is refused by the state only.
+        assert!(matches!(
+            hv.resume().await.unwrap_err(),
+            Error::InvalidState { .. }
+        ));
     }
 }

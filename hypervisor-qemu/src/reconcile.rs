@@ -24,7 +24,7 @@ use serde_json::json;
 use slog::info;
 
 use crate::qmp::{QmpClient, QmpError};
-use crate::{Inner, QemuHypervisor};
+use crate::{Qemu, QemuSandbox};
 
 /// A hotplug that failed in a way that leaves its outcome unknown. Saved with the state, so a
 /// runtime that re-attaches settles it too (its port stays reserved meanwhile).
@@ -155,10 +155,10 @@ pub(crate) async fn close_fd_names(qmp: &QmpClient, names: &[String], t: Duratio
     Ok(())
 }
 
-impl QemuHypervisor {
+impl Qemu {
     /// Settles every unsettled hotplug and every pending unplug that QEMU's state decides.
     /// A failure (QEMU still not answering) leaves the records, and their ports reserved.
-    pub(crate) async fn reconcile(&self, inner: &mut Inner) -> Result<()> {
+    pub(crate) async fn reconcile(&self, inner: &mut QemuSandbox) -> Result<()> {
         if inner.unsettled.is_empty() && inner.unplugging.is_empty() {
             return Ok(());
         }
@@ -184,7 +184,7 @@ impl QemuHypervisor {
     /// Adopts the unsettled device `id` if QEMU has it, or removes what is half there.
     async fn settle(
         &self,
-        inner: &mut Inner,
+        inner: &mut QemuSandbox,
         qmp: &Arc<QmpClient>,
         id: &DeviceId,
         present: &BTreeSet<String>,
@@ -216,7 +216,7 @@ impl QemuHypervisor {
     /// port.
     pub(crate) async fn finish_unplug(
         &self,
-        inner: &mut Inner,
+        inner: &mut QemuSandbox,
         qmp: &QmpClient,
         id: &DeviceId,
     ) -> Result<()> {
@@ -250,11 +250,10 @@ mod tests {
     use crate::RootPort;
 
     /// A backend with one unsettled NIC hotplug `net1` on root port `rp0`, and the fake QEMU.
-    async fn unsettled_nic(backend_maybe_added: bool) -> (QemuHypervisor, FakeQemu) {
-        let (hv, fake) = crate::tests::on_fake_qmp(crate::QemuOptions::default()).await;
+    async fn unsettled_nic(backend_maybe_added: bool) -> (Qemu, QemuSandbox, FakeQemu) {
+        let (hv, mut inner, fake) = crate::tests::on_fake_qmp(crate::QemuOptions::default()).await;
         let id = DeviceId::new("net1").unwrap();
         {
-            let mut inner = hv.inner.lock().await;
             inner.ports = vec![RootPort {
                 id: "rp0".into(),
                 slot: 4,
@@ -281,7 +280,7 @@ mod tests {
                 },
             );
         }
-        (hv, fake)
+        (hv, inner, fake)
     }
 
     /// Answers the commands of a settle in order, listing `devices`; returns the commands.
@@ -311,10 +310,14 @@ mod tests {
         }
     }
 
-    async fn settle(hv: &QemuHypervisor, fake: &mut FakeQemu, devices: &[&str]) -> Vec<String> {
+    async fn settle(
+        hv: &Qemu,
+        inner: &mut QemuSandbox,
+        fake: &mut FakeQemu,
+        devices: &[&str],
+    ) -> Vec<String> {
         let run = async {
-            let mut inner = hv.inner.lock().await;
-            hv.reconcile(&mut inner).await.unwrap();
+            hv.reconcile(inner).await.unwrap();
             // Marks the end of the settle's commands for the fake.
             let qmp = inner.qmp.clone().unwrap();
             qmp.execute("query-status", None, Duration::from_secs(5))
@@ -327,10 +330,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_device_qemu_has_is_adopted_with_its_port() {
-        let (hv, mut fake) = unsettled_nic(true).await;
-        let seen = settle(&hv, &mut fake, &["rp0", "dev-net1"]).await;
+        let (hv, mut inner, mut fake) = unsettled_nic(true).await;
+        let seen = settle(&hv, &mut inner, &mut fake, &["rp0", "dev-net1"]).await;
         assert_eq!(seen, ["qom-list", "closefd", "query-status"]);
-        let inner = hv.inner.lock().await;
         assert!(inner.unsettled.is_empty());
         assert!(inner.hot.contains_key(&DeviceId::new("net1").unwrap()));
         assert_eq!(inner.ports[0].used_by.as_ref().unwrap().as_str(), "net1");
@@ -338,10 +340,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_device_qemu_lacks_is_removed_with_its_netdev_and_frees_its_port() {
-        let (hv, mut fake) = unsettled_nic(true).await;
-        let seen = settle(&hv, &mut fake, &["rp0"]).await;
+        let (hv, mut inner, mut fake) = unsettled_nic(true).await;
+        let seen = settle(&hv, &mut inner, &mut fake, &["rp0"]).await;
         assert_eq!(seen, ["qom-list", "closefd", "netdev_del", "query-status"]);
-        let inner = hv.inner.lock().await;
         assert!(inner.unsettled.is_empty());
         assert!(inner.hot.is_empty());
         assert!(inner.ports[0].used_by.is_none());
@@ -350,23 +351,23 @@ mod tests {
     #[tokio::test]
     async fn a_netdev_whose_add_was_refused_is_left_alone() {
         // Its id may belong to someone else: netdev_add failed because it was taken.
-        let (hv, mut fake) = unsettled_nic(false).await;
-        let seen = settle(&hv, &mut fake, &["rp0"]).await;
+        let (hv, mut inner, mut fake) = unsettled_nic(false).await;
+        let seen = settle(&hv, &mut inner, &mut fake, &["rp0"]).await;
         assert_eq!(seen, ["qom-list", "closefd", "query-status"]);
-        assert!(hv.inner.lock().await.ports[0].used_by.is_none());
+        assert!(inner.ports[0].used_by.is_none());
     }
 
     #[tokio::test]
     async fn a_settle_without_answer_keeps_the_record_and_the_port() {
-        let (hv, mut fake) = unsettled_nic(true).await;
-        let mut inner = hv.inner.lock().await;
-        let quick = QemuHypervisor {
-            opts: crate::QemuOptions {
+        let (hv, mut inner, mut fake) = unsettled_nic(true).await;
+        let quick = Qemu::with_host(
+            hv.log.clone(),
+            crate::QemuOptions {
                 qmp_timeout: Duration::from_millis(100),
                 ..crate::QemuOptions::default()
             },
-            ..QemuHypervisor::with_host(hv.log.clone(), crate::QemuOptions::default(), hv.host)
-        };
+            hv.host,
+        );
         // The fake reads the query and never answers it.
         let (settled, _) = tokio::join!(quick.reconcile(&mut inner), fake.expect("qom-list"));
         let err = settled.unwrap_err();
