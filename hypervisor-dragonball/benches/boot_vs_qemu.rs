@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hypervisor::{Hypervisor, HypervisorConfig, SandboxSpec};
-use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
+use hypervisor_dragonball::{Dragonball, DragonballOptions};
 
 const MEMORY_MIB: u32 = 64;
 const ACTION: &str = "testguest.action=hlt_forever";
@@ -77,13 +77,13 @@ fn p50(v: &[f64]) -> String {
 async fn dragonball_once(guest: &Path, s: &mut Samples) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = slog::Logger::root(slog::Discard, slog::o!());
-    let vm = DragonballHypervisor::new(
+    let vm = hypervisor::Vm::new(Dragonball::new(
         log,
         DragonballOptions {
             run_root: dir.path().to_path_buf(),
             ..Default::default()
         },
-    );
+    ));
     let before = rss_mib(std::process::id())?;
     vm.prepare(&SandboxSpec {
         id: format!("bench{}", std::process::id()),

@@ -20,10 +20,16 @@
 //!   file, virtio-vsock with a hybrid-vsock Unix socket (the agent's channel). Queue kicks
 //!   are KVM ioeventfds; interrupts are legacy lines of `dbs-interrupt`'s KVM manager
 //!   (irqfds on IOAPIC pins); the event thread serves them. Devices are
-//!   cold-plugged only (`add_device` in `Prepared`); hotplug is a typed "unsupported".
+//!   cold-plugged only (added, or removed again, in `Prepared`); hotplug is a typed
+//!   "unsupported".
 //! - [`vmm`]: the `db-vmm` event thread, which enters the sandbox's network namespace, owns
-//!   the VM, and turns a guest reset, a vCPU failure or a stop request into the [`VmExit`]
-//!   that [`Hypervisor::wait_exit`] returns.
+//!   the VM, and turns a guest reset, a vCPU failure or a stop request into the
+//!   [`VmExit`](hypervisor::VmExit) it records in the VM's [`Lifecycle`](hypervisor::Lifecycle),
+//!   which [`Hypervisor::wait_exit`](hypervisor::Hypervisor::wait_exit) returns.
+//!
+//! [`DragonballHypervisor`] is the workspace's lifecycle core ([`hypervisor::Vm`]) over
+//! [`Dragonball`], which supplies only this VMM's steps ([`hypervisor::Backend`]): the state
+//! machine, `wait_exit`, the run directory and the checks every backend shares live there.
 //!
 //! This crate is the only place in the workspace where `dbs-*` crates may appear, dev- and
 //! build-dependencies included; the workspace's boundary test enforces it. It depends on the
@@ -35,11 +41,11 @@
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use hypervisor::{ExitReason, Hypervisor, HypervisorConfig, SandboxSpec};
-//! use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
+//! use hypervisor_dragonball::{Dragonball, DragonballOptions};
 //!
 //! # async fn run() -> hypervisor::Result<()> {
 //! let log = slog::Logger::root(slog::Discard, slog::o!());
-//! let vm = Arc::new(DragonballHypervisor::new(log, DragonballOptions::default()));
+//! let vm = Arc::new(hypervisor::Vm::new(Dragonball::new(log, DragonballOptions::default())));
 //! vm.prepare(&SandboxSpec {
 //!     id: "demo".into(),
 //!     netns: None,
@@ -72,16 +78,9 @@ pub mod virtio;
 pub mod vmm;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use hypervisor::{
-    AgentAddress, AgentChannelSource, Capabilities, Device, DeviceId, DeviceInfo, Error,
-    Hypervisor, HypervisorConfig, Operation, Result, SandboxSpec, SavedState, VmExit, VmState,
-    VmmPids,
-};
-use tokio::sync::watch;
+use hypervisor::{AgentAddress, DeviceInfo};
 
 use crate::boot::MmioWindow;
 pub use crate::error::Error as DragonballError;
@@ -114,231 +113,47 @@ impl Default for DragonballOptions {
     }
 }
 
-/// State shared with the VMM's threads.
+/// The Dragonball backend: the steps of an in-process VMM, for [`hypervisor::Vm`]. See the
+/// crate docs.
 #[derive(Debug)]
-pub struct Shared {
-    status: Mutex<Status>,
-    exit: watch::Sender<Option<VmExit>>,
-}
-
-#[derive(Debug)]
-struct Status {
-    state: VmState,
-    pids: Option<VmmPids>,
-}
-
-impl Shared {
-    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn state(&self) -> VmState {
-        self.status().state
-    }
-
-    fn set_state(&self, state: VmState) {
-        self.status().state = state;
-    }
-
-    /// Records how the VM ended: state `Stopped`, and the exit for [`Hypervisor::wait_exit`].
-    pub(crate) fn finish(&self, exit: VmExit) {
-        self.set_state(VmState::Stopped);
-        self.exit.send_if_modified(|current| {
-            if current.is_none() {
-                *current = Some(exit);
-                true
-            } else {
-                false
-            }
-        });
-    }
-}
-
-/// Everything that changes under the operation lock.
-#[derive(Debug, Default)]
-struct Inner {
-    spec: Option<SandboxSpec>,
-    run_dir: Option<PathBuf>,
-    /// Hands out the windows of cold-plugged devices.
-    mmio: devices::MmioAllocator,
-    /// virtio-mmio windows of cold-plugged devices (from a [`devices::MmioAllocator`]),
-    /// announced on the command line at start.
-    mmio_windows: Vec<MmioWindow>,
-    /// The cold-plugged devices, moved into the VM at start.
-    virtio: Vec<(MmioWindow, Box<dyn virtio::VirtioDevice>)>,
-    /// What `add_device` returned, per device.
-    attached: Vec<DeviceInfo>,
-    /// The hybrid vsock address, once a vsock device is added.
-    agent: Option<AgentAddress>,
-    running: Option<RunningVm>,
-}
-
-/// A Dragonball VM running in this process. See the crate docs.
-#[derive(Debug)]
-pub struct DragonballHypervisor {
+pub struct Dragonball {
     log: slog::Logger,
     opts: DragonballOptions,
-    shared: std::sync::Arc<Shared>,
-    inner: tokio::sync::Mutex<Inner>,
 }
 
-impl DragonballHypervisor {
-    /// A backend in state `Created`.
+impl Dragonball {
+    /// The backend with `opts`; run it with `hypervisor::Vm::new(Dragonball::new(log, opts))`.
     pub fn new(log: slog::Logger, opts: DragonballOptions) -> Self {
-        DragonballHypervisor {
+        Dragonball {
             log: log.new(slog::o!("backend" => BACKEND)),
             opts,
-            shared: std::sync::Arc::new(Shared {
-                status: Mutex::new(Status {
-                    state: VmState::Created,
-                    pids: None,
-                }),
-                exit: watch::channel(None).0,
-            }),
-            inner: tokio::sync::Mutex::default(),
-        }
-    }
-
-    fn unsupported(operation: impl Into<String>, reason: impl Into<String>) -> Error {
-        Error::Unsupported {
-            backend: BACKEND,
-            operation: operation.into(),
-            reason: reason.into(),
-        }
-    }
-
-    fn capabilities_now() -> Capabilities {
-        Capabilities {
-            network_hotplug: false,
-            block_hotplug: false,
-            multi_queue: true,
-            tap_fds: false,
-            pause: true,
-            vsock: true,
-            in_process: true,
-            // The first CID a guest may have (0 to 2 are reserved); each VM has its own
-            // hybrid-vsock socket, so one CID serves every sandbox.
-            agent_channel: AgentChannelSource::VsockDevice { guest_cid: 3 },
-        }
-    }
-
-    fn not_prepared(&self, operation: Operation) -> Error {
-        Error::InvalidState {
-            operation,
-            state: self.shared.state(),
         }
     }
 }
 
-#[async_trait]
-impl Hypervisor for DragonballHypervisor {
-    fn name(&self) -> &'static str {
-        BACKEND
-    }
+/// A Dragonball VM running in this process: the lifecycle core over [`Dragonball`].
+pub type DragonballHypervisor = hypervisor::Vm<Dragonball>;
 
-    async fn prepare(&self, spec: &SandboxSpec) -> Result<()> {
-        self.do_prepare(spec).await
-    }
+/// A device added before start.
+#[derive(Debug)]
+struct ColdDevice {
+    /// What `add_device` returned.
+    info: DeviceInfo,
+    /// Its virtio-mmio window, announced on the command line at start.
+    window: MmioWindow,
+    /// The device itself, until it moves into the VM at start (in a mutex only so that the
+    /// sandbox state is `Sync`; it is reached through `&mut`).
+    device: Option<std::sync::Mutex<Box<dyn virtio::VirtioDevice>>>,
+}
 
-    async fn start(&self, timeout: Duration) -> Result<()> {
-        self.do_start(timeout).await
-    }
-
-    async fn stop(&self) -> Result<()> {
-        self.do_stop().await
-    }
-
-    async fn wait_exit(&self) -> Result<VmExit> {
-        let mut rx = self.shared.exit.subscribe();
-        let exit = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|e| Error::backend("Waiting for the Dragonball VM to exit", e))?;
-        Ok(exit.clone().expect("waited for Some"))
-    }
-
-    async fn pause(&self) -> Result<()> {
-        self.do_pause().await
-    }
-
-    async fn resume(&self) -> Result<()> {
-        self.do_resume().await
-    }
-
-    async fn add_device(&self, device: Device) -> Result<DeviceInfo> {
-        let mut inner = self.inner.lock().await;
-        match self.shared.state().plug_mode(Operation::AddDevice)? {
-            hypervisor::PlugMode::Hot => Err(Self::unsupported(
-                format!("hot-plugging {} device {}", device.config.kind(), device.id),
-                "the Dragonball backend has no hotplug; add devices before start",
-            )),
-            hypervisor::PlugMode::Cold => self.cold_plug(&mut inner, device),
-        }
-    }
-
-    async fn remove_device(&self, id: &DeviceId) -> Result<()> {
-        let _inner = self.inner.lock().await;
-        self.shared.state().next(Operation::RemoveDevice)?;
-        Err(Error::DeviceNotFound(id.clone()))
-    }
-
-    async fn state(&self) -> VmState {
-        self.shared.state()
-    }
-
-    async fn capabilities(&self) -> Capabilities {
-        Self::capabilities_now()
-    }
-
-    async fn pids(&self) -> Result<VmmPids> {
-        let st = self.shared.status();
-        st.pids.clone().ok_or(Error::InvalidState {
-            operation: Operation::Start,
-            state: st.state,
-        })
-    }
-
-    async fn agent_address(&self) -> Result<AgentAddress> {
-        let inner = self.inner.lock().await;
-        inner.agent.clone().ok_or_else(|| {
-            Self::unsupported(
-                "an agent channel without a vsock device",
-                "add a DeviceConfig::Vsock before start; the agent is reached over hybrid vsock",
-            )
-        })
-    }
-
-    async fn console_log(&self) -> Option<PathBuf> {
-        let inner = self.inner.lock().await;
-        let configured = inner
-            .spec
-            .as_ref()
-            .and_then(|s| s.config.console_log.clone());
-        configured.or_else(|| inner.run_dir.as_ref().map(|d| d.join("console.log")))
-    }
-
-    async fn netns(&self) -> Option<PathBuf> {
-        let inner = self.inner.lock().await;
-        inner.spec.as_ref().and_then(|s| s.netns.clone())
-    }
-
-    async fn config(&self) -> Result<HypervisorConfig> {
-        let inner = self.inner.lock().await;
-        let spec = inner
-            .spec
-            .as_ref()
-            .ok_or_else(|| self.not_prepared(Operation::Prepare))?;
-        let mut config = spec.config.clone();
-        config.accelerator = hypervisor::Accelerator::Kvm;
-        config.path = None;
-        Ok(config)
-    }
-
-    async fn save_state(&self) -> Result<SavedState> {
-        self.do_save_state().await
-    }
-
-    async fn cleanup(&self) -> Result<()> {
-        self.do_cleanup().await
-    }
+/// One sandbox's Dragonball state, beside what the lifecycle core keeps (spec, run
+/// directory, state, exit).
+#[derive(Debug, Default)]
+pub struct DragonballSandbox {
+    /// The cold-plugged devices, in the order they were added.
+    devices: Vec<ColdDevice>,
+    /// The hybrid vsock address, once a vsock device is added.
+    agent: Option<AgentAddress>,
+    /// The VM's threads, once started.
+    running: Option<RunningVm>,
 }

@@ -1,10 +1,14 @@
-//! Prepare, start, pause/resume, stop, save and cleanup.
+//! The Dragonball steps of the lifecycle ([`Backend`]): prepare's KVM checks, start, pause
+//! and resume, stop, and what a saved state records. The lifecycle core ([`hypervisor::Vm`])
+//! does the rest: states, `wait_exit`, the run directory, the namespace check.
 
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
+use hypervisor::vm::{unsupported, Context};
 use hypervisor::{
-    Accelerator, ConfigError, Error, ExitReason, Operation, Result, SandboxSpec, SavedState,
-    VmExit, VmState, VmmPids,
+    Accelerator, AgentAddress, AgentChannelSource, Backend, Capabilities, ConfigError, Device,
+    DeviceId, DeviceInfo, Error, HypervisorConfig, Operation, PlugMode, Result, VmmPids,
 };
 use serde_json::json;
 use slog::info;
@@ -12,17 +16,22 @@ use slog::info;
 use crate::boot::KernelCmdline;
 use crate::vcpu::VcpuCommand;
 use crate::vmm::{self, BootPlan};
-use crate::{DragonballHypervisor, BACKEND};
+use crate::{Dragonball, DragonballSandbox, BACKEND};
 
-impl DragonballHypervisor {
-    fn check(&self, op: Operation) -> Result<VmState> {
-        self.shared.state().next(op)
+#[async_trait]
+impl Backend for Dragonball {
+    type Sandbox = DragonballSandbox;
+
+    fn name(&self) -> &'static str {
+        BACKEND
     }
 
-    pub(crate) async fn do_prepare(&self, spec: &SandboxSpec) -> Result<()> {
-        let mut inner = self.inner.lock().await;
-        self.check(Operation::Prepare)?;
-        spec.validate()?;
+    fn run_root(&self) -> &std::path::Path {
+        &self.opts.run_root
+    }
+
+    async fn prepare(&self, _vm: &mut DragonballSandbox, ctx: Context<'_>) -> Result<()> {
+        let spec = ctx.spec;
         if spec.config.accelerator == Accelerator::Tcg {
             return Err(ConfigError::new(
                 "accelerator",
@@ -40,55 +49,21 @@ impl DragonballHypervisor {
             )
             .into());
         }
-        if let Some(ns) = &spec.netns {
-            if !ns.exists() {
-                return Err(ConfigError::new(
-                    "netns",
-                    format!(
-                        "network namespace {} does not exist; create it (ip netns add) or pass an existing one",
-                        ns.display()
-                    ),
-                )
-                .into());
-            }
-        }
-        let run_dir = self.opts.run_root.join(&spec.id);
-        std::fs::create_dir_all(&self.opts.run_root).map_err(|e| {
-            Error::backend(
-                format!("Creating the run root {}", self.opts.run_root.display()),
-                e,
-            )
-        })?;
-        std::fs::create_dir(&run_dir).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                ConfigError::new(
-                    "id",
-                    format!(
-                        "run directory {} already exists: a sandbox with this id is running or was not cleaned up",
-                        run_dir.display()
-                    ),
-                )
-                .into()
-            } else {
-                Error::backend(format!("Creating run directory {}", run_dir.display()), e)
-            }
-        })?;
-        info!(self.log, "prepared"; "sandbox" => &spec.id, "run_dir" => run_dir.display().to_string());
-        inner.spec = Some(spec.clone());
-        inner.run_dir = Some(run_dir);
-        self.shared.set_state(VmState::Prepared);
+        info!(self.log, "prepared"; "sandbox" => &spec.id, "run_dir" => ctx.run_dir.display().to_string());
         Ok(())
     }
 
-    pub(crate) async fn do_start(&self, timeout: Duration) -> Result<()> {
-        let mut inner = self.inner.lock().await;
-        self.check(Operation::Start)?;
+    async fn start(
+        &self,
+        vm: &mut DragonballSandbox,
+        ctx: Context<'_>,
+        timeout: Duration,
+    ) -> Result<VmmPids> {
         let began = Instant::now();
-        let spec = inner.spec.clone().expect("prepared");
-        let run_dir = inner.run_dir.clone().expect("prepared");
+        let spec = ctx.spec;
         let mut cmdline = KernelCmdline::new();
-        for w in &inner.mmio_windows {
-            cmdline.add_virtio_mmio(w);
+        for d in &vm.devices {
+            cmdline.add_virtio_mmio(&d.window);
         }
         cmdline.extend_user(spec.config.kernel_params.iter().cloned());
         let plan = BootPlan {
@@ -102,13 +77,26 @@ impl DragonballHypervisor {
                 .config
                 .console_log
                 .clone()
-                .unwrap_or_else(|| run_dir.join("console.log")),
+                .unwrap_or_else(|| ctx.run_dir.join("console.log")),
         };
-        let virtio = std::mem::take(&mut inner.virtio);
+        let virtio: Vec<_> = vm
+            .devices
+            .iter_mut()
+            .filter_map(|d| {
+                let dev = d.device.take()?;
+                Some((
+                    d.window,
+                    dev.into_inner().unwrap_or_else(|p| p.into_inner()),
+                ))
+            })
+            .collect();
         info!(self.log, "starting the VM"; "sandbox" => &spec.id,
             "kernel" => plan.kernel.display().to_string(), "cmdline" => &plan.cmdline,
             "vcpus" => plan.vcpus, "memory_mib" => spec.config.memory_mib);
 
+        // A failed start is recorded as the VM's exit by the lifecycle core. Whatever was
+        // built is dropped with a cancelled future, and a dropped `RunningVm` tells its event
+        // thread to stop the threads already started.
         let starting = async {
             let log = self.log.clone();
             let built = tokio::task::spawn_blocking(move || vmm::build(&plan, virtio, &log))
@@ -117,115 +105,32 @@ impl DragonballHypervisor {
             vmm::launch(
                 built,
                 spec.netns.clone(),
-                self.shared.clone(),
+                ctx.lifecycle.clone(),
                 self.log.clone(),
             )
             .await
             .map_err(Error::from)
         };
-        let running = match tokio::time::timeout(timeout, starting).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.start_failed(e.to_string());
-                return Err(e);
-            }
-            Err(_) => {
-                // Whatever was built is dropped with the cancelled future, and a dropped
-                // `RunningVm` tells its event thread to stop the threads already started.
-                self.start_failed(format!("start timed out after {timeout:?}"));
-                return Err(Error::Timeout {
-                    what: "the Dragonball VM to start".into(),
-                    timeout,
-                });
-            }
+        let running = tokio::time::timeout(timeout, starting)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "the Dragonball VM to start".into(),
+                timeout,
+            })??;
+        let pids = VmmPids {
+            vmm: std::process::id(),
+            main_thread: running.event_tid,
+            vcpus: running.vcpu_tids.clone(),
         };
-        {
-            let mut st = self.shared.status();
-            st.pids = Some(VmmPids {
-                vmm: std::process::id(),
-                main_thread: running.event_tid,
-                vcpus: running.vcpu_tids.clone(),
-            });
-            // A guest that already ended keeps its `Stopped`.
-            if st.state == VmState::Prepared {
-                st.state = VmState::Running;
-            }
-        }
         info!(self.log, "VM running"; "sandbox" => &spec.id,
             "vcpu_tids" => format!("{:?}", running.vcpu_tids),
             "ms" => began.elapsed().as_millis() as u64);
-        inner.running = Some(running);
-        Ok(())
+        vm.running = Some(running);
+        Ok(pids)
     }
 
-    /// A start that failed ends the VM, so that `wait_exit` does not wait forever.
-    fn start_failed(&self, why: String) {
-        self.shared.finish(VmExit {
-            reason: ExitReason::Crashed(format!("the VM did not start: {why}")),
-            code: None,
-            signal: None,
-        });
-    }
-
-    pub(crate) async fn do_pause(&self) -> Result<()> {
-        let inner = self.inner.lock().await;
-        let next = self.check(Operation::Pause)?;
-        let running = inner.running.as_ref().expect("running VMs have threads");
-        let mut acks = Vec::new();
-        running.vcpus.send_all(|| {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            acks.push(rx);
-            VcpuCommand::Pause(tx)
-        });
-        let mut exit = self.shared.exit.subscribe();
-        let all_parked = async {
-            for ack in acks {
-                if ack.await.is_err() {
-                    // The vCPU returned instead: the VM is ending.
-                    let _ = exit.wait_for(Option::is_some).await;
-                    let ended = exit.borrow().clone().expect("waited for Some");
-                    return Err(Error::VmmExited(ended));
-                }
-            }
-            Ok(())
-        };
-        match tokio::time::timeout(self.opts.pause_timeout, all_parked).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                running.vcpus.resume();
-                return Err(Error::Timeout {
-                    what: "every vCPU to pause".into(),
-                    timeout: self.opts.pause_timeout,
-                });
-            }
-        }
-        self.transition(VmState::Running, next);
-        Ok(())
-    }
-
-    pub(crate) async fn do_resume(&self) -> Result<()> {
-        let inner = self.inner.lock().await;
-        let next = self.check(Operation::Resume)?;
-        let running = inner.running.as_ref().expect("paused VMs have threads");
-        running.vcpus.resume();
-        self.transition(VmState::Paused, next);
-        Ok(())
-    }
-
-    /// Moves from `from` to `to` unless the VM ended in between.
-    fn transition(&self, from: VmState, to: VmState) {
-        let mut st = self.shared.status();
-        if st.state == from {
-            st.state = to;
-        }
-    }
-
-    pub(crate) async fn do_stop(&self) -> Result<()> {
-        let mut inner = self.inner.lock().await;
-        self.check(Operation::Stop)?;
-        let Some(mut running) = inner.running.take() else {
-            self.shared.set_state(VmState::Stopped);
+    async fn stop(&self, vm: &mut DragonballSandbox, _ctx: Context<'_>) -> Result<()> {
+        let Some(mut running) = vm.running.take() else {
             return Ok(());
         };
         let began = Instant::now();
@@ -239,74 +144,130 @@ impl DragonballHypervisor {
                 timeout,
             });
         }
-        self.shared.set_state(VmState::Stopped);
         info!(self.log, "VM stopped"; "ms" => began.elapsed().as_millis() as u64);
         Ok(())
     }
 
-    pub(crate) async fn do_save_state(&self) -> Result<SavedState> {
-        let inner = self.inner.lock().await;
-        let st = self.shared.status();
-        let sandbox = inner.spec.clone().ok_or(Error::InvalidState {
-            operation: Operation::Prepare,
-            state: st.state,
-        })?;
-        Ok(SavedState {
-            backend: BACKEND.into(),
-            sandbox,
-            state: st.state,
-            pids: st.pids.clone().unwrap_or_default(),
-            devices: Vec::new(),
-            backend_data: json!({
-                "run_dir": inner.run_dir,
-                "in_process": true,
-                "devices": inner.attached.iter().map(|d| json!({
-                    "id": d.id.as_str(), "kind": d.kind, "location": d.location.to_string(),
-                    "host": d.host,
-                })).collect::<Vec<_>>(),
-                "mmio_windows": inner.mmio_windows.iter().map(|w| json!({
-                    "base": w.base, "size": w.size, "irq": w.irq,
-                })).collect::<Vec<_>>(),
-            }),
+    async fn pause(&self, vm: &mut DragonballSandbox, ctx: Context<'_>) -> Result<()> {
+        let running = vm
+            .running
+            .as_ref()
+            .ok_or_else(|| ctx.lifecycle.exited_or_state(Operation::Pause))?;
+        let mut acks = Vec::new();
+        running.vcpus.send_all(|| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            acks.push(rx);
+            VcpuCommand::Pause(tx)
+        });
+        let all_parked = async {
+            for ack in acks {
+                if ack.await.is_err() {
+                    // The vCPU returned instead: the VM is ending.
+                    return Err(Error::VmmExited(ctx.lifecycle.wait_exit().await));
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(self.opts.pause_timeout, all_parked).await {
+            Ok(parked) => parked,
+            Err(_) => {
+                running.vcpus.resume();
+                Err(Error::Timeout {
+                    what: "every vCPU to pause".into(),
+                    timeout: self.opts.pause_timeout,
+                })
+            }
+        }
+    }
+
+    async fn resume(&self, vm: &mut DragonballSandbox, ctx: Context<'_>) -> Result<()> {
+        let running = vm
+            .running
+            .as_ref()
+            .ok_or_else(|| ctx.lifecycle.exited_or_state(Operation::Resume))?;
+        running.vcpus.resume();
+        Ok(())
+    }
+
+    async fn cold_plug(
+        &self,
+        vm: &mut DragonballSandbox,
+        ctx: Context<'_>,
+        device: Device,
+    ) -> Result<DeviceInfo> {
+        self.add_cold(vm, ctx, device)
+    }
+
+    async fn remove(
+        &self,
+        vm: &mut DragonballSandbox,
+        _ctx: Context<'_>,
+        id: &DeviceId,
+        mode: PlugMode,
+    ) -> Result<()> {
+        self.remove_cold(vm, id, mode)
+    }
+
+    fn capabilities(&self, _vm: &DragonballSandbox) -> Capabilities {
+        Capabilities {
+            network_hotplug: false,
+            block_hotplug: false,
+            multi_queue: true,
+            tap_fds: false,
+            pause: true,
+            vsock: true,
+            in_process: true,
+            // The first CID a guest may have (0 to 2 are reserved); each VM has its own
+            // hybrid-vsock socket, so one CID serves every sandbox.
+            agent_channel: AgentChannelSource::VsockDevice { guest_cid: 3 },
+        }
+    }
+
+    fn agent_address(&self, vm: &DragonballSandbox) -> Result<AgentAddress> {
+        vm.agent.clone().ok_or_else(|| {
+            unsupported(
+                BACKEND,
+                "an agent channel without a vsock device",
+                "add a DeviceConfig::Vsock before start; the agent is reached over hybrid vsock",
+            )
         })
     }
 
-    pub(crate) async fn do_cleanup(&self) -> Result<()> {
-        if self.shared.state() != VmState::Created {
-            self.do_stop().await?;
-        }
-        let mut inner = self.inner.lock().await;
-        if let Some(dir) = inner.run_dir.take() {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(Error::backend(
-                        format!("Removing run directory {}", dir.display()),
-                        e,
-                    ))
-                }
-            }
-        }
-        Ok(())
+    fn effective_config(&self, _vm: &DragonballSandbox, config: &mut HypervisorConfig) {
+        config.accelerator = Accelerator::Kvm;
+        config.path = None;
+    }
+
+    fn saved(&self, vm: &DragonballSandbox) -> (Vec<DeviceInfo>, serde_json::Value) {
+        let data = json!({
+            "in_process": true,
+            "devices": vm.devices.iter().map(|d| json!({
+                "id": d.info.id.as_str(), "kind": d.info.kind,
+                "location": d.info.location.to_string(), "host": d.info.host,
+            })).collect::<Vec<_>>(),
+            "mmio_windows": vm.devices.iter().map(|d| json!({
+                "base": d.window.base, "size": d.window.size, "irq": d.window.irq,
+            })).collect::<Vec<_>>(),
+        });
+        (Vec::new(), data)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::DragonballOptions;
-    use hypervisor::{Hypervisor, HypervisorConfig};
+    use crate::{DragonballHypervisor, DragonballOptions};
+    use hypervisor::{Hypervisor, SandboxSpec, Vm, VmState};
 
     fn backend(root: &std::path::Path) -> DragonballHypervisor {
         let log = slog::Logger::root(slog::Discard, slog::o!());
-        DragonballHypervisor::new(
+        Vm::new(Dragonball::new(
             log,
             DragonballOptions {
                 run_root: root.to_path_buf(),
                 ..Default::default()
             },
-        )
+        ))
     }
 
     fn spec(id: &str) -> SandboxSpec {
@@ -332,6 +293,7 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(vm.state().await, VmState::Created);
+        assert!(!dir.path().join("tcg").exists(), "the run directory stayed");
     }
 
     #[tokio::test]
@@ -366,11 +328,11 @@ mod tests {
         let vm = backend(dir.path());
         vm.prepare(&spec("dev")).await.unwrap();
         let a = vm
-            .add_device(nic("net0", "02:00:00:00:00:01", 1))
+            .add_device(nic("net0", "02:00:00:00:00:01", 1), PlugMode::Cold)
             .await
             .unwrap();
         let b = vm
-            .add_device(nic("net1", "02:00:00:00:00:02", 1))
+            .add_device(nic("net1", "02:00:00:00:00:02", 1), PlugMode::Cold)
             .await
             .unwrap();
         assert_eq!(
@@ -390,7 +352,9 @@ mod tests {
             }
         );
         assert_eq!((a.queue_pairs, a.host.as_deref()), (Some(1), Some("tap0")));
-        let windows = vm.inner.lock().await.mmio_windows.clone();
+        let windows: Vec<_> = vm
+            .with_sandbox(|s| s.devices.iter().map(|d| d.window).collect())
+            .await;
         assert_eq!(
             windows[0].cmdline_param(),
             "virtio_mmio.device=4K@0xc0000000:5"
@@ -402,11 +366,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let vm = backend(dir.path());
         vm.prepare(&spec("mac")).await.unwrap();
-        vm.add_device(nic("net0", "02:00:00:00:00:01", 1))
+        vm.add_device(nic("net0", "02:00:00:00:00:01", 1), PlugMode::Cold)
             .await
             .unwrap();
         let err = vm
-            .add_device(nic("net1", "02:00:00:00:00:01", 1))
+            .add_device(nic("net1", "02:00:00:00:00:01", 1), PlugMode::Cold)
             .await
             .unwrap_err();
         assert!(
@@ -414,7 +378,7 @@ mod tests {
             "{err:?}"
         );
         let err = vm
-            .add_device(nic("net0", "02:00:00:00:00:03", 1))
+            .add_device(nic("net0", "02:00:00:00:00:03", 1), PlugMode::Cold)
             .await
             .unwrap_err();
         assert!(
@@ -422,7 +386,7 @@ mod tests {
             "{err:?}"
         );
         let b = vm
-            .add_device(nic("net2", "02:00:00:00:00:02", 1))
+            .add_device(nic("net2", "02:00:00:00:00:02", 1), PlugMode::Cold)
             .await
             .unwrap();
         assert!(matches!(
@@ -441,7 +405,7 @@ mod tests {
         vm.prepare(&spec("bad")).await.unwrap();
         // More pairs than the device takes (crate::virtio::net::MAX_PAIRS).
         let err = vm
-            .add_device(nic("net0", "02:00:00:00:00:01", 17))
+            .add_device(nic("net0", "02:00:00:00:00:01", 17), PlugMode::Cold)
             .await
             .unwrap_err();
         assert!(err.is_unsupported(), "{err}");
@@ -455,12 +419,18 @@ mod tests {
         };
         use hypervisor::device::BlockDriver;
         let err = vm
-            .add_device(blk("/etc/hostname", BlockDriver::VirtioBlkPci))
+            .add_device(
+                blk("/etc/hostname", BlockDriver::VirtioBlkPci),
+                PlugMode::Cold,
+            )
             .await
             .unwrap_err();
         assert!(err.is_unsupported(), "{err}");
         let err = vm
-            .add_device(blk("/nonexistent/disk.img", BlockDriver::VirtioBlkMmio))
+            .add_device(
+                blk("/nonexistent/disk.img", BlockDriver::VirtioBlkMmio),
+                PlugMode::Cold,
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Device { .. }), "{err:?}");
@@ -494,5 +464,57 @@ mod tests {
             matches!(&err, Error::InvalidConfig(c) if c.field == "id"),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_cold_batch_is_rolled_back_through_the_device_manager() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = std::sync::Arc::new(backend(dir.path()));
+        vm.prepare(&spec("batch")).await.unwrap();
+        let manager = hypervisor::DeviceManager::new(vm.clone());
+        let mut net =
+            hypervisor::device::NetworkConfig::tap("tap0", "02:00:00:00:00:01".parse().unwrap());
+        net.queue_pairs = 1;
+        let err = manager
+            .add_all(vec![
+                hypervisor::DeviceConfig::Vsock(hypervisor::device::VsockConfig { guest_cid: 3 }),
+                hypervisor::DeviceConfig::Network(net.clone()),
+                hypervisor::DeviceConfig::Block(hypervisor::device::BlockConfig {
+                    path: "/nonexistent/disk.img".into(),
+                    read_only: true,
+                    driver: hypervisor::device::BlockDriver::VirtioBlkMmio,
+                }),
+            ])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Device { .. }), "{err:?}");
+        assert!(manager.list().await.is_empty());
+        assert_eq!(vm.with_sandbox(|s| s.devices.len()).await, 0);
+        // The vsock device was dropped: its socket is gone, and so is the agent address.
+        assert!(!dir
+            .path()
+            .join("batch")
+            .join(crate::attach::VSOCK_SOCKET)
+            .exists());
+        assert!(vm.agent_address().await.unwrap_err().is_unsupported());
+        // The windows are free again: the next device gets the first one.
+        let info = manager
+            .add(hypervisor::DeviceConfig::Network(net))
+            .await
+            .unwrap();
+        assert!(matches!(
+            info.location,
+            hypervisor::device::GuestLocation::Mmio {
+                base: 0xc000_0000,
+                ..
+            }
+        ));
+        let gone = hypervisor::DeviceId::new("blk9").unwrap();
+        assert!(matches!(
+            vm.remove_device(&gone, PlugMode::Cold).await.unwrap_err(),
+            Error::DeviceNotFound(_)
+        ));
+        vm.cleanup().await.unwrap();
+        assert!(!dir.path().join("batch").exists());
     }
 }

@@ -8,7 +8,7 @@
 //!   there (TAPs), then waits (epoll) on the i8042 reset eventfd, on a wake eventfd paired
 //!   with a channel of [`VmmEvent`]s (a stop request, a vCPU that returned), and on every
 //!   virtio queue's ioeventfd and host backend fd, which it serves. The first of these decides the [`ExitReason`]; the thread then stops
-//!   and joins the vCPUs, drops memory and fds, and publishes the [`VmExit`].
+//!   and joins the vCPUs, drops memory and fds, and records the [`VmExit`] in the VM's [`Lifecycle`].
 //! - `db-vcpuN`, one per vCPU, each owning its vCPU fd (see [`crate::vcpu`]).
 //!
 //! The async facade never blocks on them: it sends commands and awaits oneshot/watch
@@ -21,7 +21,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use hypervisor::{ExitReason, VcpuFault, VcpuFaultKind, VmExit};
+use hypervisor::{ExitReason, Lifecycle, VcpuFault, VcpuFaultKind, VmExit};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use slog::{info, warn};
 use tokio::sync::oneshot;
@@ -34,7 +34,6 @@ use crate::error::{Error, Result};
 use crate::kvm;
 use crate::memory::GuestRam;
 use crate::vcpu::{self, Vcpu, VcpuCommand, VcpuExited, VcpuOutcome, VcpuSet};
-use crate::Shared;
 
 /// Everything `start` needs to build a VM.
 #[derive(Debug, Clone)]
@@ -190,7 +189,7 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
 pub async fn launch(
     built: Built,
     netns: Option<PathBuf>,
-    shared: Arc<Shared>,
+    life: Arc<Lifecycle>,
     log: slog::Logger,
 ) -> Result<RunningVm> {
     vcpu::install_kick_handler()?;
@@ -229,7 +228,7 @@ pub async fn launch(
         rx,
         wake,
         vcpus: vcpus.clone(),
-        shared,
+        life,
         log: log.clone(),
     };
     let event_thread = spawn("db-vmm".into(), move || ctx.run(netns, ready_tx))?;
@@ -353,7 +352,7 @@ struct EventLoop {
     rx: Receiver<VmmEvent>,
     wake: Arc<EventFd>,
     vcpus: Arc<VcpuSet>,
-    shared: Arc<Shared>,
+    life: Arc<Lifecycle>,
     log: slog::Logger,
 }
 
@@ -379,7 +378,7 @@ impl EventLoop {
             ram,
             devices,
             vcpus,
-            shared,
+            life,
             log,
             ..
         } = self;
@@ -397,7 +396,7 @@ impl EventLoop {
             signal: None,
         };
         info!(log, "VM exited"; "how" => exit.to_string());
-        shared.finish(exit);
+        life.finish(exit);
     }
 
     fn wait_for_exit(&self) -> ExitReason {

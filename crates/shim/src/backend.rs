@@ -98,10 +98,10 @@ pub fn create(
                 run_root: opts.run_root.clone(),
                 ..Default::default()
             };
-            Ok(Arc::new(hypervisor_qemu::QemuHypervisor::new(
+            Ok(Arc::new(hypervisor::Vm::new(hypervisor_qemu::Qemu::new(
                 log.clone(),
                 qemu_opts,
-            )))
+            ))))
         }
         #[cfg(feature = "dragonball")]
         BackendKind::Dragonball => {
@@ -110,9 +110,8 @@ pub fn create(
                 run_root: opts.run_root.clone(),
                 ..Default::default()
             };
-            Ok(Arc::new(hypervisor_dragonball::DragonballHypervisor::new(
-                log.clone(),
-                db_opts,
+            Ok(Arc::new(hypervisor::Vm::new(
+                hypervisor_dragonball::Dragonball::new(log.clone(), db_opts),
             )))
         }
         #[allow(unreachable_patterns)]
