@@ -24,20 +24,20 @@ use std::sync::Arc;
 
 use hypervisor::device::VsockConfig;
 use hypervisor::{AgentAddress, Device, DeviceConfig, DeviceId, Hypervisor, HypervisorConfig};
-use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
+use hypervisor_dragonball::{Dragonball as DragonballBackend, DragonballOptions};
 use workspace_tests::{scenarios, test_logger, Backend, GuestAssets, Sandbox, TapHandover};
 
 struct Dragonball;
 
 impl Backend for Dragonball {
     fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
-        Arc::new(DragonballHypervisor::new(
+        Arc::new(hypervisor::Vm::new(DragonballBackend::new(
             test_logger(),
             DragonballOptions {
                 run_root: run_root.to_path_buf(),
                 ..Default::default()
             },
-        ))
+        )))
     }
 
     fn config(&self, assets: &GuestAssets) -> HypervisorConfig {
@@ -167,7 +167,7 @@ async fn the_scenario_harness_hands_over_a_named_tap_and_tears_down_an_in_proces
     });
     let mut sb = Sandbox::prepare(&TestGuest, config).await.unwrap();
     let mut nic = sb.tap(1, 1).unwrap();
-    sb.hv.add_device(nic.device("net0")).await.unwrap();
+    sb.devices.add(nic.network()).await.unwrap();
     // Before start no one holds the persistent TAP.
     let link = sb.ip(&["-j", "link", "show", "dev", &nic.tap]).unwrap();
     assert!(link.contains("\"NO-CARRIER\""), "{link}");

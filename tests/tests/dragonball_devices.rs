@@ -23,10 +23,10 @@ use std::time::Duration;
 
 use hypervisor::device::{BlockConfig, BlockDriver, GuestLocation, NetworkConfig, VsockConfig};
 use hypervisor::{
-    AgentAddress, Device, DeviceConfig, DeviceId, Error, ExitReason, Hypervisor, HypervisorConfig,
-    MacAddress, SandboxSpec, VmExit, VmState,
+    AgentAddress, DeviceConfig, DeviceManager, Error, ExitReason, Hypervisor, HypervisorConfig,
+    MacAddress, SandboxSpec, Vm, VmExit, VmState,
 };
-use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
+use hypervisor_dragonball::{Dragonball, DragonballHypervisor, DragonballOptions};
 use workspace_tests::{require_root, test_guest, test_logger, unique_name};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,6 +38,8 @@ const TEST_MAC: [u8; 6] = [0x02, 0xdb, 0, 0, 0, 0xaa];
 
 struct TestVm {
     vm: Arc<DragonballHypervisor>,
+    /// Every device goes through the manager, which decides cold or hot plug.
+    devices: DeviceManager,
     _dir: tempfile::TempDir,
 }
 
@@ -52,7 +54,7 @@ impl TestVm {
             run_root: dir.path().to_path_buf(),
             ..Default::default()
         };
-        let vm = Arc::new(DragonballHypervisor::new(test_logger(), opts));
+        let vm = Arc::new(Vm::new(Dragonball::new(test_logger(), opts)));
         let spec = SandboxSpec {
             id: unique_name("dbd"),
             netns,
@@ -65,20 +67,16 @@ impl TestVm {
             },
         };
         vm.prepare(&spec).await.expect("prepare");
-        TestVm { vm, _dir: dir }
+        TestVm {
+            devices: DeviceManager::new(vm.clone()),
+            vm,
+            _dir: dir,
+        }
     }
 
-    async fn add(
-        &self,
-        id: &str,
-        config: DeviceConfig,
-    ) -> hypervisor::Result<hypervisor::DeviceInfo> {
-        self.vm
-            .add_device(Device {
-                id: DeviceId::new(id).unwrap(),
-                config,
-            })
-            .await
+    /// Adds a device through the manager (ids `net0`, `blk0`, ... in order).
+    async fn add(&self, config: DeviceConfig) -> hypervisor::Result<hypervisor::DeviceInfo> {
+        self.devices.add(config).await
     }
 
     async fn console(&self) -> String {
@@ -279,7 +277,7 @@ async fn guest_frames_cross_a_real_tap_and_the_guest_echoes_ours() {
         Some(tn.ns.path().to_path_buf()),
     )
     .await;
-    let info = t.add("net0", nic(&tn.tap)).await.expect("add the NIC");
+    let info = t.add(nic(&tn.tap)).await.expect("add the NIC");
     assert_eq!(
         info.location,
         GuestLocation::Mmio {
@@ -336,7 +334,7 @@ async fn offloads_the_guest_acknowledges_are_set_on_the_tap() {
         Some(tn.ns.path().to_path_buf()),
     )
     .await;
-    t.add("net0", nic(&tn.tap)).await.expect("add the NIC");
+    t.add(nic(&tn.tap)).await.expect("add the NIC");
     assert_eq!(
         tn.offloads_on(&GUEST_OFFLOADS),
         [false; 4],
@@ -381,7 +379,7 @@ async fn two_queue_pairs_carry_a_frame_each_and_the_guest_echoes_on_either() {
     let mut config = NetworkConfig::tap(&tn.tap, MacAddress(GUEST_MAC));
     config.queue_pairs = 2;
     let info = t
-        .add("net0", DeviceConfig::Network(config))
+        .add(DeviceConfig::Network(config))
         .await
         .expect("add the NIC");
     assert_eq!(info.queue_pairs, Some(2));
@@ -430,7 +428,7 @@ async fn two_queue_pairs_on_a_single_queue_tap_fail_start_clearly() {
     .await;
     let mut config = NetworkConfig::tap(&tn.tap, MacAddress(GUEST_MAC));
     config.queue_pairs = 2;
-    t.add("net0", DeviceConfig::Network(config)).await.unwrap();
+    t.add(DeviceConfig::Network(config)).await.unwrap();
     let err = t.vm.start(BOOT_TIMEOUT).await.unwrap_err();
     let chain = workspace_tests::error_chain(&err);
     assert!(chain.contains("multi-queue TAP is needed"), "{chain}");
@@ -448,7 +446,7 @@ async fn a_missing_tap_fails_start_and_is_not_created() {
         Some(ns.path().to_path_buf()),
     )
     .await;
-    t.add("net0", nic("dbnotap0"))
+    t.add(nic("dbnotap0"))
         .await
         .expect("added: the TAP is checked at start");
     let err = t.vm.start(BOOT_TIMEOUT).await.unwrap_err();
@@ -466,8 +464,8 @@ async fn a_missing_tap_fails_start_and_is_not_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nics_with_one_mac_and_hotplug_after_start_are_refused() {
     let t = TestVm::prepared(&["testguest.action=hlt_forever"], None).await;
-    t.add("net0", nic("dbtapa")).await.unwrap();
-    let err = t.add("net1", nic("dbtapb")).await.unwrap_err();
+    t.add(nic("dbtapa")).await.unwrap();
+    let err = t.add(nic("dbtapb")).await.unwrap_err();
     assert!(
         matches!(&err, Error::InvalidConfig(c) if c.field == "network.guest_mac"),
         "{err:?}"
@@ -478,7 +476,7 @@ async fn two_nics_with_one_mac_and_hotplug_after_start_are_refused() {
 
     let t = TestVm::prepared(&["testguest.action=hlt_forever"], None).await;
     t.vm.start(BOOT_TIMEOUT).await.unwrap();
-    let err = t.add("net0", nic("dbtapa")).await.unwrap_err();
+    let err = t.add(nic("dbtapa")).await.unwrap_err();
     assert!(err.is_unsupported(), "{err}");
     t.vm.cleanup().await.unwrap();
 }
@@ -518,7 +516,7 @@ fn console_value<'a>(console: &'a str, key: &str) -> &'a str {
 async fn the_guest_reads_a_host_file_and_its_checksum_matches() {
     let img = image(16);
     let t = TestVm::prepared(&["testguest.action=blk", "testguest.blk_sectors=8"], None).await;
-    let info = t.add("blk0", disk(img.path(), true)).await.unwrap();
+    let info = t.add(disk(img.path(), true)).await.unwrap();
     assert_eq!(info.host.as_deref(), Some(img.path().to_str().unwrap()));
     let console = t.run_to_shutdown().await;
     let mut data = vec![0u8; 8 * 512];
@@ -539,7 +537,7 @@ async fn a_guest_write_reaches_a_read_write_file_and_a_read_only_one_refuses_it(
         let img = image(8);
         let before = std::fs::read(img.path()).unwrap();
         let t = TestVm::prepared(&["testguest.action=blk", "testguest.blk_write=5"], None).await;
-        t.add("blk0", disk(img.path(), read_only)).await.unwrap();
+        t.add(disk(img.path(), read_only)).await.unwrap();
         let console = t.run_to_shutdown().await;
         let after = std::fs::read(img.path()).unwrap();
         let status = console_value(&console, "testguest: blk: write status=");
@@ -560,14 +558,14 @@ async fn a_guest_write_reaches_a_read_write_file_and_a_read_only_one_refuses_it(
 async fn missing_or_unreadable_block_images_fail_add_device() {
     let t = TestVm::prepared(&[], None).await;
     let err = t
-        .add("blk0", disk(Path::new("/nonexistent/disk.img"), true))
+        .add(disk(Path::new("/nonexistent/disk.img"), true))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Device { .. }), "{err:?}");
     // Read-write on a file opened read-only by permission: root ignores modes, so use a
     // directory, which no one can open for writing.
     let dir = tempfile::tempdir().unwrap();
-    let err = t.add("blk1", disk(dir.path(), false)).await.unwrap_err();
+    let err = t.add(disk(dir.path(), false)).await.unwrap_err();
     assert!(matches!(err, Error::Device { .. }), "{err:?}");
     t.vm.cleanup().await.unwrap();
 }
@@ -607,7 +605,7 @@ async fn hybrid_vsock_connects_host_clients_to_the_guest_and_refuses_bad_ones() 
     let t = TestVm::prepared(&["testguest.action=vsock"], None).await;
     let err = t.vm.agent_address().await.unwrap_err();
     assert!(err.is_unsupported(), "{err}");
-    t.add("vsock0", DeviceConfig::Vsock(VsockConfig { guest_cid: 3 }))
+    t.add(DeviceConfig::Vsock(VsockConfig { guest_cid: 3 }))
         .await
         .unwrap();
     let AgentAddress::HybridVsock { path, port } = t.vm.agent_address().await.unwrap() else {
@@ -616,7 +614,7 @@ async fn hybrid_vsock_connects_host_clients_to_the_guest_and_refuses_bad_ones() 
     assert_eq!(port, 1024);
     assert!(path.exists(), "{}", path.display());
     let err = t
-        .add("vsock1", DeviceConfig::Vsock(VsockConfig { guest_cid: 4 }))
+        .add(DeviceConfig::Vsock(VsockConfig { guest_cid: 4 }))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");

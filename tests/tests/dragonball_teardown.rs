@@ -11,8 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hypervisor::{ExitReason, Hypervisor, HypervisorConfig, SandboxSpec, VmState};
-use hypervisor_dragonball::{DragonballHypervisor, DragonballOptions};
+use hypervisor::{ExitReason, Hypervisor, HypervisorConfig, SandboxSpec, Vm, VmState};
+use hypervisor_dragonball::{Dragonball, DragonballOptions};
 use workspace_tests::{fd_targets, test_guest, test_logger, unique_name};
 
 /// Guest RAM.
@@ -82,13 +82,13 @@ fn snapshot() -> Snapshot {
 /// stops it, and returns what the process held before start and after stop.
 async fn boot_and_stop() -> (Snapshot, Snapshot) {
     let dir = tempfile::tempdir().unwrap();
-    let vm = Arc::new(DragonballHypervisor::new(
+    let vm = Arc::new(Vm::new(Dragonball::new(
         test_logger(),
         DragonballOptions {
             run_root: dir.path().to_path_buf(),
             ..Default::default()
         },
-    ));
+    )));
     let spec = SandboxSpec {
         id: unique_name("dbleak"),
         netns: None,

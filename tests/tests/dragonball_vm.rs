@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use hypervisor::device::NetworkConfig;
 use hypervisor::{
-    Device, DeviceConfig, DeviceId, Error, ExitReason, Hypervisor, HypervisorConfig, SandboxSpec,
-    VcpuFaultKind, VmExit, VmState,
+    Device, DeviceConfig, DeviceId, DeviceManager, Error, ExitReason, Hypervisor, HypervisorConfig,
+    PlugMode, SandboxSpec, VcpuFaultKind, Vm, VmExit, VmState,
 };
-use hypervisor_dragonball::{DragonballError, DragonballHypervisor, DragonballOptions};
+use hypervisor_dragonball::{Dragonball, DragonballError, DragonballHypervisor, DragonballOptions};
 use workspace_tests::{run, test_guest, test_logger, unique_name, GuestAssets};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,7 +45,7 @@ impl TestVm {
             ..Default::default()
         };
         TestVm {
-            vm: Arc::new(DragonballHypervisor::new(test_logger(), opts)),
+            vm: Arc::new(Vm::new(Dragonball::new(test_logger(), opts))),
             _dir: dir,
         }
     }
@@ -58,7 +58,7 @@ impl TestVm {
             ..Default::default()
         };
         TestVm {
-            vm: Arc::new(DragonballHypervisor::new(test_logger(), opts)),
+            vm: Arc::new(Vm::new(Dragonball::new(test_logger(), opts))),
             _dir: dir,
         }
     }
@@ -284,14 +284,33 @@ async fn devices_cannot_be_hot_plugged_and_pause_is_a_capability() {
     let caps = t.vm.capabilities().await;
     assert!(caps.pause && !caps.network_hotplug && !caps.block_hotplug);
     let nic = NetworkConfig::tap("tap0", "02:00:00:00:00:01".parse().unwrap());
-    let err =
-        t.vm.add_device(Device {
-            id: DeviceId::new("net0").unwrap(),
-            config: DeviceConfig::Network(nic),
-        })
+    // Through the manager, which decides hot plug for a running VM: unsupported.
+    let devices = DeviceManager::new(t.vm.clone());
+    let err = devices
+        .add(DeviceConfig::Network(nic.clone()))
         .await
         .unwrap_err();
     assert!(err.is_unsupported(), "{err}");
+    assert!(devices.list().await.is_empty());
+    // Straight to the VM, bypassing the manager: hot is unsupported, cold is not a running
+    // VM's mode.
+    let device = || Device {
+        id: DeviceId::new("net0").unwrap(),
+        config: DeviceConfig::Network(nic.clone()),
+    };
+    let err = t.vm.add_device(device(), PlugMode::Hot).await.unwrap_err();
+    assert!(err.is_unsupported(), "{err}");
+    let err = t.vm.add_device(device(), PlugMode::Cold).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidState {
+                state: VmState::Running,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     t.vm.cleanup().await.unwrap();
     assert_eq!(t.vm.state().await, VmState::Stopped);
 }
