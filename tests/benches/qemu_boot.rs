@@ -150,7 +150,7 @@ async fn layer_once(s: &mut Samples) -> Result<()> {
     let t = Instant::now();
     let mut nic = sb.tap(1, 1)?;
     s.add("host: TAP create + up", t.elapsed());
-    sb.hv.add_device(nic.device("net0")).await?;
+    sb.devices.add(nic.network()).await?;
 
     let t0 = Instant::now();
     sb.hv.start(Duration::from_secs(60)).await?;
@@ -186,7 +186,7 @@ async fn layer_once(s: &mut Samples) -> Result<()> {
     let mut second = sb.tap(2, 1)?;
     let mac = second.mac.to_string();
     let t2 = Instant::now();
-    sb.hv.add_device(second.device("net1")).await?;
+    sb.devices.add(second.network()).await?;
     s.add(
         "host: NIC hotplug (getfd + netdev_add + device_add)",
         t2.elapsed(),

@@ -127,7 +127,7 @@ fn tap_cycles(cycles: usize) -> Result<()> {
 async fn sandbox_cycle(assets: &GuestAssets) -> Result<()> {
     let mut sb = Sandbox::prepare(&Qemu::Q35, Qemu::Q35.config(assets)).await?;
     let mut nic = sb.tap(1, 1)?;
-    sb.hv.add_device(nic.device("net0")).await?;
+    sb.devices.add(nic.network()).await?;
     sb.start().await?;
     sb.configure(&nic).await?;
     sb.wait_ping(&nic.guest_ip, Duration::from_secs(20)).await?;

@@ -21,7 +21,8 @@ use anyhow::{bail, ensure, Context, Result};
 use guest_agent::client::AgentClient;
 use hypervisor::device::{NetworkBackend, NetworkConfig};
 use hypervisor::{
-    AgentAddress, Device, Hypervisor, HypervisorConfig, MacAddress, SandboxSpec, VmmPids,
+    AgentAddress, Device, DeviceManager, Hypervisor, HypervisorConfig, MacAddress, SandboxSpec,
+    VmmPids,
 };
 
 /// Fails the calling test, with the reason, unless it runs as root.
@@ -200,6 +201,9 @@ pub enum TapHandover {
 pub struct Sandbox {
     /// The backend handle.
     pub hv: Arc<dyn Hypervisor>,
+    /// The sandbox's devices: every device a scenario adds goes through the manager, which
+    /// decides cold or hot plug.
+    pub devices: DeviceManager,
     ns: Option<netdev::NetNs>,
     /// Sandbox id.
     pub id: String,
@@ -257,6 +261,11 @@ impl TestNic {
             .expect("the NIC config was already taken")
     }
 
+    /// [`TestNic::take_config`] as a device configuration for the [`DeviceManager`].
+    pub fn network(&mut self) -> hypervisor::DeviceConfig {
+        hypervisor::DeviceConfig::Network(self.take_config())
+    }
+
     /// [`TestNic::take_config`] as a network device with the id `id`.
     pub fn device(&mut self, id: &str) -> Device {
         Device {
@@ -296,12 +305,15 @@ impl Sandbox {
             config,
         };
         hv.prepare(&spec).await.context("prepare")?;
+        let devices = DeviceManager::new(hv.clone());
         for device in backend.base_devices() {
-            hv.add_device(device.clone())
+            devices
+                .add(device.config.clone())
                 .await
                 .with_context(|| format!("cold-plugging {}", device.id))?;
         }
         Ok(Sandbox {
+            devices,
             hv,
             ns: Some(ns),
             id,

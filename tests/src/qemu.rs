@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
+use hypervisor::Vm;
 use hypervisor::{Hypervisor, HypervisorConfig};
-use hypervisor_qemu::{QemuHypervisor, QemuOptions};
+use hypervisor_qemu::{Qemu as QemuBackend, QemuHypervisor, QemuOptions, QemuVm};
 use serde_json::{json, Value};
 
 use crate::{test_logger, Backend, GuestAssets};
@@ -42,7 +43,10 @@ impl Qemu {
 
 impl Backend for Qemu {
     fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
-        Arc::new(QemuHypervisor::new(test_logger(), Self::options(run_root)))
+        Arc::new(Vm::new(QemuBackend::new(
+            test_logger(),
+            Self::options(run_root),
+        )))
     }
 
     fn config(&self, assets: &GuestAssets) -> HypervisorConfig {
@@ -138,10 +142,10 @@ impl Kept {
 
 impl Backend for Kept {
     fn create(&self, run_root: &Path) -> Arc<dyn Hypervisor> {
-        let hv = Arc::new(QemuHypervisor::new(
+        let hv = Arc::new(Vm::new(QemuBackend::new(
             (self.logger)(),
             (self.options)(run_root),
-        ));
+        )));
         *self.last.lock().unwrap() = Some((hv.clone(), run_root.to_path_buf()));
         hv
     }

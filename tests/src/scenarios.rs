@@ -5,19 +5,12 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use guest_agent::protocol::ExecRequest;
 use hypervisor::device::{BlockConfig, BlockDriver};
-use hypervisor::{Device, DeviceConfig, DeviceId, Error, ExitReason, VmState};
+use hypervisor::{DeviceConfig, Error, ExitReason, VmState};
 
 use crate::{Backend, GuestAssets, Sandbox, TestNic};
 
 const PING_LIMIT: Duration = Duration::from_secs(60);
 const AGENT_CALL: Duration = Duration::from_secs(30);
-
-fn dev(id: &str, config: DeviceConfig) -> Device {
-    Device {
-        id: DeviceId::new(id).expect("valid test id"),
-        config,
-    }
-}
 
 async fn booted_with_nic(backend: &dyn Backend, queues: u16) -> Result<(Sandbox, TestNic)> {
     backend.can_boot().map_err(anyhow::Error::msg)?;
@@ -27,8 +20,8 @@ async fn booted_with_nic(backend: &dyn Backend, queues: u16) -> Result<(Sandbox,
     config.vcpus = config.vcpus.max(u32::from(queues));
     let mut sb = Sandbox::prepare(backend, config).await?;
     let mut nic = sb.tap(1, queues)?;
-    sb.hv
-        .add_device(nic.device("net0"))
+    sb.devices
+        .add(nic.network())
         .await
         .context("cold-plugging the NIC")?;
     sb.start().await?;
@@ -81,8 +74,8 @@ pub async fn nic_hotplug_and_unplug(backend: &dyn Backend) -> Result<()> {
     let (mut sb, _nic) = booted_with_nic(backend, 1).await?;
     let mut second = sb.tap(2, 2)?;
     let info = sb
-        .hv
-        .add_device(second.device("net1"))
+        .devices
+        .add(second.network())
         .await
         .context("hot-plugging the second NIC")?;
     ensure!(info.hotplugged, "{info:?} is not marked hot-plugged");
@@ -102,8 +95,8 @@ pub async fn nic_hotplug_and_unplug(backend: &dyn Backend) -> Result<()> {
     let name = configured.context("the guest never showed the hot-plugged NIC")?;
     sb.wait_ping(&second.guest_ip, PING_LIMIT).await?;
 
-    sb.hv
-        .remove_device(&info.id)
+    sb.devices
+        .remove(&info.id)
         .await
         .context("unplugging the second NIC")?;
     let ifaces = sb.agent().list_interfaces(AGENT_CALL).await?;
@@ -136,15 +129,12 @@ pub async fn block_hotplug_reads_pattern(backend: &dyn Backend) -> Result<()> {
 
     let before = guest_disks(&mut sb).await?;
     let info = sb
-        .hv
-        .add_device(dev(
-            "blk0",
-            DeviceConfig::Block(BlockConfig {
-                path: image.clone(),
-                read_only: true,
-                driver: BlockDriver::VirtioBlkPci,
-            }),
-        ))
+        .devices
+        .add(DeviceConfig::Block(BlockConfig {
+            path: image.clone(),
+            read_only: true,
+            driver: BlockDriver::VirtioBlkPci,
+        }))
         .await
         .context("hot-plugging the disk")?;
     ensure!(info.hotplugged);
@@ -176,8 +166,8 @@ pub async fn block_hotplug_reads_pattern(backend: &dyn Backend) -> Result<()> {
         "guest read {got} from /dev/{disk}, host file is {expected}"
     );
 
-    sb.hv
-        .remove_device(&info.id)
+    sb.devices
+        .remove(&info.id)
         .await
         .context("unplugging the disk")?;
     let after = guest_disks(&mut sb).await?;
@@ -264,7 +254,7 @@ pub async fn stop_is_final(backend: &dyn Backend) -> Result<()> {
         );
     }
     let mut third = sb.tap(3, 1)?;
-    match sb.hv.add_device(third.device("net2")).await {
+    match sb.devices.add(third.network()).await {
         Err(Error::InvalidState {
             state: VmState::Stopped,
             ..

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use guest_agent::protocol::{ExecRequest, InterfaceConfig, RouteConfig};
-use hypervisor::{Device, DeviceConfig, DeviceId};
+use hypervisor::DeviceConfig;
 use workspace_tests::cni::{tc_state, CniNetwork, CniResult};
 use workspace_tests::qemu::Qemu;
 use workspace_tests::{unique_name, Backend, GuestAssets, Sandbox};
@@ -29,12 +29,9 @@ async fn pod_on(net: &CniNetwork) -> Result<Pod> {
     let handle = endpoint::NetnsHandle::connect(sb.ns().path()).await?;
     let endpoints = endpoint::attach_all(&handle, &endpoint::AttachOptions::default()).await?;
     ensure!(endpoints.len() == 1, "expected one endpoint: {endpoints:?}");
-    for (i, ep) in endpoints.iter().enumerate() {
-        sb.hv
-            .add_device(Device {
-                id: DeviceId::new(format!("net{i}"))?,
-                config: DeviceConfig::Network(ep.network.clone()),
-            })
+    for ep in &endpoints {
+        sb.devices
+            .add(DeviceConfig::Network(ep.network.clone()))
             .await?;
     }
     sb.start().await?;

@@ -12,7 +12,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use anyhow::{bail, ensure, Context, Result};
 use hypervisor::{Error, Hypervisor, HypervisorConfig, SandboxSpec};
-use hypervisor_qemu::QemuHypervisor;
 use workspace_tests::qemu::{Kept, Qemu};
 use workspace_tests::{require_root, scenarios, test_logger, unique_name, GuestAssets, TestNic};
 
@@ -60,7 +59,10 @@ fn play_owner(role: &str, run_root: &Path) -> ! {
         .build()
         .expect("a runtime");
     let res: Result<()> = rt.block_on(async {
-        let hv = QemuHypervisor::new(test_logger(), Qemu::options(run_root));
+        let hv = hypervisor::Vm::new(hypervisor_qemu::Qemu::new(
+            test_logger(),
+            Qemu::options(run_root),
+        ));
         let config = match role {
             "plain" => assets_config(),
             "confined" => confined_config(),
@@ -354,7 +356,10 @@ async fn a_confined_qemu_hotplugs_a_disk_the_guest_reads() -> Result<()> {
 async fn refused(config: HypervisorConfig, key: &str, words: &str) -> Result<()> {
     require_root();
     let run_root = tempfile::tempdir()?;
-    let hv = QemuHypervisor::new(test_logger(), Qemu::options(&run_root.path().join("run")));
+    let hv = hypervisor::Vm::new(hypervisor_qemu::Qemu::new(
+        test_logger(),
+        Qemu::options(&run_root.path().join("run")),
+    ));
     let id = unique_name("bad");
     let err = hv
         .prepare(&SandboxSpec {
@@ -441,7 +446,10 @@ async fn a_configured_console_log_is_made_0600_and_the_run_root_0700() -> Result
     let run_root = tempfile::tempdir()?;
     // A run root that exists with a looser mode is tightened.
     std::fs::set_permissions(run_root.path(), std::fs::Permissions::from_mode(0o755))?;
-    let hv = QemuHypervisor::new(test_logger(), Qemu::options(run_root.path()));
+    let hv = hypervisor::Vm::new(hypervisor_qemu::Qemu::new(
+        test_logger(),
+        Qemu::options(run_root.path()),
+    ));
     let id = unique_name("con");
     hv.prepare(&SandboxSpec {
         id: id.clone(),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use hypervisor::device::{BlockConfig, BlockDriver};
-use hypervisor::{Device, DeviceConfig, DeviceId, DeviceInfo, SandboxSpec, VmState};
-use hypervisor_qemu::QemuOptions;
+use hypervisor::{Device, DeviceConfig, DeviceId, DeviceInfo, PlugMode, SandboxSpec, VmState};
+use hypervisor_qemu::{QemuOptions, QemuVm};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use workspace_tests::qemu::{device_ids, devices_behind_ports, hmp, Kept, Qemu};
@@ -219,12 +219,18 @@ fn qmp_closed_by_quit_is_reported_and_later_operations_fail_at_once() -> Result<
                 "add_device",
                 timed(
                     Instant::now(),
-                    sb.hv.add_device(nic.device("net0")).await.map(drop),
+                    sb.hv
+                        .add_device(nic.device("net0"), PlugMode::Hot)
+                        .await
+                        .map(drop),
                 ),
             ),
             (
                 "remove_device",
-                timed(Instant::now(), sb.hv.remove_device(&id).await),
+                timed(
+                    Instant::now(),
+                    sb.hv.remove_device(&id, PlugMode::Hot).await,
+                ),
             ),
             ("pause", timed(Instant::now(), sb.hv.pause().await)),
         ];
@@ -253,7 +259,7 @@ fn a_tap_deleted_under_a_running_vm_leaves_it_running_and_removable() -> Result<
         let (mut sb, fds) = prepared(&backend).await?;
         sb.start().await?;
         let mut nic = sb.tap(3, 1)?;
-        let info = sb.hv.add_device(nic.device("net3")).await?;
+        let info = sb.hv.add_device(nic.device("net3"), PlugMode::Hot).await?;
         sb.configure_when_seen(&nic).await?;
         sb.wait_ping(&nic.guest_ip, Duration::from_secs(30)).await?;
 
@@ -273,7 +279,7 @@ fn a_tap_deleted_under_a_running_vm_leaves_it_running_and_removable() -> Result<
         ensure!(!ifaces.is_empty());
 
         sb.hv
-            .remove_device(&info.id)
+            .remove_device(&info.id, PlugMode::Hot)
             .await
             .context("removing the NIC whose TAP was deleted")?;
         let devices = device_ids(&backend.hypervisor()).await?;
@@ -309,12 +315,15 @@ fn an_unplug_the_guest_ignores_times_out_keeps_its_port_and_does_not_delay_stop(
         sb.start().await?;
         let qemu = backend.hypervisor();
         let mut first = sb.tap(4, 1)?;
-        let info = sb.hv.add_device(first.device("net4")).await?;
+        let info = sb
+            .hv
+            .add_device(first.device("net4"), PlugMode::Hot)
+            .await?;
 
         let began = Instant::now();
         let err = sb
             .hv
-            .remove_device(&info.id)
+            .remove_device(&info.id, PlugMode::Hot)
             .await
             .err()
             .context("the unplug succeeded: the guest acknowledged it")?;
@@ -335,7 +344,10 @@ fn an_unplug_the_guest_ignores_times_out_keeps_its_port_and_does_not_delay_stop(
 
         // The next hotplug gets another port.
         let mut second = sb.tap(5, 1)?;
-        let info2 = sb.hv.add_device(second.device("net5")).await?;
+        let info2 = sb
+            .hv
+            .add_device(second.device("net5"), PlugMode::Hot)
+            .await?;
         ensure!(
             info2.location != info.location,
             "the pending device's port was reused: {} and {}",
@@ -356,7 +368,7 @@ fn an_unplug_the_guest_ignores_times_out_keeps_its_port_and_does_not_delay_stop(
         // A retry waits again; stop, started meanwhile, does not wait behind it.
         let hv = sb.hv.clone();
         let id = info.id.clone();
-        let mut retry = tokio::spawn(async move { hv.remove_device(&id).await });
+        let mut retry = tokio::spawn(async move { hv.remove_device(&id, PlugMode::Hot).await });
         let early = tokio::time::timeout(Duration::from_millis(500), &mut retry).await;
         ensure!(
             early.is_err(),
@@ -404,7 +416,7 @@ fn a_hotplug_answered_after_its_timeout_is_settled_with_qemu() -> Result<()> {
 
         signal(pid, Signal::SIGSTOP)?;
         let began = Instant::now();
-        let result = sb.hv.add_device(late.device("net6")).await;
+        let result = sb.hv.add_device(late.device("net6"), PlugMode::Hot).await;
         let took = began.elapsed();
         signal(pid, Signal::SIGCONT)?;
         let err = result
@@ -421,7 +433,7 @@ fn a_hotplug_answered_after_its_timeout_is_settled_with_qemu() -> Result<()> {
 
         // The next hotplug first settles the earlier one with QEMU.
         let mut next = sb.tap(7, 1)?;
-        let info = sb.hv.add_device(next.device("net7")).await?;
+        let info = sb.hv.add_device(next.device("net7"), PlugMode::Hot).await?;
         let devices = device_ids(&qemu).await?;
         let network = hmp(&qemu, "info network").await?;
         let record = sb.hv.save_state().await?;
@@ -475,7 +487,11 @@ fn kill_of_qemu_during_a_nic_hotplug_fails_it_at_once() -> Result<()> {
         let device = nic.device("net8");
         let hv = sb.hv.clone();
         let (result, took) =
-            kill_while_pending(pid, async move { hv.add_device(device).await }).await?;
+            kill_while_pending(
+                pid,
+                async move { hv.add_device(device, PlugMode::Hot).await },
+            )
+            .await?;
         expect_exit_error("NIC hotplug", result, took)?;
         finish(&backend, sb, fds).await
     })
@@ -498,8 +514,11 @@ fn kill_of_qemu_during_a_block_hotplug_fails_it_at_once() -> Result<()> {
             }),
         };
         let hv = sb.hv.clone();
-        let (result, took): (hypervisor::Result<DeviceInfo>, _) =
-            kill_while_pending(pid, async move { hv.add_device(device).await }).await?;
+        let (result, took): (hypervisor::Result<DeviceInfo>, _) = kill_while_pending(
+            pid,
+            async move { hv.add_device(device, PlugMode::Hot).await },
+        )
+        .await?;
         expect_exit_error("block hotplug", result, took)?;
         std::fs::remove_file(&image)?;
         finish(&backend, sb, fds).await

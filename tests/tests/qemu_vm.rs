@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use guest_agent::protocol::ExecRequest;
 use hypervisor::{
-    Accelerator, Device, DeviceConfig, DeviceId, Error, Hypervisor, HypervisorConfig, SandboxSpec,
+    Accelerator, Device, DeviceConfig, DeviceId, Error, Hypervisor, HypervisorConfig, PlugMode,
+    SandboxSpec,
 };
 use hypervisor_qemu::qmp::QmpError;
-use hypervisor_qemu::QemuHypervisor;
+use hypervisor_qemu::QemuVm;
 use serde_json::json;
 use workspace_tests::qemu::{block_nodes, device_ids, hmp, Kept, Qemu};
 use workspace_tests::{fd_targets, scenarios, test_logger, Backend, GuestAssets, Sandbox};
@@ -344,7 +345,7 @@ async fn microvm_boots_with_two_queues_and_image_and_refuses_hotplug() {
     config.vcpus = 2;
     let mut sb = Sandbox::prepare(&microvm, config).await.unwrap();
     let mut nic = sb.tap(1, 2).unwrap();
-    sb.hv.add_device(nic.device("net0")).await.unwrap();
+    sb.devices.add(nic.network()).await.unwrap();
     sb.start().await.unwrap();
     sb.configure(&nic).await.unwrap();
     sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
@@ -371,9 +372,9 @@ async fn microvm_boots_with_two_queues_and_image_and_refuses_hotplug() {
     assert!(!sb.hv.capabilities().await.network_hotplug);
 
     let mut second = sb.tap(2, 1).unwrap();
-    let err = sb.hv.add_device(second.device("net1")).await.unwrap_err();
+    let err = sb.devices.add(second.network()).await.unwrap_err();
     assert!(err.is_unsupported(), "{err}");
-    assert!(err.to_string().contains("microvm"), "{err}");
+    assert!(err.to_string().contains("machine type"), "{err}");
     let pid = sb.hv.pids().await.unwrap().vmm;
     sb.teardown(Some(pid)).await.unwrap();
 }
@@ -472,7 +473,7 @@ async fn a_restarted_runtime_reattaches_from_saved_state() {
     let assets = GuestAssets::find();
     let mut sb = Sandbox::prepare(&QEMU, QEMU.config(&assets)).await.unwrap();
     let mut nic = sb.tap(1, 1).unwrap();
-    sb.hv.add_device(nic.device("net0")).await.unwrap();
+    sb.devices.add(nic.network()).await.unwrap();
     sb.start().await.unwrap();
     sb.configure(&nic).await.unwrap();
     sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
@@ -486,7 +487,7 @@ async fn a_restarted_runtime_reattaches_from_saved_state() {
     let pid = saved.pids.vmm;
     sb.hv = QEMU.create(sb.run_root.path());
     let restored: Arc<dyn Hypervisor> = Arc::new(
-        QemuHypervisor::restore(test_logger(), Qemu::options(sb.run_root.path()), saved)
+        hypervisor_qemu::restore(test_logger(), Qemu::options(sb.run_root.path()), saved)
             .await
             .unwrap(),
     );
@@ -612,7 +613,7 @@ async fn q35_failed_hotplugs_roll_back_everything() {
         .unwrap();
     let qemu = backend.hypervisor();
     let mut nic = sb.tap(1, 1).unwrap();
-    sb.hv.add_device(nic.device("net0")).await.unwrap();
+    sb.devices.add(nic.network()).await.unwrap();
     sb.start().await.unwrap();
     sb.configure(&nic).await.unwrap();
     sb.wait_ping(&nic.guest_ip, Duration::from_secs(60))
@@ -634,7 +635,11 @@ async fn q35_failed_hotplugs_roll_back_everything() {
     .await
     .unwrap();
     let mut second = sb.tap(2, 2).unwrap();
-    let err = sb.hv.add_device(second.device("net2")).await.unwrap_err();
+    let err = sb
+        .hv
+        .add_device(second.device("net2"), PlugMode::Hot)
+        .await
+        .unwrap_err();
     assert_eq!(
         failed_qmp_command(&err, "net2", "Adding the netdev of").unwrap(),
         "netdev_add"
@@ -662,7 +667,11 @@ async fn q35_failed_hotplugs_roll_back_everything() {
     .await
     .unwrap();
     let mut third = sb.tap(3, 2).unwrap();
-    let err = sb.hv.add_device(third.device("net3")).await.unwrap_err();
+    let err = sb
+        .hv
+        .add_device(third.device("net3"), PlugMode::Hot)
+        .await
+        .unwrap_err();
     assert_eq!(
         failed_qmp_command(&err, "net3", "Hot-plugging network").unwrap(),
         "device_add"
@@ -687,7 +696,11 @@ async fn q35_failed_hotplugs_roll_back_everything() {
             driver: hypervisor::device::BlockDriver::VirtioBlkPci,
         })
     };
-    let err = sb.hv.add_device(device("blk1", data())).await.unwrap_err();
+    let err = sb
+        .hv
+        .add_device(device("blk1", data()), PlugMode::Hot)
+        .await
+        .unwrap_err();
     assert_eq!(
         failed_qmp_command(&err, "blk1", "Hot-plugging block").unwrap(),
         "device_add"
@@ -720,13 +733,19 @@ async fn q35_failed_hotplugs_roll_back_everything() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut third = sb.tap(3, 2).unwrap();
-    sb.hv.add_device(third.device("net3")).await.unwrap();
+    sb.hv
+        .add_device(third.device("net3"), PlugMode::Hot)
+        .await
+        .unwrap();
     assert_eq!(tun_fds(pid).unwrap(), tun_before + 2);
     sb.configure_when_seen(&third).await.unwrap();
     sb.wait_ping(&third.guest_ip, Duration::from_secs(60))
         .await
         .unwrap();
-    sb.hv.add_device(device("blk1", data())).await.unwrap();
+    sb.hv
+        .add_device(device("blk1", data()), PlugMode::Hot)
+        .await
+        .unwrap();
     assert!(block_nodes(&qemu)
         .await
         .unwrap()
