@@ -6,7 +6,7 @@
 //! creates it; `netdev` in this workspace). [`NetDevice::open_backend`] runs on the `db-vmm`
 //! thread, which has entered that namespace, and first checks that the interface exists
 //! there (`if_nametoindex`): `TUNSETIFF` on a missing name would *create* a TAP, which then
-//! nobody would delete, so a missing TAP is an error ([`Error::Device`]) naming the TAP and
+//! nobody would delete, so a missing TAP is an error ([`DeviceError::TapMissing`]) naming the TAP and
 //! the namespace. It then attaches with `dbs_utils::net::Tap::open_named` (which fails for an
 //! interface that is not a TAP, or whose queue mode differs: one queue pair needs a
 //! single-queue TAP, more need an `IFF_MULTI_QUEUE` one), opens one queue fd per pair with
@@ -48,7 +48,7 @@ use slog::{debug, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{bit, read_config_bytes, QueueCtx, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 
 /// Guest can handle partial checksums.
 pub const VIRTIO_NET_F_CSUM: u32 = 0;
@@ -206,19 +206,14 @@ impl NetDevice {
         (self.pairs > 1).then(|| 2 * usize::from(self.pairs))
     }
 
-    fn where_(&self) -> String {
-        match &self.netns {
-            Some(ns) => format!("network namespace {}", ns.display()),
-            None => "the runtime's network namespace".into(),
+    fn tap_error(&self, step: &str, source: dbs_utils::net::TapError) -> Error {
+        DeviceError::Tap {
+            step: step.to_string(),
+            tap: self.tap_name.clone(),
+            netns: self.netns.clone(),
+            source,
         }
-    }
-
-    fn tap_error(&self, step: &str, e: impl std::fmt::Display) -> Error {
-        Error::Device(format!(
-            "{step} TAP {:?} in {}: {e}",
-            self.tap_name,
-            self.where_()
-        ))
+        .into()
     }
 
     /// Attaches the TAP queues of the first `n` pairs and detaches the others.
@@ -466,11 +461,11 @@ impl VirtioDevice for NetDevice {
 
     fn open_backend(&mut self) -> Result<()> {
         if nix::net::if_::if_nametoindex(self.tap_name.as_str()).is_err() {
-            return Err(Error::Device(format!(
-                "TAP {:?} does not exist in {}: this backend opens an existing TAP and does not create one (create it first, e.g. with the netdev crate)",
-                self.tap_name,
-                self.where_()
-            )));
+            return Err(DeviceError::TapMissing {
+                tap: self.tap_name.clone(),
+                netns: self.netns.clone(),
+            }
+            .into());
         }
         let multi = self.pairs > 1;
         let step = if multi {
@@ -504,8 +499,12 @@ impl VirtioDevice for NetDevice {
             })
             .collect();
         // Only pair 0 until the driver enables more.
-        self.use_pairs(1)
-            .map_err(|e| self.tap_error("Detaching the unused queues of", e))?;
+        self.use_pairs(1).map_err(|source| DeviceError::TapQueues {
+            step: "Detaching the unused queues of",
+            tap: self.tap_name.clone(),
+            netns: self.netns.clone(),
+            source,
+        })?;
         Ok(())
     }
 

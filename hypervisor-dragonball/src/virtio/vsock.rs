@@ -25,7 +25,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{bit, read_config_bytes, QueueCtx, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
@@ -166,15 +166,20 @@ impl VsockDevice {
         listener
             .set_nonblocking(true)
             .map_err(|e| file_err("Making the hybrid vsock socket non-blocking", e))?;
-        let epoll = Epoll::new()
-            .map_err(|e| Error::Device(format!("Creating the vsock device's epoll: {e}")))?;
+        let epoll = Epoll::new().map_err(|source| DeviceError::VsockEpoll {
+            step: "Creating the vsock device's epoll",
+            source,
+        })?;
         epoll
             .ctl(
                 ControlOperation::Add,
                 listener.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
             )
-            .map_err(|e| Error::Device(format!("Polling the hybrid vsock socket: {e}")))?;
+            .map_err(|source| DeviceError::VsockEpoll {
+                step: "Polling the hybrid vsock socket",
+                source,
+            })?;
         Ok(VsockDevice {
             guest_cid: u64::from(guest_cid),
             path: path.to_path_buf(),
