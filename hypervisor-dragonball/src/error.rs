@@ -413,6 +413,17 @@ impl Error {
     }
 }
 
+/// An error and its sources on one line, as `{:#}` of anyhow prints them: for logs.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        parts.push(c.to_string());
+        cause = c.source();
+    }
+    parts.join(": ")
+}
+
 impl From<Error> for hypervisor::Error {
     fn from(e: Error) -> Self {
         hypervisor::Error::backend("Running the Dragonball VMM", e)
@@ -422,17 +433,6 @@ impl From<Error> for hypervisor::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The message and its sources, as `{:#}` of anyhow prints them.
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut parts = vec![e.to_string()];
-        let mut cause = e.source();
-        while let Some(c) = cause {
-            parts.push(c.to_string());
-            cause = c.source();
-        }
-        parts.join(": ")
-    }
 
     #[test]
     fn typed_causes_read_once_in_a_chain() {

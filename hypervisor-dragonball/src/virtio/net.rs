@@ -508,14 +508,21 @@ impl VirtioDevice for NetDevice {
         Ok(())
     }
 
-    fn activate(&mut self, acked: u64) -> std::result::Result<(), String> {
+    fn activate(&mut self, acked: u64) -> std::result::Result<(), super::ActivateError> {
         if acked & bit(VIRTIO_NET_F_MQ) != 0 && acked & bit(VIRTIO_NET_F_CTRL_VQ) == 0 {
-            return Err("VIRTIO_NET_F_MQ acknowledged without VIRTIO_NET_F_CTRL_VQ".into());
+            return Err(super::ActivateError::MissingFeature {
+                feature: "VIRTIO_NET_F_MQ",
+                needs: "VIRTIO_NET_F_CTRL_VQ",
+            });
         }
-        let tap = &self.backends.first().ok_or("the TAP is not open")?.tap;
+        let tap = &self
+            .backends
+            .first()
+            .ok_or(super::ActivateError::BackendClosed("TAP"))?
+            .tap;
         let flags = tap_offloads(acked);
         tap.set_offload(flags)
-            .map_err(|e| format!("setting TAP offloads {flags:#x}: {e}"))?;
+            .map_err(|source| super::ActivateError::TapOffloads { flags, source })?;
         debug!(self.log, "activated"; "features" => format!("{acked:#x}"), "offloads" => flags);
         self.active = true;
         Ok(())

@@ -513,7 +513,7 @@ impl VirtioDevice for VsockDevice {
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn activate(&mut self, _acked: u64) -> std::result::Result<(), String> {
+    fn activate(&mut self, _acked: u64) -> std::result::Result<(), super::ActivateError> {
         self.active = true;
         Ok(())
     }
