@@ -314,7 +314,8 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
             Ok(())
         }
         Command::Sandbox(SandboxCommand::Check(c)) => {
-            let lines = check::run(c.config.as_deref());
+            // It runs the VMM binary and opens devices: off the async worker.
+            let lines = net::blocking(move || check::run(c.config.as_deref())).await?;
             for l in &lines {
                 println!("{l}");
             }
