@@ -33,7 +33,7 @@ use linux_loader::loader::elf::Elf;
 use linux_loader::loader::KernelLoader;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory};
 
-use crate::error::{Error, Result};
+use crate::error::{BootError, Error, Result};
 use crate::memory::{e820_map, GuestMem};
 
 /// Parameters the backend always gives a Linux guest, before devices and the user's own.
@@ -145,16 +145,14 @@ impl KernelCmdline {
             .collect::<Vec<_>>()
             .join(" ");
         if line.len() >= CMDLINE_MAX_SIZE {
-            return Err(Error::Boot(format!(
-                "the kernel command line is {} bytes; at most {} fit",
-                line.len(),
-                CMDLINE_MAX_SIZE - 1
-            )));
+            return Err(BootError::CmdlineTooLong {
+                len: line.len(),
+                max: CMDLINE_MAX_SIZE - 1,
+            }
+            .into());
         }
         if line.bytes().any(|b| b == 0 || !b.is_ascii()) {
-            return Err(Error::Boot(
-                "the kernel command line must be ASCII without NUL bytes".into(),
-            ));
+            return Err(BootError::CmdlineNotAscii.into());
         }
         Ok(line)
     }
@@ -218,18 +216,18 @@ pub fn load(
         source,
     })?;
     head.truncate(n);
-    let format = detect_format(&head).ok_or_else(|| {
-        Error::Boot(format!(
-            "{} is neither an ELF vmlinux nor a bzImage",
-            kernel.display()
-        ))
+    let format = detect_format(&head).ok_or_else(|| BootError::KernelFormat {
+        path: kernel.to_path_buf(),
     })?;
     let himem = Some(GuestAddress(HIMEM_START));
     let loaded = match format {
         KernelFormat::Elf => Elf::load(mem, None, &mut file, himem),
         KernelFormat::BzImage => BzImage::load(mem, None, &mut file, himem),
     }
-    .map_err(|e| Error::Boot(format!("Loading the kernel {}: {e}", kernel.display())))?;
+    .map_err(|source| BootError::LoadKernel {
+        path: kernel.to_path_buf(),
+        source,
+    })?;
     let entry = match format {
         KernelFormat::Elf => loaded.kernel_load.0,
         KernelFormat::BzImage => loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
@@ -249,10 +247,9 @@ pub fn load(
 
     // Command line.
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE);
-    cl.insert_str(cmdline)
-        .map_err(|e| Error::Boot(format!("Building the kernel command line: {e}")))?;
+    cl.insert_str(cmdline).map_err(BootError::BuildCmdline)?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
-        .map_err(|e| Error::Boot(format!("Writing the kernel command line: {e}")))?;
+        .map_err(BootError::WriteCmdline)?;
     params.0.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.0.ext_cmd_line_ptr = (CMDLINE_START >> 32) as u32;
     params.0.hdr.cmdline_size = cmdline.len() as u32 + 1;
@@ -268,20 +265,23 @@ pub fn load(
                 source,
             })?
             .len();
-        let addr = dbs_boot::initrd_load_addr(mem, size).map_err(|e| {
-            Error::Boot(format!(
-                "Placing the {size}-byte initrd {}: {e} (give the guest more memory)",
-                path.display()
-            ))
-        })?;
+        let addr =
+            dbs_boot::initrd_load_addr(mem, size).map_err(|source| BootError::PlaceInitrd {
+                path: path.to_path_buf(),
+                size,
+                source,
+            })?;
         if addr < loaded.kernel_end {
-            return Err(Error::Boot(format!(
-                "the initrd {} would overlap the kernel; give the guest more memory",
-                path.display()
-            )));
+            return Err(BootError::InitrdOverlapsKernel {
+                path: path.to_path_buf(),
+            }
+            .into());
         }
         mem.read_exact_from(GuestAddress(addr), &mut f, size as usize)
-            .map_err(|e| Error::Boot(format!("Loading the initrd {}: {e}", path.display())))?;
+            .map_err(|source| BootError::LoadInitrd {
+                path: path.to_path_buf(),
+                source,
+            })?;
         params.0.hdr.ramdisk_image = addr as u32;
         params.0.hdr.ramdisk_size = size as u32;
     }
@@ -289,12 +289,12 @@ pub fn load(
     let mem_bytes: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
     for e in e820_map(mem_bytes) {
         dbs_boot::add_e820_entry(&mut params.0, e.addr, e.size, e.kind as u32)
-            .map_err(|err| Error::Boot(format!("Writing the e820 map: {err}")))?;
+            .map_err(BootError::E820)?;
     }
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
-        .map_err(|e| Error::Boot(format!("Writing the zero page: {e}")))?;
+        .map_err(BootError::ZeroPage)?;
     dbs_boot::mptable::setup_mptable(mem, vcpus, vcpus)
-        .map_err(|e| Error::Boot(format!("Writing the MP table for {vcpus} vCPUs: {e}")))?;
+        .map_err(|source| BootError::MpTable { vcpus, source })?;
     Ok(BootInfo {
         entry,
         format,
@@ -318,8 +318,7 @@ pub struct Descriptors {
 
 /// Writes the identity map of the first GiB (2 MiB pages) and returns the descriptors.
 pub fn setup_descriptors(mem: &GuestMem) -> Result<Descriptors> {
-    let pml4 = dbs_boot::setup_identity_mapping(mem)
-        .map_err(|e| Error::Boot(format!("Writing the identity page tables: {e}")))?;
+    let pml4 = dbs_boot::setup_identity_mapping(mem).map_err(BootError::PageTables)?;
     let (gdt, gdt_addr, idt_addr) = dbs_boot::get_descriptor_config_info();
     Ok(Descriptors {
         pml4,
@@ -379,7 +378,10 @@ mod tests {
     fn an_oversized_cmdline_is_rejected() {
         let mut cl = KernelCmdline::new();
         cl.extend_user([format!("x={}", "y".repeat(CMDLINE_MAX_SIZE))]);
-        assert!(matches!(cl.build(), Err(Error::Boot(_))));
+        assert!(matches!(
+            cl.build(),
+            Err(Error::Boot(BootError::CmdlineTooLong { .. }))
+        ));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::MmioWindow;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 use crate::memory::{GuestMem, MMIO_HOLE_START};
 use crate::virtio::mmio::{reg, MmioTransport, VirtioCore};
 use crate::virtio::{Interrupt, VirtioDevice};
@@ -72,9 +72,11 @@ impl MmioAllocator {
     /// The next free window, or an error when the interrupt lines are used up.
     pub fn allocate(&mut self) -> Result<MmioWindow> {
         if self.next_irq > LAST_DEVICE_IRQ {
-            return Err(Error::Device(format!(
-                "no interrupt line is left for another virtio-mmio device (lines {FIRST_DEVICE_IRQ}-{LAST_DEVICE_IRQ} are used)"
-            )));
+            return Err(DeviceError::NoIrqLine {
+                first: FIRST_DEVICE_IRQ,
+                last: LAST_DEVICE_IRQ,
+            }
+            .into());
         }
         let w = MmioWindow {
             base: self.next_base,
@@ -127,9 +129,8 @@ impl std::fmt::Debug for Devices {
     }
 }
 
-fn eventfd(what: &str) -> Result<EventFd> {
-    EventFd::new(EFD_NONBLOCK)
-        .map_err(|e| Error::Device(format!("Creating the {what} eventfd: {e}")))
+fn eventfd(what: &'static str) -> Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what, source }.into())
 }
 
 /// The VM's interrupt manager, on a duplicate of `vm`'s fd (the manager wants to share
@@ -139,14 +140,13 @@ fn irq_manager(kvm: &Kvm, vm: &VmFd) -> Result<Arc<KvmIrqManager>> {
     let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
     let dup = borrowed
         .try_clone_to_owned()
-        .map_err(|e| Error::Device(format!("Duplicating the KVM VM fd: {e}")))?;
+        .map_err(DeviceError::DupVmFd)?;
     // SAFETY: `dup` is a fresh fd of the same KVM VM, owned by nothing else; the VmFd
     // takes ownership of it.
     let vm = unsafe { kvm.create_vmfd_from_rawfd(dup.into_raw_fd()) }
         .map_err(|e| Error::kvm("Wrapping the duplicate KVM VM fd", e))?;
     let irqs = Arc::new(KvmIrqManager::new(Arc::new(vm)));
-    irqs.initialize()
-        .map_err(|e| Error::Device(format!("Installing the legacy interrupt routing: {e}")))?;
+    irqs.initialize().map_err(DeviceError::IrqRouting)?;
     Ok(irqs)
 }
 
@@ -158,13 +158,17 @@ fn legacy_line(
 ) -> Result<Arc<Box<dyn InterruptSourceGroup>>> {
     let group = irqs
         .create_group(InterruptSourceType::LegacyIrq, irq, 1)
-        .map_err(|e| Error::Device(format!("Creating interrupt line {irq} of {what}: {e}")))?;
+        .map_err(|source| DeviceError::IrqLine {
+            irq,
+            what: what.to_string(),
+            source,
+        })?;
     group
         .enable(&[InterruptSourceConfig::LegacyIrq(LegacyIrqSourceConfig {})])
-        .map_err(|e| {
-            Error::Device(format!(
-                "Registering interrupt line {irq} of {what} as a KVM irqfd: {e}"
-            ))
+        .map_err(|source| DeviceError::IrqFd {
+            irq,
+            what: what.to_string(),
+            source,
         })?;
     Ok(group)
 }
@@ -186,9 +190,12 @@ impl Devices {
         let serial_irq = legacy_line(&irqs, COM1_IRQ, "COM1")?;
         let irq_for_serial = serial_irq
             .notifier(0)
-            .ok_or_else(|| Error::Device("COM1's interrupt line has no eventfd".into()))?
+            .ok_or(DeviceError::NoIrqEventFd { what: "COM1" })?
             .try_clone()
-            .map_err(|e| Error::Device(format!("Duplicating COM1's interrupt eventfd: {e}")))?;
+            .map_err(|source| DeviceError::DupEventFd {
+                what: "COM1's interrupt",
+                source,
+            })?;
         let mut serial = SerialDevice::new(irq_for_serial);
         serial.set_output_stream(Some(Box::new(console)));
         let serial = Arc::new(Mutex::new(serial));
@@ -197,7 +204,10 @@ impl Devices {
         let reset = eventfd("i8042 reset")?;
         let reset_for_i8042 = reset
             .try_clone()
-            .map_err(|e| Error::Device(format!("Duplicating the i8042 reset eventfd: {e}")))?;
+            .map_err(|source| DeviceError::DupEventFd {
+                what: "the i8042 reset",
+                source,
+            })?;
         let i8042 = I8042Device::new(
             EventFdTrigger::new(reset_for_i8042),
             Arc::new(I8042DeviceMetrics::default()),
@@ -266,7 +276,10 @@ fn virtio_slot(
             size: window.size,
         }],
     )
-    .map_err(|e| Error::Device(format!("Registering the {at}: {e:?}")))?;
+    .map_err(|source| DeviceError::Register {
+        what: format!("the {at}"),
+        source,
+    })?;
     Ok(VirtioSlot {
         window,
         core,
@@ -282,10 +295,12 @@ fn register(
     size: u16,
 ) -> Result<()> {
     io.register_device_io(dev, &[Resource::PioAddressRange { base, size }])
-        .map_err(|e| {
-            Error::Device(format!(
-                "Registering {name} at ports {base:#x}+{size}: {e:?}"
-            ))
+        .map_err(|source| {
+            DeviceError::Register {
+                what: format!("{name} at ports {base:#x}+{size}"),
+                source,
+            }
+            .into()
         })
 }
 
@@ -333,7 +348,10 @@ mod tests {
         for _ in FIRST_DEVICE_IRQ..=LAST_DEVICE_IRQ {
             a.allocate().unwrap();
         }
-        assert!(matches!(a.allocate(), Err(Error::Device(_))));
+        assert!(matches!(
+            a.allocate(),
+            Err(Error::Device(DeviceError::NoIrqLine { .. }))
+        ));
     }
 
     #[test]

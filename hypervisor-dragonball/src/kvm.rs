@@ -12,7 +12,7 @@ use std::path::Path;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VcpuError};
 use crate::memory::KVM_TSS_ADDRESS;
 
 /// The only KVM API version there has ever been (`KVM_API_VERSION`).
@@ -64,7 +64,7 @@ pub fn create_vm(kvm: &Kvm, vcpus: u8) -> Result<VmFd> {
     if usize::from(vcpus) > max {
         return Err(Error::VcpuSetup {
             index: vcpus - 1,
-            what: format!("KVM on this host runs at most {max} vCPUs per VM"),
+            source: VcpuError::TooMany { max },
         });
     }
     let vm = kvm

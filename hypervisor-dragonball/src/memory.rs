@@ -20,7 +20,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, MemoryError, Result};
 
 /// Guest memory as every part of this VMM sees it.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -109,9 +109,7 @@ impl GuestRam {
     /// Lays out and maps `mem_bytes` of guest RAM.
     pub fn new(mem_bytes: u64) -> Result<GuestRam> {
         if mem_bytes < 2 * layout::HIMEM_START {
-            return Err(Error::Memory(format!(
-                "{mem_bytes} bytes of guest memory leave no room for a kernel above 1 MiB"
-            )));
+            return Err(MemoryError::TooSmall { bytes: mem_bytes }.into());
         }
         let ranges = ram_ranges(mem_bytes);
         let as_layout = AddressSpaceLayout::new(
@@ -127,10 +125,12 @@ impl GuestRam {
                 size,
             );
             if !as_layout.is_region_valid(&region) {
-                return Err(Error::Memory(format!(
-                    "guest RAM {base:#x}+{size:#x} does not fit the host's physical address space (end {:#x})",
-                    as_layout.mem_end
-                )));
+                return Err(MemoryError::BeyondAddressSpace {
+                    base,
+                    size,
+                    end: as_layout.mem_end,
+                }
+                .into());
             }
             regions.push(Arc::new(region));
         }
@@ -139,8 +139,10 @@ impl GuestRam {
             .iter()
             .map(|&(b, s)| (GuestAddress(b), s as usize))
             .collect();
-        let mem = GuestMem::from_ranges(&mmap_ranges)
-            .map_err(|e| Error::Memory(format!("Mapping {mem_bytes} bytes of guest RAM: {e}")))?;
+        let mem = GuestMem::from_ranges(&mmap_ranges).map_err(|source| MemoryError::Map {
+            bytes: mem_bytes,
+            source,
+        })?;
         Ok(GuestRam {
             address_space,
             mem: Arc::new(mem),
@@ -152,9 +154,7 @@ impl GuestRam {
         for (slot, region) in self.mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| {
-                    Error::Memory(format!("Finding the host address of slot {slot}: {e}"))
-                })?;
+                .map_err(|source| MemoryError::HostAddress { slot, source })?;
             let kvm_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -239,7 +239,10 @@ mod tests {
 
     #[test]
     fn tiny_memory_is_rejected() {
-        assert!(matches!(GuestRam::new(MIB), Err(Error::Memory(_))));
+        assert!(matches!(
+            GuestRam::new(MIB),
+            Err(Error::Memory(MemoryError::TooSmall { .. }))
+        ));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{BootInfo, Descriptors};
 use crate::devices;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VcpuError};
 use crate::memory::GuestMem;
 
 /// Offset from `SIGRTMIN` of the signal that kicks vCPU threads out of `KVM_RUN`.
@@ -86,24 +86,23 @@ pub fn configure(
     boot: &BootInfo,
     desc: &Descriptors,
 ) -> Result<()> {
-    let fail = |what: String| Error::VcpuSetup { index, what };
+    let fail = |source: VcpuError| Error::VcpuSetup { index, source };
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| fail(format!("reading the supported CPUID: {e}")))?;
+        .map_err(|e| fail(VcpuError::SupportedCpuid(e)))?;
     let spec = VmSpec::new(index, count, 1, count, 1, VpmuFeatureLevel::Disabled)
-        .map_err(|e| fail(format!("describing the CPU topology: {e:?}")))?;
-    process_cpuid(&mut cpuid, &spec).map_err(|e| fail(format!("filtering CPUID: {e:?}")))?;
+        .map_err(|e| fail(VcpuError::Topology(e)))?;
+    process_cpuid(&mut cpuid, &spec).map_err(|e| fail(VcpuError::FilterCpuid(e)))?;
     fd.set_cpuid2(&cpuid)
-        .map_err(|e| fail(format!("setting CPUID: {e}")))?;
-    dbs_arch::regs::setup_msrs(fd).map_err(|e| fail(format!("setting MSRs: {e:?}")))?;
+        .map_err(|e| fail(VcpuError::SetCpuid(e)))?;
+    dbs_arch::regs::setup_msrs(fd).map_err(|e| fail(VcpuError::Msrs(e)))?;
     let sp = dbs_boot::layout::BOOT_STACK_POINTER;
     dbs_arch::regs::setup_regs(fd, boot.entry, sp, sp, boot.zero_page)
-        .map_err(|e| fail(format!("setting registers: {e:?}")))?;
-    dbs_arch::regs::setup_fpu(fd).map_err(|e| fail(format!("setting the FPU: {e:?}")))?;
+        .map_err(|e| fail(VcpuError::Regs(e)))?;
+    dbs_arch::regs::setup_fpu(fd).map_err(|e| fail(VcpuError::Fpu(e)))?;
     dbs_arch::regs::setup_sregs(mem, fd, desc.pml4, &desc.gdt, desc.gdt_addr, desc.idt_addr)
-        .map_err(|e| fail(format!("setting segments and paging: {e:?}")))?;
-    dbs_arch::interrupts::set_lint(fd)
-        .map_err(|e| fail(format!("setting LAPIC LINT0/1: {e:?}")))?;
+        .map_err(|e| fail(VcpuError::Sregs(e)))?;
+    dbs_arch::interrupts::set_lint(fd).map_err(|e| fail(VcpuError::Lint(e)))?;
     Ok(())
 }
 
@@ -125,18 +124,16 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 /// Installs the kick handler once per process.
 pub fn install_kick_handler() -> Result<()> {
-    static INSTALLED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    INSTALLED
-        .get_or_init(|| {
-            register_signal_handler(kick_signal(), kick_handler).map_err(|e| {
-                format!(
-                    "installing the vCPU kick handler for signal {}: {e}",
-                    kick_signal()
-                )
-            })
-        })
-        .clone()
-        .map_err(|what| Error::VcpuSetup { index: 0, what })
+    static INSTALLED: OnceLock<std::result::Result<(), vmm_sys_util::errno::Error>> =
+        OnceLock::new();
+    let installed = *INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), kick_handler));
+    installed.map_err(|source| Error::VcpuSetup {
+        index: 0,
+        source: VcpuError::KickHandler {
+            signal: kick_signal(),
+            source,
+        },
+    })
 }
 
 /// The vCPU threads of one VM: their command channels and join handles.

@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot;
 use crate::devices::Devices;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 use crate::kvm;
 use crate::memory::GuestRam;
 use crate::vcpu::{self, Vcpu, VcpuCommand, VcpuExited, VcpuOutcome, VcpuSet};
@@ -202,8 +202,10 @@ pub async fn launch(
     } = built;
     let (tx, rx) = std::sync::mpsc::channel();
     let wake = Arc::new(
-        EventFd::new(EFD_NONBLOCK)
-            .map_err(|e| Error::Device(format!("Creating the VMM wake eventfd: {e}")))?,
+        EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+            what: "VMM wake",
+            source,
+        })?,
     );
     let events = VmmSender {
         tx,
@@ -248,9 +250,7 @@ pub async fn launch(
         }
         Err(_) => {
             stop(&mut running).await;
-            return Err(Error::Device(
-                "the VMM event thread ended during start-up".into(),
-            ));
+            return Err(DeviceError::EventThreadEnded.into());
         }
     };
 

@@ -486,12 +486,14 @@ async fn a_restarted_runtime_reattaches_from_saved_state() {
     let saved: hypervisor::SavedState = serde_json::from_str(&json).unwrap();
     let pid = saved.pids.vmm;
     sb.hv = QEMU.create(sb.run_root.path());
+    sb.devices = hypervisor::DeviceManager::new(sb.hv.clone());
     let restored: Arc<dyn Hypervisor> = Arc::new(
         hypervisor_qemu::restore(test_logger(), Qemu::options(sb.run_root.path()), saved)
             .await
             .unwrap(),
     );
     sb.hv = restored;
+    sb.devices = hypervisor::DeviceManager::new(sb.hv.clone());
     assert_eq!(sb.hv.state().await, hypervisor::VmState::Running);
     assert_eq!(sb.hv.pids().await.unwrap().vmm, pid);
 

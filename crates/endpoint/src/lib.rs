@@ -46,6 +46,7 @@
 
 #![warn(missing_docs)]
 
+pub mod address;
 mod netlink;
 mod scan;
 mod tc;

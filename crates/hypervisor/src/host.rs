@@ -15,11 +15,24 @@ pub fn cpu_hardware_virtualization(cpuinfo: &str) -> Option<bool> {
     Some(flag_lines.any(|(_, v)| v.split_whitespace().any(|f| f == "vmx" || f == "svm")))
 }
 
+/// Why [`probe_hardware_virtualization`] cannot tell.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// `/proc/cpuinfo` could not be read.
+    #[error("reading {CPUINFO}")]
+    ReadCpuinfo(#[source] std::io::Error),
+    /// `/proc/cpuinfo` has no `flags` line.
+    #[error("no flags line in {CPUINFO}")]
+    NoFlags,
+}
+
+/// Where the kernel lists the CPUs' flags.
+const CPUINFO: &str = "/proc/cpuinfo";
+
 /// [`cpu_hardware_virtualization`] of this host; the error says why it cannot be told.
-pub fn probe_hardware_virtualization() -> Result<bool, String> {
-    let text =
-        std::fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("/proc/cpuinfo: {e}"))?;
-    cpu_hardware_virtualization(&text).ok_or_else(|| "no flags line in /proc/cpuinfo".into())
+pub fn probe_hardware_virtualization() -> Result<bool, ProbeError> {
+    let text = std::fs::read_to_string(CPUINFO).map_err(ProbeError::ReadCpuinfo)?;
+    cpu_hardware_virtualization(&text).ok_or(ProbeError::NoFlags)
 }
 
 #[cfg(test)]
@@ -41,5 +54,20 @@ mod tests {
             Some(false)
         );
         assert_eq!(cpu_hardware_virtualization("processor\t: 0\n"), None);
+    }
+
+    #[test]
+    fn probe_errors_name_the_file_and_keep_the_cause_as_source() {
+        use std::error::Error as _;
+        // ENOENT.
+        let e = ProbeError::ReadCpuinfo(std::io::Error::from_raw_os_error(2));
+        assert_eq!(e.to_string(), "reading /proc/cpuinfo");
+        assert!(e
+            .source()
+            .is_some_and(|s| s.to_string().contains("No such file")));
+        assert_eq!(
+            ProbeError::NoFlags.to_string(),
+            "no flags line in /proc/cpuinfo"
+        );
     }
 }

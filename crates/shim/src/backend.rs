@@ -199,7 +199,8 @@ pub fn probe_host(
             ) {
                 (Ok(_), Ok(false)) => Some(NESTED_KVM_CAVEAT.to_string()),
                 (Ok(_), Err(why)) => {
-                    Some(format!("cannot tell whether the CPU has vmx/svm ({why})"))
+                    let why = anyhow::Error::from(why);
+                    Some(format!("cannot tell whether the CPU has vmx/svm ({why:#})"))
                 }
                 _ => None,
             };

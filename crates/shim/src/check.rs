@@ -90,18 +90,6 @@ pub fn run(config_file: Option<&Path>) -> Vec<CheckLine> {
             Err(e) => format!("/dev/net/tun: {e} (load the tun module)"),
         },
     ));
-    out.push(match Command::new("ip").arg("-V").output() {
-        Ok(o) if o.status.success() => line(
-            "iproute2",
-            Status::Pass,
-            String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        ),
-        _ => line(
-            "iproute2",
-            Status::Fail,
-            "`ip` does not run: install iproute2",
-        ),
-    });
 
     let mut confinement = Vec::new();
     let (kind, wanted, binary, assets) = match config_file {

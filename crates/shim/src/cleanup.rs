@@ -64,14 +64,22 @@ pub async fn remove(record: &Record, state_dir: &Path) -> Report {
     }
     if let Some(ns) = record.netns.as_ref().filter(|n| n.owned) {
         if ns.path.exists() {
-            match netdev::delete_netns(&ns.path) {
-                Ok(()) => report
+            let path = ns.path.clone();
+            // An unmount: off the async workers.
+            match net::blocking(move || netdev::delete_netns(&path)).await {
+                Ok(Ok(())) => report
                     .removed
                     .push(format!("network namespace {}", ns.path.display())),
-                Err(e) => report.problems.push(format!(
+                // Gone meanwhile (a cancelled creation's namespace deleted itself).
+                Ok(Err(netdev::Error::NetnsNotFound { .. })) => {}
+                Ok(Err(e)) => report.problems.push(format!(
                     "deleting network namespace {}: {}",
                     ns.path.display(),
                     chain(e)
+                )),
+                Err(e) => report.problems.push(format!(
+                    "deleting network namespace {}: {e:#}",
+                    ns.path.display()
                 )),
             }
         }
@@ -110,11 +118,22 @@ async fn remove_tap(tap: &records::TapRecord, report: &mut Report) {
     if !tap.netns.exists() {
         return;
     }
-    let present = || net::taps_in(&tap.netns).map(|all| all.contains(&tap.name));
+    let handle = match net::connect(&tap.netns).await {
+        Ok(h) => h,
+        Err(e) => {
+            report
+                .problems
+                .push(format!("listing TAPs in {}: {e:#}", tap.netns.display()));
+            return;
+        }
+    };
     // A TAP handed over as fds goes when its last fd closes, after an RCU grace period.
     let began = Instant::now();
     loop {
-        match present() {
+        match net::taps_in(&handle)
+            .await
+            .map(|all| all.contains(&tap.name))
+        {
             Ok(false) => return,
             Ok(true) if tap.persistent || began.elapsed() > TAP_GONE_LIMIT => break,
             Ok(true) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -126,7 +145,7 @@ async fn remove_tap(tap: &records::TapRecord, report: &mut Report) {
             }
         }
     }
-    match netdev::delete_tap(&tap.name, Some(&tap.netns)) {
+    match net::delete_tap(&tap.name, &tap.netns).await {
         Ok(()) => report
             .removed
             .push(format!("TAP {} in {}", tap.name, tap.netns.display())),

@@ -196,6 +196,11 @@ pub enum ControlRequest {
     Facts,
     /// Create a TAP, hot-plug a NIC on it and give the guest an address.
     HotplugNic,
+    /// Unplug a NIC (by its device id, `net1`) and remove its TAP.
+    UnplugNic {
+        /// The NIC's device id.
+        nic: String,
+    },
 }
 
 /// The answer to a [`ControlRequest`].
@@ -206,6 +211,8 @@ pub enum ControlResponse {
     Facts(Box<SandboxFacts>),
     /// The new NIC.
     Nic(Box<NicFacts>),
+    /// The NIC (device id) that was unplugged.
+    Unplugged(String),
     /// The request failed; the text says why.
     Error(String),
 }

@@ -9,8 +9,10 @@
 //!   (or, in a namespace CNI prepared, one per pod interface, connected by tc redirection),
 //!   gives the guest its addresses and routes through its agent, prints the facts, and
 //!   removes everything it created on SIGINT or SIGTERM (exit status 0; 1 when it failed;
-//!   3 when a second signal forced the teardown, see [`sandbox`]);
+//!   3 when a second signal forced the teardown, see [`cli::run`]) over the sandbox layer
+//!   ([`sandbox`]);
 //! - `sandbox hotplug-nic --id ID` hot-plugs one more NIC into a running sandbox;
+//!   `sandbox unplug-nic --id ID --nic NIC` unplugs one;
 //! - `sandbox cleanup --id ID` removes what a `sandbox run` that died left, from the record
 //!   it kept in its run directory ([`records`], [`cleanup`]);
 //! - `sandbox check [--config FILE]` says whether this host can run one.
@@ -30,6 +32,7 @@
 mod backend;
 mod check;
 mod cleanup;
+mod cli;
 mod config;
 mod facts;
 mod logging;
@@ -100,6 +103,9 @@ enum SandboxCommand {
     Cleanup(CleanupArgs),
     /// Hot-plug one more NIC into a running sandbox and give the guest an address on it.
     HotplugNic(TargetArgs),
+    /// Unplug a NIC from a running sandbox (by its id, as the facts name it) and remove its
+    /// TAP.
+    UnplugNic(UnplugArgs),
     /// Print the facts of a running sandbox.
     Facts(TargetArgs),
     /// Check that this host can run a sandbox (with this configuration).
@@ -148,6 +154,18 @@ struct TargetArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    root: RunRoot,
+}
+
+#[derive(Debug, Args)]
+struct UnplugArgs {
+    /// Id of the running sandbox.
+    #[arg(long)]
+    id: String,
+    /// Id of the NIC (`net1`), as `sandbox facts` lists it.
+    #[arg(long)]
+    nic: String,
     #[command(flatten)]
     root: RunRoot,
 }
@@ -228,8 +246,8 @@ fn main() -> ExitCode {
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = if e.downcast_ref::<sandbox::Forced>().is_some() {
-                ExitCode::from(sandbox::EXIT_FORCED)
+            let code = if e.downcast_ref::<cli::run::Forced>().is_some() {
+                ExitCode::from(cli::run::EXIT_FORCED)
             } else {
                 ExitCode::FAILURE
             };
@@ -254,7 +272,7 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
     match command {
         Command::Start | Command::Delete => bail!(NOT_IMPLEMENTED),
         Command::Sandbox(SandboxCommand::Run(a)) => {
-            let opts = sandbox::RunOptions {
+            let opts = cli::run::RunOptions {
                 config: a.config,
                 netns: a.netns,
                 id: a.id,
@@ -265,21 +283,30 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
                 boot_timeout: Duration::from_secs(a.boot_timeout),
                 agent_timeout: Duration::from_secs(a.agent_timeout),
             };
-            sandbox::run(log, opts).await
+            cli::run::run(log, opts).await
         }
         Command::Sandbox(SandboxCommand::Cleanup(c)) => {
             cleanup::command(&c.root.run_root, &c.id).await
         }
         Command::Sandbox(SandboxCommand::HotplugNic(t)) => {
-            match sandbox::request(&t.root.run_root, &t.id, ControlRequest::HotplugNic).await? {
+            match cli::control::request(&t.root.run_root, &t.id, ControlRequest::HotplugNic).await?
+            {
                 ControlResponse::Nic(n) if t.json => println!("{}", serde_json::to_string(&n)?),
                 ControlResponse::Nic(n) => println!("{} {}", n.id, n.human()),
                 other => bail!("unexpected answer: {other:?}"),
             }
             Ok(())
         }
+        Command::Sandbox(SandboxCommand::UnplugNic(u)) => {
+            let req = ControlRequest::UnplugNic { nic: u.nic };
+            match cli::control::request(&u.root.run_root, &u.id, req).await? {
+                ControlResponse::Unplugged(nic) => println!("{nic} unplugged"),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+            Ok(())
+        }
         Command::Sandbox(SandboxCommand::Facts(t)) => {
-            match sandbox::request(&t.root.run_root, &t.id, ControlRequest::Facts).await? {
+            match cli::control::request(&t.root.run_root, &t.id, ControlRequest::Facts).await? {
                 ControlResponse::Facts(f) if t.json => println!("{}", serde_json::to_string(&f)?),
                 ControlResponse::Facts(f) => println!("{}", f.human()),
                 other => bail!("unexpected answer: {other:?}"),
@@ -287,7 +314,8 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
             Ok(())
         }
         Command::Sandbox(SandboxCommand::Check(c)) => {
-            let lines = check::run(c.config.as_deref());
+            // It runs the VMM binary and opens devices: off the async worker.
+            let lines = net::blocking(move || check::run(c.config.as_deref())).await?;
             for l in &lines {
                 println!("{l}");
             }

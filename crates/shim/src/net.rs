@@ -1,12 +1,16 @@
-//! Host side of a sandbox's NICs: TAPs from `netdev`, one free /24 per NIC, addresses set
-//! with `ip` run inside the sandbox's namespace.
+//! Host side of a sandbox's NICs: TAPs from `netdev`, one free /24 per NIC, the host's
+//! address on the TAP and the namespace's addresses and TAPs read and set over route netlink
+//! ([`endpoint::address`]), inside the sandbox's namespace.
+//!
+//! Nothing here blocks an async worker: `netdev` calls that enter a namespace (they start
+//! and join a thread) run on the blocking pool ([`blocking`]).
 
-use std::net::Ipv4Addr;
-use std::path::Path;
-use std::process::Command;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use endpoint::NetnsHandle;
 use guest_agent::protocol::RouteConfig;
 use hypervisor::device::{NetworkBackend, NetworkConfig};
 use hypervisor::MacAddress;
@@ -54,40 +58,30 @@ impl Subnet24 {
     }
 }
 
-/// Runs `ip ARGS` inside the namespace `netns` and returns its stdout.
-pub fn ip_in(netns: &Path, args: &[&str]) -> Result<String> {
-    let owned: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let out = netdev::run_in(netns, move || Command::new("ip").args(&owned).output())
-        .with_context(|| format!("Entering network namespace {}", netns.display()))?
-        .with_context(|| "Running ip (install iproute2)".to_string())?;
-    ensure!(
-        out.status.success(),
-        "ip {} in {} failed: {}",
-        args.join(" "),
-        netns.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// Runs `f` on the blocking pool (it may join a thread, wait on a process or sleep in a
+/// system call) and returns its result; a panic in `f` is resumed here.
+pub async fn blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => Ok(v),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(anyhow!("a blocking step was cancelled: {e}")),
+    }
 }
 
-/// IPv4 networks in use in `netns`, as (address, prefix length).
-pub fn used_networks(netns: &Path) -> Result<Vec<(Ipv4Addr, u8)>> {
-    let out = ip_in(netns, &["-j", "-4", "addr", "show"])?;
-    let links: serde_json::Value =
-        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
-            .context("Parsing `ip -j addr` output")?;
-    let mut used = Vec::new();
-    for link in links.as_array().into_iter().flatten() {
-        for a in link["addr_info"].as_array().into_iter().flatten() {
-            let (Some(local), Some(prefix)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else {
-                continue;
-            };
-            if let Ok(ip) = local.parse() {
-                used.push((ip, prefix.min(32) as u8));
-            }
-        }
-    }
-    Ok(used)
+/// Route netlink inside `netns`.
+pub async fn connect(netns: &Path) -> Result<NetnsHandle> {
+    NetnsHandle::connect(netns)
+        .await
+        .with_context(|| format!("Opening route netlink in {}", netns.display()))
+}
+
+/// IPv4 networks in use in the namespace, as (address, prefix length).
+pub async fn used_networks(ns: &NetnsHandle) -> Result<Vec<(Ipv4Addr, u8)>> {
+    Ok(endpoint::address::ipv4_networks(ns).await?)
 }
 
 /// The first /24 from `base` upwards that overlaps nothing in `used` or `taken`.
@@ -186,32 +180,78 @@ impl HostNic {
     }
 }
 
-/// Creates a TAP (`tap%d`) with `queues` queue pairs in `netns`, up, with `.1/24` of
-/// `subnet` on it, handed over as `handoff` says.
-pub fn create_tap(
-    netns: &Path,
+/// A persistent TAP its creator has not recorded yet: deleted when dropped, so that a
+/// creation cancelled half-way (its future dropped) leaves no TAP that no record names.
+struct Unrecorded {
+    name: String,
+    netns: PathBuf,
+    armed: bool,
+}
+
+impl Drop for Unrecorded {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (name, netns) = (self.name.clone(), self.netns.clone());
+        let delete = move || {
+            let _ = netdev::delete_tap(&name, Some(&netns));
+        };
+        // Off the async workers when there are any; a runtime waits for its blocking
+        // tasks before it shuts down.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(delete)),
+            Err(_) => delete(),
+        }
+    }
+}
+
+/// Creates a TAP (`tap%d`) with `queues` queue pairs in the namespace of `ns`, up, with
+/// `.1/24` of `subnet` on it, handed over as `handoff` says.
+///
+/// A persistent TAP ([`TapHandoff::Name`]) is deleted again when this fails or is
+/// cancelled; the caller records it as soon as this returns.
+pub async fn create_tap(
+    ns: &NetnsHandle,
     subnet: Subnet24,
     queues: u16,
     mac: MacAddress,
     handoff: TapHandoff,
 ) -> Result<HostNic> {
-    let tap = netdev::TapBuilder::new("tap%d")
+    let netns = ns.netns.clone();
+    let persistent = handoff == TapHandoff::Name;
+    let builder = netdev::TapBuilder::new("tap%d")
         .queues(usize::from(queues))
         .multi_queue(queues > 1)
-        .persist(handoff == TapHandoff::Name)
-        .netns(netns)
-        .up(true)
-        .create()
-        .with_context(|| format!("Creating a TAP in {}", netns.display()))?;
+        .persist(persistent)
+        .netns(&netns)
+        .up(true);
+    let (tap, mut guard) = blocking(move || {
+        builder.create().map(|tap| {
+            let guard = Unrecorded {
+                name: tap.name().to_string(),
+                netns,
+                armed: persistent,
+            };
+            (tap, guard)
+        })
+    })
+    .await?
+    .with_context(|| format!("Creating a TAP in {}", ns.netns.display()))?;
     let name = tap.name().to_string();
-    let host = format!("{}/24", subnet.host(1));
-    if let Err(e) = ip_in(netns, &["addr", "add", &host, "dev", &name]) {
-        if handoff == TapHandoff::Name {
+    let host = subnet.host(1);
+    let added = endpoint::address::add_address(ns, tap.ifindex(), IpAddr::V4(host), 24).await;
+    if let Err(e) = added {
+        if guard.armed {
+            guard.armed = false;
             drop(tap);
-            let _ = netdev::delete_tap(&name, Some(netns));
+            let _ = delete_tap(&name, &ns.netns).await;
         }
-        return Err(e.context(format!("Giving TAP {name} the address {host}")));
+        return Err(
+            anyhow::Error::from(e).context(format!("Giving TAP {name} the address {host}/24"))
+        );
     }
+    guard.armed = false;
     let backend = match handoff {
         TapHandoff::Fds => NetworkBackend::TapFds {
             name: name.clone(),
@@ -234,18 +274,22 @@ pub fn create_tap(
     })
 }
 
-/// Names of the TUN/TAP devices in `netns`.
-pub fn taps_in(netns: &Path) -> Result<Vec<String>> {
-    let out = ip_in(netns, &["-j", "link", "show", "type", "tun"])?;
-    let links: serde_json::Value =
-        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
-            .context("Parsing `ip -j link` output")?;
-    Ok(links
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["ifname"].as_str().map(String::from))
-        .collect())
+/// Names of the TUN/TAP devices in the namespace of `ns`.
+pub async fn taps_in(ns: &NetnsHandle) -> Result<Vec<String>> {
+    Ok(endpoint::address::tun_devices(ns).await?)
+}
+
+/// Deletes the TAP `name` in `netns` (a persistent one, or one left behind).
+pub async fn delete_tap(name: &str, netns: &Path) -> std::result::Result<(), netdev::Error> {
+    let (name, netns) = (name.to_owned(), netns.to_path_buf());
+    match tokio::task::spawn_blocking(move || netdev::delete_tap(&name, Some(&netns))).await {
+        Ok(done) => done,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(netdev::Error::Io {
+            step: "Deleting a TAP".to_owned(),
+            source: std::io::Error::other(e),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -302,5 +346,57 @@ mod tests {
             free_subnet(base, &[], &[base]).unwrap(),
             Subnet24([10, 200, 1])
         );
+    }
+
+    /// The host side over route netlink, checked against what `ip` shows: the TAP is up
+    /// with `.1/24`, the namespace's networks and TAPs list it, the next free /24 skips it,
+    /// and the TAP goes with its fds.
+    #[tokio::test]
+    async fn a_tap_gets_its_host_address_and_is_listed_over_netlink() {
+        let name = format!("shim-net-{}", std::process::id());
+        let ns = netdev::NetNs::create(&name).expect("creating a namespace (needs root)");
+        let handle = connect(ns.path()).await.unwrap();
+        let base = Subnet24([10, 231, 0]);
+        let mac = MacAddress::local_from_seed(b"a_tap_gets_its_host_address");
+        let nic = create_tap(&handle, base, 1, mac, TapHandoff::Fds)
+            .await
+            .unwrap();
+        let out = std::process::Command::new("ip")
+            .args(["-n", &name, "-j", "-4", "addr", "show", "dev", &nic.tap])
+            .output()
+            .expect("running ip (iproute2)");
+        assert!(out.status.success(), "{out:?}");
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(shown[0]["addr_info"][0]["local"], "10.231.0.1");
+        assert_eq!(shown[0]["addr_info"][0]["prefixlen"], 24);
+        assert!(shown[0]["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "UP"));
+
+        let used = used_networks(&handle).await.unwrap();
+        assert!(
+            used.contains(&(Ipv4Addr::new(10, 231, 0, 1), 24)),
+            "{used:?}"
+        );
+        assert_eq!(
+            free_subnet(base, &used, &[]).unwrap(),
+            Subnet24([10, 231, 1])
+        );
+        assert_eq!(taps_in(&handle).await.unwrap(), vec![nic.tap.clone()]);
+
+        drop(nic);
+        // The TAP goes with its last fd, after an RCU grace period.
+        let began = std::time::Instant::now();
+        while !taps_in(&handle).await.unwrap().is_empty() {
+            assert!(
+                began.elapsed() < std::time::Duration::from_secs(5),
+                "the TAP stayed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drop(handle);
+        ns.delete().unwrap();
     }
 }

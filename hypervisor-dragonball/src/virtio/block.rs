@@ -148,7 +148,7 @@ impl BlockDevice {
                     let mut buf = vec![0u8; x.len as usize];
                     res = self.file.read_exact_at(&mut buf, off).and_then(|_| {
                         mem.write_slice(&buf, GuestAddress(x.addr))
-                            .map_err(|e| std::io::Error::other(e.to_string()))
+                            .map_err(std::io::Error::other)
                     });
                     if res.is_err() {
                         break;
@@ -168,7 +168,7 @@ impl BlockDevice {
                     let mut buf = vec![0u8; x.len as usize];
                     res = mem
                         .read_slice(&mut buf, GuestAddress(x.addr))
-                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .map_err(std::io::Error::other)
                         .and_then(|_| self.file.write_all_at(&buf, off));
                     if res.is_err() {
                         break;
@@ -184,7 +184,7 @@ impl BlockDevice {
                     let n = (x.len as usize).min(ID_BYTES);
                     mem.write_slice(&self.id[..n], GuestAddress(x.addr))
                         .map(|_| n as u32)
-                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .map_err(std::io::Error::other)
                 }
                 _ => return (VIRTIO_BLK_S_IOERR, 0),
             },
@@ -261,7 +261,7 @@ impl VirtioDevice for BlockDevice {
         read_config_bytes(&self.sectors.to_le_bytes(), offset, data);
     }
 
-    fn activate(&mut self, _acked: u64) -> std::result::Result<(), String> {
+    fn activate(&mut self, _acked: u64) -> std::result::Result<(), super::ActivateError> {
         Ok(())
     }
 

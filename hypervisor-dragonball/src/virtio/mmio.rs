@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use dbs_device::{DeviceIo, IoAddress};
 
-use super::{bit, Interrupt, Queue, QueueCtx, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{bit, ActivateError, Interrupt, Queue, QueueCtx, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::error::chain;
 use crate::memory::GuestMem;
 
 /// "virt", little-endian.
@@ -301,7 +302,7 @@ impl VirtioCore {
         }
         if new & status::DRIVER_OK != 0 && !self.active {
             if let Err(why) = self.activate() {
-                slog::warn!(self.log, "the device cannot start"; "why" => &why);
+                slog::warn!(self.log, "the device cannot start"; "why" => chain(&why));
                 value |= status::DEVICE_NEEDS_RESET;
                 self.interrupt.raise(super::INT_CONFIG);
             }
@@ -309,16 +310,20 @@ impl VirtioCore {
         self.status = value;
     }
 
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), ActivateError> {
         if self.status & status::FEATURES_OK == 0 {
-            return Err("DRIVER_OK before FEATURES_OK".into());
+            return Err(ActivateError::FeaturesNotOk);
         }
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready && !q.is_valid(&self.mem) {
-                return Err(format!(
-                    "queue {i} is not valid: size {} (max {}), rings {:#x}/{:#x}/{:#x}",
-                    q.size, q.max_size, q.desc_table, q.avail_ring, q.used_ring
-                ));
+                return Err(ActivateError::InvalidQueue {
+                    index: i,
+                    size: q.size,
+                    max: q.max_size,
+                    desc: q.desc_table,
+                    avail: q.avail_ring,
+                    used: q.used_ring,
+                });
             }
         }
         self.device.activate(self.driver_features)?;
@@ -410,7 +415,7 @@ mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             super::super::read_config_bytes(b"abcdef", offset, data);
         }
-        fn activate(&mut self, acked: u64) -> Result<(), String> {
+        fn activate(&mut self, acked: u64) -> Result<(), ActivateError> {
             self.activated = Some(acked);
             Ok(())
         }

@@ -170,6 +170,54 @@ impl QueueCtx<'_> {
     }
 }
 
+/// Why a device cannot start when the driver sets `DRIVER_OK`; the transport then sets
+/// `DEVICE_NEEDS_RESET`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ActivateError {
+    /// The driver set `DRIVER_OK` without `FEATURES_OK`.
+    #[error("DRIVER_OK before FEATURES_OK")]
+    FeaturesNotOk,
+    /// A queue the driver made ready does not fit guest memory or its size limit.
+    #[error(
+        "queue {index} is not valid: size {size} (max {max}), rings {desc:#x}/{avail:#x}/{used:#x}"
+    )]
+    InvalidQueue {
+        /// The queue.
+        index: usize,
+        /// Its size.
+        size: u16,
+        /// The device's maximum.
+        max: u16,
+        /// Descriptor table address.
+        desc: u64,
+        /// Available ring address.
+        avail: u64,
+        /// Used ring address.
+        used: u64,
+    },
+    /// The driver acknowledged a feature without one it depends on.
+    #[error("{feature} acknowledged without {needs}")]
+    MissingFeature {
+        /// The feature acknowledged.
+        feature: &'static str,
+        /// The one it needs.
+        needs: &'static str,
+    },
+    /// The host backend of the device is not open.
+    #[error("the {0} is not open")]
+    BackendClosed(&'static str),
+    /// The TAP's offloads could not be set to what the driver acknowledged.
+    #[error("setting TAP offloads {flags:#x}")]
+    TapOffloads {
+        /// The offload flags.
+        flags: u32,
+        /// The error.
+        #[source]
+        source: dbs_utils::net::TapError,
+    },
+}
+
 /// A virtio device behind the transport in [`mmio`].
 pub trait VirtioDevice: Send + std::fmt::Debug {
     /// The virtio device id (`TYPE_NET`...).
@@ -186,7 +234,7 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
         Ok(())
     }
     /// The driver set `DRIVER_OK` having acknowledged `acked`; the queues are valid.
-    fn activate(&mut self, acked: u64) -> Result<(), String>;
+    fn activate(&mut self, acked: u64) -> Result<(), ActivateError>;
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// Host fds the event thread polls for this device, with their events.

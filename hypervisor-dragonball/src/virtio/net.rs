@@ -6,7 +6,7 @@
 //! creates it; `netdev` in this workspace). [`NetDevice::open_backend`] runs on the `db-vmm`
 //! thread, which has entered that namespace, and first checks that the interface exists
 //! there (`if_nametoindex`): `TUNSETIFF` on a missing name would *create* a TAP, which then
-//! nobody would delete, so a missing TAP is an error ([`Error::Device`]) naming the TAP and
+//! nobody would delete, so a missing TAP is an error ([`DeviceError::TapMissing`]) naming the TAP and
 //! the namespace. It then attaches with `dbs_utils::net::Tap::open_named` (which fails for an
 //! interface that is not a TAP, or whose queue mode differs: one queue pair needs a
 //! single-queue TAP, more need an `IFF_MULTI_QUEUE` one), opens one queue fd per pair with
@@ -48,7 +48,7 @@ use slog::{debug, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{bit, read_config_bytes, QueueCtx, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 
 /// Guest can handle partial checksums.
 pub const VIRTIO_NET_F_CSUM: u32 = 0;
@@ -206,19 +206,14 @@ impl NetDevice {
         (self.pairs > 1).then(|| 2 * usize::from(self.pairs))
     }
 
-    fn where_(&self) -> String {
-        match &self.netns {
-            Some(ns) => format!("network namespace {}", ns.display()),
-            None => "the runtime's network namespace".into(),
+    fn tap_error(&self, step: &str, source: dbs_utils::net::TapError) -> Error {
+        DeviceError::Tap {
+            step: step.to_string(),
+            tap: self.tap_name.clone(),
+            netns: self.netns.clone(),
+            source,
         }
-    }
-
-    fn tap_error(&self, step: &str, e: impl std::fmt::Display) -> Error {
-        Error::Device(format!(
-            "{step} TAP {:?} in {}: {e}",
-            self.tap_name,
-            self.where_()
-        ))
+        .into()
     }
 
     /// Attaches the TAP queues of the first `n` pairs and detaches the others.
@@ -466,11 +461,11 @@ impl VirtioDevice for NetDevice {
 
     fn open_backend(&mut self) -> Result<()> {
         if nix::net::if_::if_nametoindex(self.tap_name.as_str()).is_err() {
-            return Err(Error::Device(format!(
-                "TAP {:?} does not exist in {}: this backend opens an existing TAP and does not create one (create it first, e.g. with the netdev crate)",
-                self.tap_name,
-                self.where_()
-            )));
+            return Err(DeviceError::TapMissing {
+                tap: self.tap_name.clone(),
+                netns: self.netns.clone(),
+            }
+            .into());
         }
         let multi = self.pairs > 1;
         let step = if multi {
@@ -504,19 +499,30 @@ impl VirtioDevice for NetDevice {
             })
             .collect();
         // Only pair 0 until the driver enables more.
-        self.use_pairs(1)
-            .map_err(|e| self.tap_error("Detaching the unused queues of", e))?;
+        self.use_pairs(1).map_err(|source| DeviceError::TapQueues {
+            step: "Detaching the unused queues of",
+            tap: self.tap_name.clone(),
+            netns: self.netns.clone(),
+            source,
+        })?;
         Ok(())
     }
 
-    fn activate(&mut self, acked: u64) -> std::result::Result<(), String> {
+    fn activate(&mut self, acked: u64) -> std::result::Result<(), super::ActivateError> {
         if acked & bit(VIRTIO_NET_F_MQ) != 0 && acked & bit(VIRTIO_NET_F_CTRL_VQ) == 0 {
-            return Err("VIRTIO_NET_F_MQ acknowledged without VIRTIO_NET_F_CTRL_VQ".into());
+            return Err(super::ActivateError::MissingFeature {
+                feature: "VIRTIO_NET_F_MQ",
+                needs: "VIRTIO_NET_F_CTRL_VQ",
+            });
         }
-        let tap = &self.backends.first().ok_or("the TAP is not open")?.tap;
+        let tap = &self
+            .backends
+            .first()
+            .ok_or(super::ActivateError::BackendClosed("TAP"))?
+            .tap;
         let flags = tap_offloads(acked);
         tap.set_offload(flags)
-            .map_err(|e| format!("setting TAP offloads {flags:#x}: {e}"))?;
+            .map_err(|source| super::ActivateError::TapOffloads { flags, source })?;
         debug!(self.log, "activated"; "features" => format!("{acked:#x}"), "offloads" => flags);
         self.active = true;
         Ok(())
@@ -558,106 +564,4 @@ impl VirtioDevice for NetDevice {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn dev(mtu: Option<u32>) -> NetDevice {
-        mq_dev(mtu, 1)
-    }
-
-    fn mq_dev(mtu: Option<u32>, pairs: u16) -> NetDevice {
-        let log = slog::Logger::root(slog::Discard, slog::o!());
-        NetDevice::new(
-            "tap0",
-            None,
-            "02:00:00:00:00:01".parse().unwrap(),
-            mtu,
-            None,
-            pairs,
-            log,
-        )
-    }
-
-    #[test]
-    fn config_space_has_the_mac_one_queue_pair_and_the_mtu() {
-        let d = dev(Some(9000));
-        let mut cfg = [0u8; 12];
-        d.read_config(0, &mut cfg);
-        assert_eq!(&cfg[..6], &[2, 0, 0, 0, 0, 1]);
-        assert_eq!(u16::from_le_bytes([cfg[8], cfg[9]]), 1);
-        assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 9000);
-        assert_ne!(d.features() & bit(VIRTIO_NET_F_MTU), 0);
-        assert_eq!(dev(None).features() & bit(VIRTIO_NET_F_MTU), 0);
-        assert_eq!(d.features() & bit(VIRTIO_NET_F_MQ), 0);
-        assert_eq!(d.features() & bit(VIRTIO_NET_F_CTRL_VQ), 0);
-        assert_eq!(d.queue_max_sizes().len(), 2);
-        assert_eq!(d.ctrl_queue(), None);
-    }
-
-    #[test]
-    fn several_pairs_offer_mq_with_a_control_queue_after_the_pairs() {
-        let d = mq_dev(None, 3);
-        let mut cfg = [0u8; 2];
-        d.read_config(8, &mut cfg);
-        assert_eq!(u16::from_le_bytes(cfg), 3, "max_virtqueue_pairs");
-        let f = d.features();
-        assert_ne!(f & bit(VIRTIO_NET_F_MQ), 0);
-        assert_ne!(f & bit(VIRTIO_NET_F_CTRL_VQ), 0);
-        assert_eq!(d.queue_max_sizes(), vec![256, 256, 256, 256, 256, 256, 64]);
-        assert_eq!(d.ctrl_queue(), Some(6));
-    }
-
-    #[test]
-    fn vq_pairs_set_accepts_one_to_the_maximum_and_refuses_other_commands() {
-        let mut d = mq_dev(None, 2);
-        let set = |n: u16| {
-            let [lo, hi] = n.to_le_bytes();
-            [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, lo, hi]
-        };
-        assert_eq!(d.ctrl_command(&set(2)), VIRTIO_NET_OK);
-        assert_eq!(d.enabled_pairs(), 2);
-        assert_eq!(d.ctrl_command(&set(3)), VIRTIO_NET_ERR);
-        assert_eq!(d.ctrl_command(&set(0)), VIRTIO_NET_ERR);
-        assert_eq!(d.enabled_pairs(), 2);
-        assert_eq!(d.ctrl_command(&set(1)), VIRTIO_NET_OK);
-        assert_eq!(d.enabled_pairs(), 1);
-        // Truncated data, and the RX-mode class (not offered).
-        assert_eq!(
-            d.ctrl_command(&[VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 2]),
-            VIRTIO_NET_ERR
-        );
-        assert_eq!(d.ctrl_command(&[0, 0, 1]), VIRTIO_NET_ERR);
-    }
-
-    #[test]
-    fn mq_without_the_control_queue_is_refused_at_activation() {
-        let mut d = mq_dev(None, 2);
-        let err = d
-            .activate(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MQ))
-            .unwrap_err();
-        assert!(err.contains("CTRL_VQ"), "{err}");
-    }
-
-    #[test]
-    fn tap_offloads_follow_the_guest_features() {
-        assert_eq!(tap_offloads(bit(VIRTIO_F_VERSION_1)), 0);
-        assert_eq!(
-            tap_offloads(bit(VIRTIO_NET_F_GUEST_TSO4)),
-            0,
-            "TSO needs CSUM"
-        );
-        assert_eq!(
-            tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4)),
-            libc::TUN_F_CSUM | libc::TUN_F_TSO4
-        );
-    }
-
-    #[test]
-    fn a_missing_tap_is_an_error_and_nothing_is_created() {
-        let mut d = dev(None);
-        d.tap_name = "dbmissing0".into();
-        let err = d.open_backend().unwrap_err().to_string();
-        assert!(err.contains("\"dbmissing0\" does not exist"), "{err}");
-        assert!(nix::net::if_::if_nametoindex("dbmissing0").is_err());
-    }
-}
+mod tests;

@@ -1,75 +1,73 @@
-//! The guest side of `sandbox run`: waiting for the agent, configuring the guest's NICs,
-//! publishing the facts.
+//! The guest side of a sandbox: waiting for the agent, configuring the guest's NICs,
+//! the facts of a ready sandbox.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use guest_agent::client::AgentClient;
 use guest_agent::protocol::InterfaceConfig;
-use hypervisor::{AgentAddress, SandboxSpec};
+use hypervisor::AgentAddress;
 use slog::info;
-use tokio::net::UnixListener;
 
-use super::{ms, write_atomic, Netns, Phase, RunOptions, Sandbox};
+use super::{ms, Netns, Phase, Sandbox};
 use crate::backend;
 use crate::facts::{NicFacts, SandboxFacts};
-use crate::net::NicPlan;
-use crate::records;
+use crate::net::{self, NicPlan};
 
 /// How long the guest may take to show a NIC after it was plugged.
 const GUEST_NIC_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Sandbox {
-    /// From a running VM to a served sandbox: agent, guest NICs, facts, control socket.
-    pub(super) async fn up(
-        &mut self,
-        opts: &RunOptions,
-        plugged: Vec<(hypervisor::DeviceInfo, NicPlan)>,
-        mut timings: BTreeMap<String, u64>,
-        began: Instant,
-        spec: &SandboxSpec,
-    ) -> Result<()> {
+    /// From a running VM to a ready sandbox: waits for the guest agent (within the agent
+    /// timeout), gives the guest the addresses, MTU and routes of the NICs it booted with,
+    /// and gathers the facts ([`Sandbox::facts`]). Race it against the VM's exit
+    /// ([`Sandbox::exit_watch`]).
+    pub async fn wait_ready(&mut self) -> Result<()> {
         let t = Instant::now();
-        self.phase = Phase::Agent;
+        self.set_phase(Phase::Agent);
         let address = self.hv.agent_address().await?;
         info!(self.log, "waiting for the guest agent"; "agent" => address.to_string());
+        let agent_timeout = self.opts.agent_timeout;
         let (agent, health) = progress(&self.log, "waiting for the guest agent", async {
             let mut agent = connect_agent(&address).await?;
             let health = agent
-                .wait_ready(opts.agent_timeout)
+                .wait_ready(agent_timeout)
                 .await
                 .context("Waiting for the guest agent")?;
             anyhow::Ok((agent, health))
         })
         .await?;
         self.agent = Some(agent);
-        timings.insert("agent_ready".to_string(), ms(t.elapsed()));
+        self.timings
+            .insert("agent_ready".to_string(), ms(t.elapsed()));
         info!(self.log, "guest agent ready"; "agent" => address.to_string(),
             "guest_uptime_ms" => health.uptime_ms, "ms" => ms(t.elapsed()));
 
         let t = Instant::now();
-        self.phase = Phase::GuestNetwork;
-        for (info, plan) in &plugged {
-            let nic = self.configure_guest(info, plan, Instant::now()).await?;
+        self.set_phase(Phase::GuestNetwork);
+        for (info, plan) in std::mem::take(&mut self.pending) {
+            let nic = self.configure_guest(&info, &plan, Instant::now()).await?;
             self.nics.push(nic);
         }
-        timings.insert("guest_network".to_string(), ms(t.elapsed()));
-        timings.insert("total".to_string(), ms(began.elapsed()));
+        self.timings
+            .insert("guest_network".to_string(), ms(t.elapsed()));
+        self.timings
+            .insert("total".to_string(), ms(self.opts.began.elapsed()));
 
         let config = self.hv.config().await.ok();
-        let accelerator = backend::probe_host(
-            self.backend,
-            spec.config.accelerator,
-            config.as_ref().and_then(|c| c.path.as_deref()),
-        )
-        .ok()
-        .and_then(|p| p.accelerator.ok())
-        .map(|(a, _)| a);
+        let (kind, wanted) = (self.backend, self.spec.config.accelerator);
+        let binary = config.as_ref().and_then(|c| c.path.clone());
+        // Opens /dev/kvm and reads the CPU's flags: off the async workers.
+        let accelerator = net::blocking(move || {
+            backend::probe_host(kind, wanted, binary.as_deref())
+                .ok()
+                .and_then(|p| p.accelerator.ok())
+                .map(|(a, _)| a)
+        })
+        .await?;
         let pids = self.hv.pids().await?;
-        let control = self.state_dir.join("control.sock");
-        let facts = SandboxFacts {
+        self.facts = Some(SandboxFacts {
             id: self.id.clone(),
             backend: self.hv.name().to_string(),
             machine_type: config.and_then(|c| c.machine_type),
@@ -83,35 +81,10 @@ impl Sandbox {
             nics: self.nics.clone(),
             agent: address.to_string(),
             console_log: self.hv.console_log().await,
-            control_socket: control.clone(),
-            timings_ms: timings,
-        };
-        let listener = UnixListener::bind(&control)
-            .with_context(|| format!("Binding control socket {}", control.display()))?;
-        // Inside a 0700 directory: nobody else could connect meanwhile.
-        records::set_mode(&control, records::FILE_MODE)?;
-        self.facts = Some(facts.clone());
-        self.publish(&facts, opts.json)?;
-        info!(self.log, "sandbox ready"; "ms" => ms(began.elapsed()));
-        self.phase = Phase::Serving;
-        self.serve(listener).await
-    }
-
-    /// Writes `facts.json` and the ready file, then prints the facts: whoever waits on any
-    /// of the three finds the other two in place.
-    fn publish(&mut self, facts: &SandboxFacts, json: bool) -> Result<()> {
-        let line = serde_json::to_string(facts)?;
-        write_atomic(&self.state_dir.join("facts.json"), &line)?;
-        if let Some(ready) = self.ready_file.clone() {
-            self.record(|r| r.ready_file = Some(ready.clone()))?;
-            write_atomic(&ready, &line)
-                .with_context(|| format!("Writing the ready file {}", ready.display()))?;
-        }
-        if json {
-            println!("{line}");
-        } else {
-            println!("{}", facts.human());
-        }
+            control_socket: self.control_socket(),
+            timings_ms: self.timings.clone(),
+        });
+        self.set_phase(Phase::Serving);
         Ok(())
     }
 

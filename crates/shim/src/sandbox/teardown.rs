@@ -15,8 +15,10 @@ use crate::net;
 use crate::records::Records;
 
 impl Sandbox {
-    /// Stops the VM and removes everything this run created; reports what could not be.
-    pub(super) async fn teardown(&mut self) -> Result<()> {
+    /// Stops the VM and removes everything the sandbox created, also after a failure or a
+    /// cancelled step; reports what could not be removed. Dropping it half-way leaves the
+    /// record for [`Sandbox::force_teardown`].
+    pub async fn teardown(&mut self) -> Result<()> {
         let t = Instant::now();
         let mut problems: Vec<String> = Vec::new();
         self.agent = None;
@@ -42,7 +44,7 @@ impl Sandbox {
         // Persistent TAPs (handed over by name) stay until deleted.
         if let Some(ns) = &self.netns {
             for tap in std::mem::take(&mut self.persistent_taps) {
-                match netdev::delete_tap(&tap, Some(ns.path())) {
+                match net::delete_tap(&tap, ns.path()).await {
                     Ok(()) | Err(netdev::Error::TapNotFound { .. }) => {}
                     Err(e) => problems.push(format!("deleting TAP {tap}: {}", cleanup::chain(e))),
                 }
@@ -53,8 +55,15 @@ impl Sandbox {
         // know of (a cancelled boot) still holds its TAPs: the sweep below kills it.
         if let (Some(ns), Some(_)) = (&self.netns, self.vmm_pid) {
             let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let left: Vec<String> = match net::taps_in(ns.path()) {
+            let handle = match net::connect(ns.path()).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    problems.push(format!("listing TAPs: {e:#}"));
+                    None
+                }
+            };
+            while let Some(handle) = &handle {
+                let left: Vec<String> = match net::taps_in(handle).await {
                     Ok(all) => all.into_iter().filter(|t| self.taps.contains(t)).collect(),
                     Err(e) => {
                         problems.push(format!("listing TAPs: {e:#}"));
@@ -66,7 +75,7 @@ impl Sandbox {
                 }
                 if Instant::now() > deadline {
                     for tap in &left {
-                        let _ = netdev::delete_tap(tap, Some(ns.path()));
+                        let _ = net::delete_tap(tap, ns.path()).await;
                     }
                     problems.push(format!("TAPs were left behind and deleted: {left:?}"));
                     break;
@@ -91,10 +100,10 @@ impl Sandbox {
         }
     }
 
-    /// The forced teardown of a second signal: whatever the orderly one was doing is
-    /// abandoned, the VMM is killed and what the record lists is removed. Returns what could
-    /// not be.
-    pub(super) async fn force(&mut self) -> Vec<String> {
+    /// The forced teardown (a front-end's answer to a second signal): whatever the orderly
+    /// one was doing is abandoned, the VMM is killed and what the record lists is removed.
+    /// Returns what could not be.
+    pub async fn force_teardown(&mut self) -> Vec<String> {
         let t = Instant::now();
         // Our copies of TAP fds and the endpoints go first, so that the TAPs can go with
         // the VMM; the owned namespace is deleted from the record.
@@ -177,7 +186,9 @@ mod tests {
         assert_eq!(problems, Vec::<String>::new());
         assert!(records.is_none());
         assert!(!dir.exists(), "the run directory is left");
-        assert_eq!(net::taps_in(ns.path()).unwrap(), Vec::<String>::new());
+        let handle = net::connect(ns.path()).await.unwrap();
+        assert_eq!(net::taps_in(&handle).await.unwrap(), Vec::<String>::new());
+        drop(handle);
         ns.delete().unwrap();
     }
 }
