@@ -49,7 +49,7 @@ pub fn run_as(config: &HypervisorConfig) -> std::result::Result<Option<RunAs>, C
         return Ok(None);
     }
     let bad = |problem: String| ConfigError::new("rootless_user", problem);
-    let (uid, gid, groups) = match RootlessUser::parse(&config.rootless_user).map_err(bad)? {
+    let (uid, gid, groups) = match RootlessUser::parse(&config.rootless_user)? {
         RootlessUser::Ids { uid, gid } => (uid, gid, vec![gid]),
         RootlessUser::Name(name) => {
             let user = nix::unistd::User::from_name(&name)

@@ -195,12 +195,10 @@ impl HypervisorConfig {
             ));
         }
         if let Some(value) = &self.seccomp_sandbox {
-            check_seccomp_sandbox(value)
-                .map_err(|problem| ConfigError::new("seccomp_sandbox", problem))?;
+            check_seccomp_sandbox(value)?;
         }
         if self.rootless {
-            RootlessUser::parse(&self.rootless_user)
-                .map_err(|problem| ConfigError::new("rootless_user", problem))?;
+            RootlessUser::parse(&self.rootless_user)?;
         }
         Ok(())
     }
@@ -223,7 +221,8 @@ fn value_enables_seccomp(value: &str) -> bool {
 
 /// Checks a QEMU `-sandbox` value: `on` or `off` first, then `key=value` sub-options that
 /// QEMU 7.2 knows, each once.
-pub fn check_seccomp_sandbox(value: &str) -> Result<(), String> {
+pub fn check_seccomp_sandbox(value: &str) -> Result<(), ConfigError> {
+    let bad = |problem: String| ConfigError::new("seccomp_sandbox", problem);
     let known = || {
         SECCOMP_OPTIONS
             .iter()
@@ -238,33 +237,33 @@ pub fn check_seccomp_sandbox(value: &str) -> Result<(), String> {
             Some(kv) => kv,
             None if i == 0 => ("enable", item),
             None => {
-                return Err(format!(
+                return Err(bad(format!(
                     "{value:?}: {item:?} is not key=value; the sub-options are {}",
                     known()
-                ))
+                )))
             }
         };
         let Some((_, values)) = SECCOMP_OPTIONS.iter().find(|(k, _)| *k == key) else {
-            return Err(format!(
+            return Err(bad(format!(
                 "{value:?}: {key:?} is not a sub-option of QEMU's -sandbox; use {}",
                 known()
-            ));
+            )));
         };
         if !values.contains(&v) {
-            return Err(format!(
+            return Err(bad(format!(
                 "{value:?}: {key}={v} is not valid; {key} takes {}",
                 values.join(" or ")
-            ));
+            )));
         }
         if seen.contains(&key) {
-            return Err(format!("{value:?}: {key} is given twice"));
+            return Err(bad(format!("{value:?}: {key} is given twice")));
         }
         seen.push(key);
     }
     if !seen.contains(&"enable") {
-        return Err(format!(
+        return Err(bad(format!(
             "{value:?} does not start with \"on\" or \"off\" (e.g. {DEFAULT_SECCOMP_SANDBOX:?})"
-        ));
+        )));
     }
     Ok(())
 }
@@ -285,18 +284,21 @@ pub enum RootlessUser {
 
 impl RootlessUser {
     /// Parses `NAME` or `UID:GID`; root (0) is refused.
-    pub fn parse(value: &str) -> Result<RootlessUser, String> {
+    pub fn parse(value: &str) -> Result<RootlessUser, ConfigError> {
+        let bad = |problem: String| ConfigError::new("rootless_user", problem);
         if let Some((u, g)) = value.split_once(':') {
             let id = |s: &str| {
                 s.parse::<u32>().map_err(|_| {
-                    format!("{value:?}: {s:?} is not a numeric id; use UID:GID or a user name")
+                    bad(format!(
+                        "{value:?}: {s:?} is not a numeric id; use UID:GID or a user name"
+                    ))
                 })
             };
             let (uid, gid) = (id(u)?, id(g)?);
             if uid == 0 || gid == 0 {
-                return Err(format!(
+                return Err(bad(format!(
                     "{value:?} is root: an unprivileged VMM needs a uid and gid other than 0"
-                ));
+                )));
             }
             return Ok(RootlessUser::Ids { uid, gid });
         }
@@ -307,12 +309,12 @@ impl RootlessUser {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
         if !ok {
-            return Err(format!(
+            return Err(bad(format!(
                 "{value:?} is not a user name (letters, digits, '_', '-', '.') nor UID:GID"
-            ));
+            )));
         }
         if value == "root" {
-            return Err("\"root\" is not an unprivileged user".into());
+            return Err(bad("\"root\" is not an unprivileged user".into()));
         }
         Ok(RootlessUser::Name(value.to_string()))
     }
@@ -385,6 +387,8 @@ mod tests {
             check_seccomp_sandbox(good).unwrap();
         }
         let unknown = check_seccomp_sandbox("on,networking=deny").unwrap_err();
+        assert_eq!(unknown.field, "seccomp_sandbox");
+        let unknown = unknown.problem;
         assert!(
             unknown.contains("\"networking\" is not a sub-option"),
             "{unknown}"

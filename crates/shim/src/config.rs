@@ -435,7 +435,7 @@ impl<'a> Cx<'a> {
                     let v = self.string(&key, item)?;
                     if !v.is_empty() {
                         hypervisor::config::check_seccomp_sandbox(&v)
-                            .map_err(|problem| self.invalid(&key, item.span(), problem))?;
+                            .map_err(|e| self.invalid(&key, item.span(), e.problem))?;
                     }
                     // Kata: an empty value runs QEMU without a filter.
                     c.seccomp_sandbox = (!v.is_empty()).then_some(v);
@@ -444,7 +444,7 @@ impl<'a> Cx<'a> {
                 "rootless_user" => {
                     let v = self.string(&key, item)?;
                     hypervisor::config::RootlessUser::parse(&v)
-                        .map_err(|problem| self.invalid(&key, item.span(), problem))?;
+                        .map_err(|e| self.invalid(&key, item.span(), e.problem))?;
                     c.rootless_user = v;
                 }
                 "chroot" => c.chroot = self.bool(&key, item)?,
