@@ -50,6 +50,7 @@ struct Record {
     adds_before_failure: Option<usize>,
     fail_next_remove: bool,
     hang_start: bool,
+    fail_prepare: bool,
     next_slot: u8,
 }
 
@@ -130,6 +131,9 @@ impl Backend for Fake {
 
     async fn prepare(&self, _vm: &mut (), ctx: Context<'_>) -> Result<()> {
         self.call(Call::Prepare(ctx.spec.id.clone()));
+        if self.lock().fail_prepare {
+            return Err(Error::backend("Preparing", "injected failure".to_string()));
+        }
         Ok(())
     }
 
@@ -267,6 +271,11 @@ impl Vm<Fake> {
         self.backend().lock().fail_next_remove = true;
     }
 
+    /// Makes the backend's `prepare` step fail.
+    pub fn fail_prepare(&self) {
+        self.backend().lock().fail_prepare = true;
+    }
+
     /// Makes `start` wait forever (a VMM that never becomes controllable).
     pub fn hang_start(&self) {
         self.backend().lock().hang_start = true;
@@ -389,8 +398,20 @@ mod tests {
                     && c.problem.contains("/run/netns/x does not exist")),
             "{err:?}"
         );
-        assert!(!fake.backend().run_root().join("s1").exists());
+        assert!(
+            !fake.backend().run_root().exists(),
+            "the run root it made is gone"
+        );
         assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    }
+
+    #[tokio::test]
+    async fn a_prepare_the_backend_refuses_leaves_no_directory() {
+        let fake = FakeHypervisor::fake(Capabilities::default());
+        fake.fail_prepare();
+        fake.prepare(&spec_without_netns()).await.unwrap_err();
+        assert!(!fake.backend().run_root().exists());
+        assert_eq!(fake.state().await, VmState::Created);
     }
 
     #[tokio::test]

@@ -146,13 +146,27 @@ impl<B: Backend> Vm<B> {
             }
         }
         let root = self.backend.run_root();
-        create_run_root(root)
-            .map_err(|e| Error::backend(format!("Creating the run root {}", root.display()), e))?;
+        // The directories this prepare creates, removed again (when still empty) if it fails.
+        let created: Vec<PathBuf> = root
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        let undo_root = || {
+            for dir in &created {
+                let _ = std::fs::remove_dir(dir);
+            }
+        };
+        create_run_root(root).map_err(|e| {
+            undo_root();
+            Error::backend(format!("Creating the run root {}", root.display()), e)
+        })?;
         let run_dir = root.join(&spec.id);
         std::fs::DirBuilder::new()
             .mode(DIR_MODE)
             .create(&run_dir)
             .map_err(|e| {
+                undo_root();
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     ConfigError::new(
                         "id",
@@ -174,6 +188,7 @@ impl<B: Backend> Vm<B> {
         if let Err(e) = self.backend.prepare(&mut inner.sandbox, ctx).await {
             inner.sandbox = B::Sandbox::default();
             let _ = std::fs::remove_dir_all(&run_dir);
+            undo_root();
             return Err(e);
         }
         inner.prepared = Some(Prepared {
