@@ -10,9 +10,8 @@
 //! - nothing leaves `Stopped` ([`set_state`](Lifecycle::set_state));
 //! - the first recorded exit wins ([`finish`](Lifecycle::finish)), so the watcher's account of
 //!   a VMM's death is not overwritten by a later, vaguer one;
-//! - a `stop` counts itself before it waits for the operation lock
-//!   ([`stop_requested`](Lifecycle::stop_requested)), and the operation holding the lock gives
-//!   up at its next await.
+//! - a `stop` counts itself before it waits for the operation lock, and the operation holding
+//!   the lock gives up at its next await ([`unless_stopping`](Lifecycle::unless_stopping)).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

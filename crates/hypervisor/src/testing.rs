@@ -3,7 +3,7 @@
 //!
 //! Only compiled for this crate's tests and with the `test-utils` feature; never part of a
 //! release build. [`FakeHypervisor`] is the core's [`Vm`] over a backend that runs no VMM: it
-//! follows the real [`VmState`] machine (the core's), records every call that reaches the
+//! follows the real [`VmState`](crate::VmState) machine (the core's), records every call that reaches the
 //! backend, and can be told to fail, so that callers' rollback paths can be exercised
 //! without a VMM. Its run directories live under a private directory in the system's temp
 //! directory, removed when the fake is dropped.

@@ -25,12 +25,12 @@ pub struct Context<'a> {
     pub lifecycle: &'a Arc<Lifecycle>,
 }
 
-/// The VMM-specific steps of a backend: everything [`Vm`] does not do itself.
+/// The VMM-specific steps of a backend: everything [`Vm`](crate::Vm) does not do itself.
 ///
 /// Each step runs under the VM's operation lock with the backend's per-sandbox state
 /// (`Self::Sandbox`). Steps that wait are dropped at an await when a `stop` comes, so they
 /// must be cancel-safe there. A backend does not check states or plug modes, create run
-/// directories or record exits of failed starts: [`Vm`] does.
+/// directories or record exits of failed starts: [`Vm`](crate::Vm) does.
 #[async_trait]
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// The backend's per-sandbox state; `Default` is "nothing prepared".
@@ -50,7 +50,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Boots the VM with its cold-plugged devices, within `timeout`, and returns the VMM's
     /// pids. The backend arranges for the VMM's exit to be recorded ([`Lifecycle::finish`]).
     /// On error, or when the future is dropped, nothing may be left running: a start that
-    /// failed is recorded as an exit by [`Vm`] unless the backend recorded one itself.
+    /// failed is recorded as an exit by [`Vm`](crate::Vm) unless the backend recorded one itself.
     async fn start(
         &self,
         vm: &mut Self::Sandbox,
@@ -126,7 +126,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         let _ = (vm, config);
     }
 
-    /// The attached devices and the backend's own data, for [`SavedState`]. The run
+    /// The attached devices and the backend's own data, for [`SavedState`](crate::SavedState). The run
     /// directory is added to the data as `run_dir`.
     fn saved(&self, vm: &Self::Sandbox) -> (Vec<DeviceInfo>, serde_json::Value);
 
