@@ -150,6 +150,13 @@ impl Dragonball {
                 .map_err(|e| Error::device(&device.id, "Cold-plugging block", e))?;
                 Box::new(dev)
             }
+            DeviceConfig::SharedFs(_) => {
+                return Err(unsupported(
+                    BACKEND,
+                    format!("{what}, a shared filesystem"),
+                    "the Dragonball backend has no virtio-fs device (none of its published crates builds one here)",
+                ))
+            }
             DeviceConfig::Vsock(v) => {
                 if inner.agent.is_some() {
                     return Err(ConfigError::new(

@@ -220,6 +220,8 @@ impl Backend for Dragonball {
             // The first CID a guest may have (0 to 2 are reserved); each VM has its own
             // hybrid-vsock socket, so one CID serves every sandbox.
             agent_channel: AgentChannelSource::VsockDevice { guest_cid: 3 },
+            shared_fs: false,
+            shared_fs_hotplug: false,
         }
     }
 

@@ -134,6 +134,19 @@ pub struct BlockArgs {
     pub place: Option<PciPlace>,
 }
 
+/// A shared filesystem (virtio-fs) on the command line.
+#[derive(Debug, Clone)]
+pub struct SharedFsArgs {
+    /// Device id; the chardev is `chr-<id>`, the device `dev-<id>`.
+    pub id: String,
+    /// fd number, in QEMU, of the socket connected to the share's virtiofsd.
+    pub socket_fd: i32,
+    /// The tag the guest mounts it by.
+    pub tag: String,
+    /// q35 only.
+    pub place: Option<PciPlace>,
+}
+
 /// How the agent is reached.
 #[derive(Debug, Clone)]
 pub enum AgentArgs {
@@ -186,6 +199,12 @@ pub struct CmdlineSpec {
     pub blocks: Vec<BlockArgs>,
     /// Free root ports for hotplug (q35): `(id, slot)`.
     pub root_ports: Vec<(String, u8)>,
+    /// Guest RAM from a shared memfd (`memory-backend-memfd,share=on`), as vhost-user
+    /// devices (virtio-fs) need; set whenever shared filesystems are configured, so a share
+    /// can be hot-plugged later.
+    pub shared_memory: bool,
+    /// Cold-plugged shared filesystems.
+    pub shares: Vec<SharedFsArgs>,
 }
 
 impl CmdlineSpec {
@@ -207,7 +226,7 @@ impl CmdlineSpec {
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        let machine = match self.machine {
+        let mut machine = match self.machine {
             Machine::Q35 => format!("q35,accel={}", self.accel.as_str()),
             // isa-serial for the console; ACPI describes the virtio-mmio devices to the guest.
             Machine::Microvm => format!(
@@ -215,6 +234,9 @@ impl CmdlineSpec {
                 self.accel.as_str()
             ),
         };
+        if self.shared_memory {
+            machine.push_str(",memory-backend=mem");
+        }
         push(&["-name", &format!("sandbox-{}", self.name)]);
         if let Some(filter) = &self.seccomp {
             push(&["-sandbox", filter]);
@@ -230,6 +252,15 @@ impl CmdlineSpec {
             push(&["-cpu", "host"]);
         }
         push(&["-m", &format!("{}M", self.memory_mib)]);
+        if self.shared_memory {
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.memory_mib
+                ),
+            ]);
+        }
         push(&["-smp", &self.vcpus.to_string()]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
         push(&["-display", "none"]);
@@ -284,6 +315,23 @@ impl CmdlineSpec {
                 b.id
             );
             if let Some(place) = &b.place {
+                let _ = write!(dev, ",{}", place.props());
+            }
+            push(&["-device", &dev]);
+        }
+        for fs in &self.shares {
+            push(&[
+                "-chardev",
+                &format!("socket,id=chr-{},fd={}", fs.id, fs.socket_fd),
+            ]);
+            let mut dev = format!(
+                "{},id=dev-{},chardev=chr-{},tag={}",
+                self.machine.virtio("vhost-user-fs"),
+                fs.id,
+                fs.id,
+                fs.tag.replace(',', ",,")
+            );
+            if let Some(place) = &fs.place {
                 let _ = write!(dev, ",{}", place.props());
             }
             push(&["-device", &dev]);
@@ -410,7 +458,38 @@ mod tests {
             nics: vec![],
             blocks: vec![],
             root_ports: vec![("rp0".into(), 0x1c)],
+            shared_memory: false,
+            shares: vec![],
         }
+    }
+
+    #[test]
+    fn shares_get_shared_memory_and_a_vhost_user_fs_device_on_a_connected_socket() {
+        let mut s = spec();
+        assert!(!s.args().iter().any(|a| a.contains("memfd")));
+        s.shared_memory = true;
+        s.shares = vec![SharedFsArgs {
+            id: "fs0".into(),
+            socket_fd: 7,
+            tag: "kataShared".into(),
+            place: Some(PciPlace::Root(3)),
+        }];
+        let a = s.args();
+        assert_eq!(after(&a, "-machine"), ["q35,accel=tcg,memory-backend=mem"]);
+        assert_eq!(
+            after(&a, "-object"),
+            ["memory-backend-memfd,id=mem,size=256M,share=on"]
+        );
+        assert!(after(&a, "-chardev").contains(&"socket,id=chr-fs0,fd=7"));
+        assert!(after(&a, "-device").contains(
+            &"vhost-user-fs-pci,id=dev-fs0,chardev=chr-fs0,tag=kataShared,bus=pcie.0,addr=0x3"
+        ));
+        s.machine = Machine::Microvm;
+        s.shares[0].place = None;
+        let a = s.args();
+        assert!(after(&a, "-device")
+            .contains(&"vhost-user-fs-device,id=dev-fs0,chardev=chr-fs0,tag=kataShared"));
+        assert!(after(&a, "-machine")[0].ends_with(",memory-backend=mem"));
     }
 
     fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {

@@ -77,6 +77,7 @@ pub mod qmp;
 mod reconcile;
 mod restore;
 mod unplug;
+pub mod virtiofs;
 
 pub use confine::{check_confinement, ConfinementCheck, ConfinementState};
 pub use hotplug::IMAGE_DEVICE_ID;
@@ -170,12 +171,19 @@ enum ColdDevice {
         read_only: bool,
         place: Option<PciPlace>,
     },
+    SharedFs {
+        info: DeviceInfo,
+        share: hypervisor::SharedFsConfig,
+        place: Option<PciPlace>,
+    },
 }
 
 impl ColdDevice {
     fn info(&self) -> &DeviceInfo {
         match self {
-            ColdDevice::Nic { info, .. } | ColdDevice::Block { info, .. } => info,
+            ColdDevice::Nic { info, .. }
+            | ColdDevice::Block { info, .. }
+            | ColdDevice::SharedFs { info, .. } => info,
         }
     }
 }
@@ -205,6 +213,10 @@ pub struct QemuSandbox {
     next_root_slot: u8,
     qmp: Option<Arc<QmpClient>>,
     process: Option<QemuProcess>,
+    /// The virtio-fs daemon, when `shared_fs` is `virtio-fs`.
+    daemon: Option<virtiofs::Daemon>,
+    /// The running virtiofsd of each share.
+    virtiofsd: BTreeMap<DeviceId, virtiofs::Virtiofsd>,
 }
 
 /// The QEMU backend: QEMU's own steps of the lifecycle. See the crate docs.
@@ -258,7 +270,7 @@ impl Qemu {
         }
     }
 
-    fn capabilities_for(&self, machine: Option<Machine>) -> Capabilities {
+    fn capabilities_for(&self, machine: Option<Machine>, shared_fs: bool) -> Capabilities {
         let pci = machine.unwrap_or(Machine::Q35) == Machine::Q35;
         Capabilities {
             network_hotplug: pci,
@@ -269,6 +281,8 @@ impl Qemu {
             vsock: self.host.vhost_vsock,
             in_process: false,
             agent_channel: AgentChannelSource::Builtin,
+            shared_fs,
+            shared_fs_hotplug: shared_fs && pci,
         }
     }
 

@@ -16,11 +16,12 @@ use hypervisor::{
 use serde_json::json;
 use slog::{info, warn};
 
-use crate::cmdline::{Accel, AgentArgs, BlockArgs, CmdlineSpec, Machine, NicArgs};
+use crate::cmdline::{Accel, AgentArgs, BlockArgs, CmdlineSpec, Machine, NicArgs, SharedFsArgs};
 use crate::exit::{
     connect_or_exit, kill_and_reap, spawn_exit_watch, vcpu_threads, wait_exited, KillOnDrop,
 };
 use crate::process;
+use crate::virtiofs::Virtiofsd;
 use crate::{ColdDevice, Qemu, QemuSandbox, RootPort, RunDir, BACKEND};
 
 /// First `pcie.0` slot for devices; slot 0 is the host bridge, 0x1f the ICH9 LPC/SMBus.
@@ -90,6 +91,12 @@ impl Backend for Qemu {
             accel,
             matches!(agent, AgentAddress::Vsock { .. }),
         )?;
+        // Likewise a virtio-fs daemon that is missing or is not virtiofsd.
+        let daemon = crate::virtiofs::resolve(&spec.config).await?;
+        if let Some(d) = &daemon {
+            info!(self.log, "virtio-fs daemon"; "sandbox" => &spec.id,
+                "binary" => d.path.display().to_string(), "flavour" => format!("{:?}", d.flavour));
+        }
         info!(self.log, "prepared";
             "sandbox" => &spec.id, "machine" => machine.as_str(),
             "accel" => accel.as_str(), "accel_reason" => why, "agent" => agent.to_string());
@@ -97,6 +104,7 @@ impl Backend for Qemu {
         vm.accel = Some(accel);
         vm.agent = Some(agent);
         vm.run = Some(run);
+        vm.daemon = daemon;
         vm.next_root_slot = FIRST_ROOT_SLOT;
         if let Some(image) = &spec.config.image {
             // The first device, so the guest enumerates it first (`vda`).
@@ -116,6 +124,7 @@ impl Backend for Qemu {
 
     async fn stop(&self, vm: &mut QemuSandbox, _ctx: Context<'_>) -> Result<()> {
         let Some(child) = vm.process.as_ref() else {
+            self.stop_virtiofsd(vm).await;
             return Ok(());
         };
         let mut exited = child.exited.clone();
@@ -143,6 +152,7 @@ impl Backend for Qemu {
         }
         vm.qmp = None;
         vm.process = None;
+        self.stop_virtiofsd(vm).await;
         info!(self.log, "QEMU stopped"; "pid" => pid, "ms" => began.elapsed().as_millis() as u64);
         Ok(())
     }
@@ -184,7 +194,7 @@ impl Backend for Qemu {
     }
 
     fn capabilities(&self, vm: &QemuSandbox) -> Capabilities {
-        self.capabilities_for(vm.machine)
+        self.capabilities_for(vm.machine, vm.daemon.is_some())
     }
 
     fn agent_address(&self, vm: &QemuSandbox) -> Result<AgentAddress> {
@@ -271,8 +281,28 @@ impl Qemu {
                 });
             }
         }
+        // The shares' daemons, each with the connected end of its socket for QEMU. Stopped
+        // again if this start fails or is dropped (`Virtiofsd`'s drop kills).
+        let mut daemons = Vec::new();
+        let mut share_fds = std::collections::BTreeMap::new();
+        for dev in &inner.cold {
+            if let ColdDevice::SharedFs { info, share, .. } = dev {
+                let daemon = inner.daemon.as_ref().expect("checked at cold plug");
+                match Virtiofsd::start(daemon, &run, &info.id, share, &self.log).await {
+                    Ok((d, conn)) => {
+                        share_fds.insert(info.id.clone(), fds.push(conn));
+                        daemons.push((info.id.clone(), d));
+                    }
+                    Err(e) => {
+                        stop_all(daemons).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
         let mut nics = Vec::new();
         let mut blocks = Vec::new();
+        let mut shares = Vec::new();
         let mut cold_infos = Vec::new();
         for dev in inner.cold.drain(..) {
             cold_infos.push(dev.info().clone());
@@ -304,6 +334,12 @@ impl Qemu {
                     read_only,
                     place,
                 }),
+                ColdDevice::SharedFs { info, share, place } => shares.push(SharedFsArgs {
+                    id: info.id.to_string(),
+                    socket_fd: share_fds[&info.id],
+                    tag: share.tag,
+                    place,
+                }),
             }
         }
         let cmd = CmdlineSpec {
@@ -324,12 +360,14 @@ impl Qemu {
             nics,
             blocks,
             root_ports: ports.iter().map(|p| (p.id.clone(), p.slot)).collect(),
+            shared_memory: inner.daemon.is_some(),
+            shares,
         };
         let binary = self.binary(&spec.config);
         let args = cmd.args();
         info!(self.log, "starting QEMU"; "sandbox" => &spec.id, "binary" => binary.display().to_string(),
             "args" => args.join(" "));
-        let child = process::spawn(
+        let child = match process::spawn(
             &binary,
             &args,
             fds,
@@ -338,7 +376,16 @@ impl Qemu {
             files.run_as,
         )
         .await
-        .map_err(|e| Error::backend(format!("Starting QEMU for sandbox {}", spec.id), e))?;
+        {
+            Ok(child) => child,
+            Err(e) => {
+                stop_all(daemons).await;
+                return Err(Error::backend(
+                    format!("Starting QEMU for sandbox {}", spec.id),
+                    e,
+                ));
+            }
+        };
         // From here until start returns, a dropped start (the caller cancelled boot, or a
         // stop came) kills QEMU.
         let mut spawned = KillOnDrop::new(&child, &self.log);
@@ -349,10 +396,12 @@ impl Qemu {
             Ok(Ok(qmp)) => qmp,
             Ok(Err(e)) => {
                 kill_and_reap(&child).await;
+                stop_all(daemons).await;
                 return Err(e);
             }
             Err(_) => {
                 kill_and_reap(&child).await;
+                stop_all(daemons).await;
                 return Err(Error::Timeout {
                     what: format!("QEMU (pid {pid}) to answer on QMP"),
                     timeout,
@@ -369,6 +418,7 @@ impl Qemu {
             inner.hot.insert(info.id.clone(), info);
         }
         inner.ports = ports;
+        inner.virtiofsd.extend(daemons);
         info!(self.log, "QEMU running"; "sandbox" => &spec.id, "pid" => pid,
             "qemu" => qmp.version.clone(), "ms" => began.elapsed().as_millis() as u64);
         inner.qmp = Some(qmp);
@@ -418,6 +468,23 @@ impl Qemu {
             Ok(_) => Ok(()),
             Err((step, e)) => Err(self.qmp_failure(ctx.lifecycle, step, e).await),
         }
+    }
+}
+
+impl Qemu {
+    /// Stops every share's virtiofsd (QEMU is gone, or never started).
+    pub(crate) async fn stop_virtiofsd(&self, vm: &mut QemuSandbox) {
+        for (id, d) in std::mem::take(&mut vm.virtiofsd) {
+            let pid = d.pid();
+            d.stop().await;
+            info!(self.log, "virtiofsd stopped"; "id" => id.as_str(), "pid" => pid);
+        }
+    }
+}
+
+async fn stop_all(daemons: Vec<(DeviceId, Virtiofsd)>) {
+    for (_, d) in daemons {
+        d.stop().await;
     }
 }
 

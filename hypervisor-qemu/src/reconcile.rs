@@ -48,6 +48,11 @@ pub(crate) fn qemu_device_id(id: &DeviceId) -> String {
 
 /// The `opaque` tag of the fd set that passes the disk of `id`, so that a set left by a
 /// hotplug without answer can be found (`query-fdsets`) and removed.
+/// The chardev of shared filesystem `id`.
+pub(crate) fn chardev_id(id: &DeviceId) -> String {
+    format!("chr-{id}")
+}
+
 pub(crate) fn fdset_opaque(id: &DeviceId) -> String {
     format!("disk-{id}")
 }
@@ -128,6 +133,16 @@ pub(crate) async fn remove_backend(
                 Err(e) => Err(Error::device(id, "Removing the netdev of", e)),
             }
         }
+        DeviceKind::SharedFs => {
+            match qmp
+                .execute("chardev-remove", Some(json!({ "id": chardev_id(id) })), t)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(QmpError::Command { desc, .. }) if desc.contains("not found") => Ok(()),
+                Err(e) => Err(Error::device(id, "Removing the chardev of", e)),
+            }
+        }
         _ => {
             if !block_node_present(qmp, id.as_str(), t).await? {
                 return Ok(());
@@ -205,6 +220,9 @@ impl Qemu {
             if u.backend_maybe_added {
                 remove_backend(qmp, id, u.info.kind, t).await?;
             }
+            if let Some(d) = inner.virtiofsd.remove(id) {
+                d.stop().await;
+            }
             info!(self.log, "removed a half-added device after a timeout"; "id" => id.as_str());
             inner.ports[u.port].used_by = None;
         }
@@ -226,6 +244,9 @@ impl Qemu {
             .map(|i| i.kind)
             .ok_or_else(|| Error::DeviceNotFound(id.clone()))?;
         remove_backend(qmp, id, kind, self.opts.qmp_timeout).await?;
+        if let Some(d) = inner.virtiofsd.remove(id) {
+            d.stop().await;
+        }
         for p in inner.ports.iter_mut() {
             if p.used_by.as_ref() == Some(id) {
                 p.used_by = None;

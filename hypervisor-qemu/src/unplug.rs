@@ -27,6 +27,8 @@ impl Qemu {
             inner.cold.remove(pos);
             return Ok(());
         }
+        // A dead virtiofsd fails the operation, unless this removes its own share.
+        self.check_virtiofsd(inner, Some(id))?;
         let was_pending = inner.unplugging.contains(id);
         if mode == PlugMode::Hot {
             // A retried unplug, or an earlier hotplug of unknown outcome, is decided first.

@@ -58,6 +58,29 @@ pub enum AgentChannelKind {
     VirtioSerial,
 }
 
+/// Whether and how host directories are shared with the guest (Kata's `shared_fs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum SharedFsKind {
+    /// No shared filesystem: shared-filesystem devices are refused.
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// virtio-fs, served by a `virtiofsd` per shared directory. Guest memory is shareable
+    /// (QEMU: `memory-backend-memfd,share=on`), as vhost-user needs.
+    #[serde(rename = "virtio-fs")]
+    VirtioFs,
+}
+
+impl SharedFsKind {
+    /// Kata's name (`none`, `virtio-fs`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharedFsKind::None => "none",
+            SharedFsKind::VirtioFs => "virtio-fs",
+        }
+    }
+}
+
 /// The VM's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -102,6 +125,19 @@ pub struct HypervisorConfig {
     pub rootless_user: String,
     /// Confine the VMM to an empty directory (QEMU's `-chroot`) once it has started.
     pub chroot: bool,
+    /// Shared filesystems (Kata's `shared_fs`): [`SharedFsKind::VirtioFs`] lets devices of
+    /// kind [`crate::device::SharedFsConfig`] be added.
+    pub shared_fs: SharedFsKind,
+    /// The virtio-fs daemon (Kata's `virtio_fs_daemon`). `None`: the first of the backend's
+    /// known places that exists (QEMU: `/usr/local/bin/virtiofsd`, `/usr/libexec/virtiofsd`,
+    /// `/usr/lib/qemu/virtiofsd`).
+    pub virtio_fs_daemon: Option<PathBuf>,
+    /// Extra arguments for every virtio-fs daemon (Kata's `virtio_fs_extra_args`), after the
+    /// backend's own.
+    pub virtio_fs_extra_args: Vec<String>,
+    /// The cache mode of the shares the runtime creates (Kata's `virtio_fs_cache`); each
+    /// device carries its own ([`crate::device::SharedFsConfig::cache`]).
+    pub virtio_fs_cache: crate::device::SharedFsCache,
 }
 
 impl Default for HypervisorConfig {
@@ -125,6 +161,10 @@ impl Default for HypervisorConfig {
             rootless: false,
             rootless_user: DEFAULT_ROOTLESS_USER.to_string(),
             chroot: false,
+            shared_fs: SharedFsKind::None,
+            virtio_fs_daemon: None,
+            virtio_fs_extra_args: Vec::new(),
+            virtio_fs_cache: crate::device::SharedFsCache::default(),
         }
     }
 }
@@ -147,6 +187,7 @@ impl HypervisorConfig {
             ("image", self.image.as_ref()),
             ("path", self.path.as_ref()),
             ("console_log", self.console_log.as_ref()),
+            ("virtio_fs_daemon", self.virtio_fs_daemon.as_ref()),
         ] {
             if let Some(p) = p {
                 if !p.is_absolute() {
@@ -196,6 +237,16 @@ impl HypervisorConfig {
         }
         if let Some(value) = &self.seccomp_sandbox {
             check_seccomp_sandbox(value)?;
+        }
+        if let Some(a) = self
+            .virtio_fs_extra_args
+            .iter()
+            .find(|a| a.trim().is_empty())
+        {
+            return Err(ConfigError::new(
+                "virtio_fs_extra_args",
+                format!("{a:?} is empty; remove it"),
+            ));
         }
         if self.rootless {
             RootlessUser::parse(&self.rootless_user)?;
@@ -345,7 +396,13 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         type Mutation = fn(&mut HypervisorConfig);
-        let cases: [(&str, Mutation); 10] = [
+        let cases: [(&str, Mutation); 12] = [
+            ("virtio_fs_daemon", |c| {
+                c.virtio_fs_daemon = Some("virtiofsd".into())
+            }),
+            ("virtio_fs_extra_args", |c| {
+                c.virtio_fs_extra_args = vec![String::new()]
+            }),
             ("seccomp_sandbox", |c| {
                 c.seccomp_sandbox = Some("on,spawn=maybe".into())
             }),

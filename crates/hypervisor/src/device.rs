@@ -305,6 +305,118 @@ impl VsockConfig {
     }
 }
 
+/// Longest virtio-fs tag, in bytes (the virtio-fs device's `tag` field).
+pub const MAX_SHARED_FS_TAG_LEN: usize = 36;
+
+/// How the guest caches a shared filesystem's data and metadata (Kata's `virtio_fs_cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedFsCache {
+    /// No caching: every access goes to the host (virtiofsd `--cache never`).
+    Never,
+    /// Metadata only (virtiofsd `--cache metadata`).
+    Metadata,
+    /// Cache until the host file changes, as close-to-open consistency allows (`--cache auto`).
+    #[default]
+    Auto,
+    /// Cache everything; for directories only this guest changes (`--cache always`).
+    Always,
+}
+
+impl SharedFsCache {
+    /// The name Kata's configuration and virtiofsd use (`never`, `metadata`, `auto`, `always`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharedFsCache::Never => "never",
+            SharedFsCache::Metadata => "metadata",
+            SharedFsCache::Auto => "auto",
+            SharedFsCache::Always => "always",
+        }
+    }
+}
+
+impl FromStr for SharedFsCache {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" | "none" => Ok(SharedFsCache::Never),
+            "metadata" => Ok(SharedFsCache::Metadata),
+            "auto" => Ok(SharedFsCache::Auto),
+            "always" => Ok(SharedFsCache::Always),
+            _ => Err(ConfigError::new(
+                "cache",
+                format!("{s:?} is not a cache mode: use never, metadata, auto or always"),
+            )),
+        }
+    }
+}
+
+/// A host directory shared with the guest (virtio-fs), mounted there with
+/// `mount -t virtiofs TAG TARGET`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFsConfig {
+    /// The name the guest mounts it by: 1 to [`MAX_SHARED_FS_TAG_LEN`] bytes.
+    pub tag: String,
+    /// The host directory: absolute, existing.
+    pub host_dir: PathBuf,
+    /// The guest may not change anything in it.
+    pub read_only: bool,
+    /// The guest's caching.
+    pub cache: SharedFsCache,
+    /// Map file contents into a DAX window; not supported yet, must be false.
+    pub dax: bool,
+}
+
+impl SharedFsConfig {
+    /// A read-write share of `host_dir` under `tag`, cache `auto`, no DAX.
+    pub fn new(tag: impl Into<String>, host_dir: impl Into<PathBuf>) -> Self {
+        SharedFsConfig {
+            tag: tag.into(),
+            host_dir: host_dir.into(),
+            read_only: false,
+            cache: SharedFsCache::default(),
+            dax: false,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let tag = &self.tag;
+        if tag.is_empty() || tag.len() > MAX_SHARED_FS_TAG_LEN {
+            return Err(ConfigError::new(
+                "tag",
+                format!("{tag:?} must be 1 to {MAX_SHARED_FS_TAG_LEN} bytes"),
+            ));
+        }
+        if tag.chars().any(|c| c.is_control() || c == ',' || c == '"') {
+            return Err(ConfigError::new(
+                "tag",
+                format!("{tag:?} has a comma, quote or control character; use letters, digits, '-' or '_'"),
+            ));
+        }
+        let dir = &self.host_dir;
+        if !dir.is_absolute() {
+            return Err(ConfigError::new(
+                "host_dir",
+                format!("{} is not an absolute path", dir.display()),
+            ));
+        }
+        if !dir.is_dir() {
+            return Err(ConfigError::new(
+                "host_dir",
+                format!("{} is not an existing directory", dir.display()),
+            ));
+        }
+        if self.dax {
+            return Err(ConfigError::new(
+                "dax",
+                "a DAX window is not supported; set dax to false",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A device a caller asks for.
 #[derive(Debug, Clone)]
 pub enum DeviceConfig {
@@ -314,6 +426,8 @@ pub enum DeviceConfig {
     Block(BlockConfig),
     /// A virtio-vsock device.
     Vsock(VsockConfig),
+    /// A shared host directory (virtio-fs).
+    SharedFs(SharedFsConfig),
 }
 
 impl DeviceConfig {
@@ -323,6 +437,7 @@ impl DeviceConfig {
             DeviceConfig::Network(_) => DeviceKind::Network,
             DeviceConfig::Block(_) => DeviceKind::Block,
             DeviceConfig::Vsock(_) => DeviceKind::Vsock,
+            DeviceConfig::SharedFs(_) => DeviceKind::SharedFs,
         }
     }
 
@@ -332,6 +447,7 @@ impl DeviceConfig {
             DeviceConfig::Network(n) => n.validate().map_err(|e| e.within("network")),
             DeviceConfig::Block(b) => b.validate().map_err(|e| e.within("block")),
             DeviceConfig::Vsock(v) => v.validate().map_err(|e| e.within("vsock")),
+            DeviceConfig::SharedFs(f) => f.validate().map_err(|e| e.within("shared_fs")),
         }
     }
 }
@@ -355,6 +471,8 @@ pub enum DeviceKind {
     Block,
     /// virtio-vsock.
     Vsock,
+    /// virtio-fs.
+    SharedFs,
 }
 
 impl fmt::Display for DeviceKind {
@@ -363,6 +481,7 @@ impl fmt::Display for DeviceKind {
             DeviceKind::Network => "network",
             DeviceKind::Block => "block",
             DeviceKind::Vsock => "vsock",
+            DeviceKind::SharedFs => "shared filesystem",
         })
     }
 }
@@ -419,7 +538,8 @@ pub struct DeviceInfo {
     pub mac: Option<MacAddress>,
     /// Network devices: queue pairs.
     pub queue_pairs: Option<u16>,
-    /// Network devices: host TAP name. Block devices: host path.
+    /// Network devices: host TAP name. Block devices: host path. Shared filesystems: host
+    /// directory.
     pub host: Option<String>,
 }
 
@@ -529,6 +649,37 @@ mod tests {
         assert_eq!(
             DeviceConfig::Vsock(v).validate().unwrap_err().field,
             "vsock.guest_cid"
+        );
+    }
+
+    #[test]
+    fn shared_fs_values_are_checked_naming_the_field() {
+        let dir = std::env::temp_dir();
+        DeviceConfig::SharedFs(SharedFsConfig::new("kataShared", &dir))
+            .validate()
+            .unwrap();
+        let field = |f: SharedFsConfig| DeviceConfig::SharedFs(f).validate().unwrap_err().field;
+        assert_eq!(field(SharedFsConfig::new("", &dir)), "shared_fs.tag");
+        assert_eq!(
+            field(SharedFsConfig::new("x".repeat(37), &dir)),
+            "shared_fs.tag"
+        );
+        assert_eq!(field(SharedFsConfig::new("a,b", &dir)), "shared_fs.tag");
+        assert_eq!(field(SharedFsConfig::new("t", "rel")), "shared_fs.host_dir");
+        assert_eq!(
+            field(SharedFsConfig::new("t", "/nonexistent/share")),
+            "shared_fs.host_dir"
+        );
+        let mut dax = SharedFsConfig::new("t", &dir);
+        dax.dax = true;
+        assert_eq!(field(dax), "shared_fs.dax");
+        assert_eq!(
+            "none".parse::<SharedFsCache>().unwrap(),
+            SharedFsCache::Never
+        );
+        assert_eq!(
+            "sometimes".parse::<SharedFsCache>().unwrap_err().field,
+            "cache"
         );
     }
 

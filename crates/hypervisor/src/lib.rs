@@ -65,8 +65,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use config::{Accelerator, AgentChannelKind, HypervisorConfig};
-pub use device::{Device, DeviceConfig, DeviceId, DeviceInfo, DeviceKind, MacAddress};
+pub use config::{Accelerator, AgentChannelKind, HypervisorConfig, SharedFsKind};
+pub use device::{
+    Device, DeviceConfig, DeviceId, DeviceInfo, DeviceKind, MacAddress, SharedFsCache,
+    SharedFsConfig,
+};
 pub use error::{ConfigError, Error, Result};
 pub use lifecycle::Lifecycle;
 pub use manager::DeviceManager;
@@ -128,6 +131,10 @@ pub struct Capabilities {
     pub in_process: bool,
     /// How the guest agent's channel comes to exist.
     pub agent_channel: AgentChannelSource,
+    /// Host directories can be shared with the guest ([`device::SharedFsConfig`]).
+    pub shared_fs: bool,
+    /// Shared filesystems can be added to and removed from a running guest.
+    pub shared_fs_hotplug: bool,
 }
 
 /// How a backend provides the guest agent's channel ([`Capabilities::agent_channel`]).
@@ -154,6 +161,7 @@ impl Capabilities {
             (PlugMode::Hot, DeviceKind::Network) => self.network_hotplug,
             (PlugMode::Hot, DeviceKind::Block) => self.block_hotplug,
             (PlugMode::Hot, DeviceKind::Vsock) => false,
+            (PlugMode::Hot, DeviceKind::SharedFs) => self.shared_fs_hotplug,
         }
     }
 }

@@ -42,6 +42,7 @@ impl Registry {
             DeviceKind::Network => "net",
             DeviceKind::Block => "blk",
             DeviceKind::Vsock => "vsock",
+            DeviceKind::SharedFs => "fs",
         };
         loop {
             let n = self.next_index.entry(kind).or_insert(0);

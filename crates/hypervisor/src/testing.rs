@@ -100,6 +100,7 @@ impl Fake {
             ),
             DeviceConfig::Block(b) => (None, None, Some(b.path.display().to_string())),
             DeviceConfig::Vsock(_) => (None, None, None),
+            DeviceConfig::SharedFs(f) => (None, None, Some(f.host_dir.display().to_string())),
         };
         let info = DeviceInfo {
             id: device.id.clone(),
