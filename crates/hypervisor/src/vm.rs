@@ -54,6 +54,19 @@ struct Inner<S> {
     sandbox: S,
 }
 
+impl<S> Inner<S> {
+    /// The backend's state and the context its steps are given; `None` before `prepare`.
+    fn steps<'a>(&'a mut self, life: &'a Arc<Lifecycle>) -> Option<(&'a mut S, Context<'a>)> {
+        let p = self.prepared.as_ref()?;
+        let ctx = Context {
+            spec: &p.spec,
+            run_dir: &p.run_dir,
+            lifecycle: life,
+        };
+        Some((&mut self.sandbox, ctx))
+    }
+}
+
 /// A VM of backend `B`: the one [`Hypervisor`] implementation. See the module docs.
 #[derive(Debug)]
 pub struct Vm<B: Backend> {
@@ -200,13 +213,7 @@ impl<B: Backend> Vm<B> {
     }
 
     async fn start_locked(&self, inner: &mut Inner<B::Sandbox>, timeout: Duration) -> Result<()> {
-        let Inner { prepared, sandbox } = inner;
-        let p = prepared.as_ref().expect("checked: prepared");
-        let ctx = Context {
-            spec: &p.spec,
-            run_dir: &p.run_dir,
-            lifecycle: &self.life,
-        };
+        let (sandbox, ctx) = inner.steps(&self.life).expect("checked: prepared");
         // A start that does not return (dropped by its caller, or by a stop) ends the VM;
         // the backend's own guards kill what it spawned.
         let mut ended = StartGuard {
@@ -305,14 +312,8 @@ impl<B: Backend> Hypervisor for Vm<B> {
         let mut inner = self.inner.lock().await;
         self.life.check(Operation::Stop)?;
         self.life.mark_stopping();
-        let Inner { prepared, sandbox } = &mut *inner;
         let ran = self.life.pids().is_some();
-        if let (Some(p), true) = (prepared.as_ref(), ran) {
-            let ctx = Context {
-                spec: &p.spec,
-                run_dir: &p.run_dir,
-                lifecycle: &self.life,
-            };
+        if let (Some((sandbox, ctx)), true) = (inner.steps(&self.life), ran) {
             self.backend.stop(sandbox, ctx).await?;
             // The backend's watcher records the VMM's end (with its status) as it sees it.
             let _ = self.life.exit_within(EXIT_RECORD_WAIT).await;
@@ -360,13 +361,7 @@ impl<B: Backend> Hypervisor for Vm<B> {
                 "the backend or machine type cannot add this device to a running guest; add it before start",
             ));
         }
-        let Inner { prepared, sandbox } = &mut *inner;
-        let p = prepared.as_ref().expect("checked: prepared");
-        let ctx = Context {
-            spec: &p.spec,
-            run_dir: &p.run_dir,
-            lifecycle: &self.life,
-        };
+        let (sandbox, ctx) = inner.steps(&self.life).expect("checked: prepared");
         let id = device.id.clone();
         let op = async {
             match mode {
@@ -387,13 +382,7 @@ impl<B: Backend> Hypervisor for Vm<B> {
             .plug_mode(Operation::RemoveDevice)
             .map_err(|_| self.life.exited_or_state(Operation::RemoveDevice))?;
         check_mode(Operation::RemoveDevice, mode, now, self.life.state())?;
-        let Inner { prepared, sandbox } = &mut *inner;
-        let p = prepared.as_ref().expect("checked: prepared");
-        let ctx = Context {
-            spec: &p.spec,
-            run_dir: &p.run_dir,
-            lifecycle: &self.life,
-        };
+        let (sandbox, ctx) = inner.steps(&self.life).expect("checked: prepared");
         self.life
             .unless_stopping(self.backend.remove(sandbox, ctx, id, mode), || {
                 Error::device(id, "Unplugging", STOPPING)
@@ -502,13 +491,7 @@ impl<B: Backend> Vm<B> {
         let mut inner = self.inner.lock().await;
         let from = self.life.state();
         let next = self.life.check(op)?;
-        let Inner { prepared, sandbox } = &mut *inner;
-        let p = prepared.as_ref().expect("checked: running");
-        let ctx = Context {
-            spec: &p.spec,
-            run_dir: &p.run_dir,
-            lifecycle: &self.life,
-        };
+        let (sandbox, ctx) = inner.steps(&self.life).expect("checked: running");
         let step = format!("Asking the {} VM to {op}", self.backend.name());
         let asked = async {
             match op {
