@@ -40,6 +40,7 @@ MODULES=(
     virtio_net virtio_blk
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
     virtio_console
+    fuse virtiofs overlay
     evdev button
 )
 

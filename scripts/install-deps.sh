@@ -16,6 +16,7 @@ packages=(
     procps                       # pgrep, ps
     gcc binutils                 # the freestanding test guest (make test-guest)
     libc6-dev                    # static link of the guest agent (crt-static)
+    libseccomp-dev libcap-ng-dev # build of the Rust virtiofsd (below)
 )
 
 sudo=""
@@ -33,10 +34,24 @@ missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-if ! $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"; then
-    $sudo apt-get update -q
-    $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"; then
+        $sudo apt-get update -q
+        $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+fi
+
+# The virtio-fs daemon: Debian 12 has no virtiofsd package (qemu-system-common's C daemon at
+# /usr/lib/qemu/virtiofsd cannot share read-only), so the maintained Rust daemon is built from
+# its crate with the locked dependencies (about a minute) into /usr/local/bin, the first place
+# the QEMU backend looks (`virtio_fs_daemon` unset).
+VIRTIOFSD_VERSION=1.14.0
+VIRTIOFSD_ROOT=${VIRTIOFSD_ROOT:-/usr/local}
+have=$("$VIRTIOFSD_ROOT/bin/virtiofsd" --version 2>/dev/null | awk '{print $2}' || true)
+if [ "$have" != "$VIRTIOFSD_VERSION" ]; then
+    echo "install-deps: installing virtiofsd $VIRTIOFSD_VERSION${have:+ (found $have)}"
+    $sudo "${CARGO:-$(command -v cargo)}" install --locked --quiet virtiofsd \
+        --version "$VIRTIOFSD_VERSION" --root "$VIRTIOFSD_ROOT"
 fi

@@ -20,7 +20,7 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use hypervisor::device::{SharedFsCache, SharedFsConfig};
 use hypervisor::{ConfigError, DeviceId, Error, HypervisorConfig, Result, SharedFsKind};
@@ -268,21 +268,25 @@ impl Virtiofsd {
         self.process.pid
     }
 
-    /// An error naming the daemon if it has exited.
+    /// An error naming the daemon if it has exited. A daemon that died and is not reaped yet
+    /// (a zombie: its pid is still this process's child, so it names no other process) counts
+    /// as exited.
     pub(crate) fn check(&self) -> Result<()> {
         let status = *self.process.exited.borrow();
-        match status {
-            None => Ok(()),
-            Some(status) => Err(Error::device(
-                &self.id,
-                format!("Checking the virtiofsd (pid {}) of", self.process.pid),
-                DaemonExited {
-                    code: status.code(),
-                    signal: status.signal(),
-                    output: self.process.output.text(),
-                },
-            )),
-        }
+        let (code, signal) = match status {
+            Some(status) => (status.code(), status.signal()),
+            None if is_zombie(self.process.pid) => (None, None),
+            None => return Ok(()),
+        };
+        Err(Error::device(
+            &self.id,
+            format!("Checking the virtiofsd (pid {}) of", self.process.pid),
+            DaemonExited {
+                code,
+                signal,
+                output: self.process.output.text(),
+            },
+        ))
     }
 
     /// Stops the daemon (SIGKILL: it holds no state worth a graceful end; QEMU is gone or
@@ -308,6 +312,17 @@ impl Drop for Virtiofsd {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// Whether `pid` has exited and awaits its reaping (state `Z` in `/proc/PID/stat`).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(true)
 }
 
 /// A virtiofsd that exited while its VM ran.
@@ -349,13 +364,6 @@ fn watch(
                 "output" => output.text());
         }
     });
-}
-
-/// Whether `path` is one of the daemon files of the run directory (for tests and cleanup).
-pub fn is_daemon_file(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("virtiofsd-"))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use hypervisor::config::{MAX_VCPUS, MIN_MEMORY_MIB};
 use hypervisor::device::MAX_QUEUE_PAIRS;
-use hypervisor::{Accelerator, AgentChannelKind, HypervisorConfig};
+use hypervisor::{Accelerator, AgentChannelKind, HypervisorConfig, SharedFsCache, SharedFsKind};
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use crate::backend::BackendKind;
@@ -448,6 +448,36 @@ impl<'a> Cx<'a> {
                     c.rootless_user = v;
                 }
                 "chroot" => c.chroot = self.bool(&key, item)?,
+                "shared_fs" => {
+                    c.shared_fs = match self.string(&key, item)?.as_str() {
+                        "none" | "" => SharedFsKind::None,
+                        "virtio-fs" => SharedFsKind::VirtioFs,
+                        other => {
+                            return Err(self.invalid(
+                                &key,
+                                item.span(),
+                                format!("{other:?} is not supported: use \"virtio-fs\" or \"none\""),
+                            ))
+                        }
+                    }
+                }
+                "virtio_fs_daemon" => c.virtio_fs_daemon = Some(self.path(&key, item)?),
+                "virtio_fs_extra_args" => {
+                    let v = self.value(&key, item)?;
+                    let bad = || self.invalid(&key, v.span(), "must be an array of strings");
+                    c.virtio_fs_extra_args = v
+                        .as_array()
+                        .ok_or_else(bad)?
+                        .iter()
+                        .map(|a| a.as_str().map(str::to_string).ok_or_else(bad))
+                        .collect::<Result<_, _>>()?;
+                }
+                "virtio_fs_cache" => {
+                    c.virtio_fs_cache = self
+                        .string(&key, item)?
+                        .parse::<SharedFsCache>()
+                        .map_err(|e| self.invalid(&key, item.span(), e.problem))?;
+                }
                 _ => warnings.push(self.warning(&key, kspan, "unknown key, ignored")),
             }
         }

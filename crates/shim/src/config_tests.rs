@@ -344,3 +344,28 @@ fn shipped_example_configs_load() {
         dir.display()
     );
 }
+
+#[test]
+fn shared_fs_keys_map_as_kata_names_them_and_default_to_none() {
+    let d = parse_str("[hypervisor.qemu]\nkernel = \"/k\"\n").unwrap();
+    assert_eq!(d.hypervisor.shared_fs, SharedFsKind::None);
+    assert_eq!(d.hypervisor.virtio_fs_daemon, None);
+    let text = "[hypervisor.qemu]\nkernel = \"/k\"\nshared_fs = \"virtio-fs\"\nvirtio_fs_daemon = \"/usr/local/bin/virtiofsd\"\nvirtio_fs_extra_args = [\"--thread-pool-size=1\"]\nvirtio_fs_cache = \"never\"\n";
+    let h = parse_str(text).unwrap().hypervisor;
+    assert_eq!(h.shared_fs, SharedFsKind::VirtioFs);
+    assert_eq!(
+        h.virtio_fs_daemon.as_deref(),
+        Some(Path::new("/usr/local/bin/virtiofsd"))
+    );
+    assert_eq!(h.virtio_fs_extra_args, ["--thread-pool-size=1"]);
+    assert_eq!(h.virtio_fs_cache, SharedFsCache::Never);
+    for (line, key) in [
+        ("shared_fs = \"virtio-9p\"", "hypervisor.qemu.shared_fs"),
+        ("virtio_fs_cache = \"sometimes\"", "hypervisor.qemu.virtio_fs_cache"),
+        ("virtio_fs_extra_args = \"-x\"", "hypervisor.qemu.virtio_fs_extra_args"),
+        ("virtio_fs_daemon = \"virtiofsd\"", "hypervisor.qemu.virtio_fs_daemon"),
+    ] {
+        let err = parse_str(&format!("[hypervisor.qemu]\nkernel = \"/k\"\n{line}\n")).unwrap_err();
+        assert!(err.to_string().contains(key), "{line}: {err}");
+    }
+}
