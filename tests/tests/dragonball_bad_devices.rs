@@ -230,6 +230,17 @@ async fn bad_devices_fail_clearly_and_leave_nothing_running() {
         text.contains("not a regular file or a block device"),
         "{text}"
     );
+    // A shared filesystem: unsupported, naming the backend; the capabilities say so.
+    let share_dir = tempfile::tempdir().unwrap();
+    let share = DeviceConfig::SharedFs(hypervisor::SharedFsConfig::new("t", share_dir.path()));
+    let err = add(&vm, "fs0", share).await.unwrap_err();
+    let text = workspace_tests::error_chain(&err);
+    assert!(
+        err.is_unsupported() && text.contains("dragonball") && text.contains("virtio-fs"),
+        "{text}"
+    );
+    let caps = vm.capabilities().await;
+    assert!(!caps.shared_fs && !caps.shared_fs_hotplug, "{caps:?}");
     // The refused devices took no window: the good NIC starts alone, and stops cleanly.
     vm.start(TIMEOUT)
         .await

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use guest_agent::protocol::ExecRequest;
 use hypervisor::{
     DeviceConfig, DeviceKind, Error, HypervisorConfig, SandboxSpec, SharedFsConfig, SharedFsKind,
@@ -63,7 +63,6 @@ async fn mount_share(sb: &mut Sandbox, tag: &str, target: &str) -> Result<()> {
 /// Pids of the virtiofsd processes serving `dir` (their command line names it). The Rust
 /// daemon with `--sandbox namespace` is two: the one the backend started, and the one it forks
 /// into its namespaces.
-
 fn daemons_serving(dir: &Path) -> Vec<u32> {
     let dir = dir.display().to_string();
     let mut pids = Vec::new();
@@ -391,4 +390,79 @@ async fn the_default_daemon_is_the_rust_virtiofsd_installed_by_make_deps() {
         hypervisor_qemu::virtiofs::DaemonFlavour::Rust,
         "{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_mounts_a_cold_share_on_virtio_mmio_and_refuses_a_hot_one() {
+    let backend = Kept::new(Qemu {
+        machine: "microvm",
+        image: None,
+        kernel_params: "",
+    })
+    .adjust(|c| c.shared_fs = SharedFsKind::VirtioFs);
+    let dir = tempfile::tempdir().unwrap();
+    let late = tempfile::tempdir().unwrap();
+    let config = backend.config(&GuestAssets::find());
+    let mut sb = Sandbox::prepare(&backend, config).await.unwrap();
+    sb.devices
+        .add(share("mmioShare", dir.path(), false))
+        .await
+        .unwrap();
+    sb.start().await.unwrap();
+    let pid = sb.hv.pids().await.unwrap().vmm;
+    let caps = sb.hv.capabilities().await;
+    assert!(caps.shared_fs && !caps.shared_fs_hotplug, "{caps:?}");
+    mount_share(&mut sb, "mmioShare", "/mnt/m").await.unwrap();
+    guest_ok(&mut sb, &["sh", "-c", "echo mmio > /mnt/m/f"])
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("f")).unwrap(),
+        "mmio\n"
+    );
+    let err = sb
+        .devices
+        .add(share("late", late.path(), false))
+        .await
+        .unwrap_err();
+    assert!(err.is_unsupported(), "{err}");
+    assert!(daemons_serving(late.path()).is_empty());
+    sb.teardown(Some(pid)).await.unwrap();
+    assert!(daemons_serving(dir.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_qemu_takes_a_hot_plugged_share_through_fds_only() {
+    // Unprivileged, chrooted and filtered, QEMU cannot open the daemon's socket by path: it
+    // gets the connected socket through getfd.
+    let backend = Kept::new(Qemu::Q35).adjust(|c| {
+        c.shared_fs = SharedFsKind::VirtioFs;
+        c.seccomp_sandbox = Some(hypervisor::config::DEFAULT_SECCOMP_SANDBOX.into());
+        c.rootless = true;
+        c.rootless_user = hypervisor::config::DEFAULT_ROOTLESS_USER.into();
+        c.chroot = true;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = backend.config(&GuestAssets::find());
+    let mut sb = Sandbox::prepare(&backend, config).await.unwrap();
+    sb.start().await.unwrap();
+    let pid = sb.hv.pids().await.unwrap().vmm;
+    let info = sb
+        .devices
+        .add(share("confinedShare", dir.path(), false))
+        .await
+        .unwrap();
+    assert!(info.hotplugged);
+    mount_share(&mut sb, "confinedShare", "/mnt/c")
+        .await
+        .unwrap();
+    guest_ok(&mut sb, &["sh", "-c", "echo confined > /mnt/c/f"])
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("f")).unwrap(),
+        "confined\n"
+    );
+    sb.teardown(Some(pid)).await.unwrap();
+    assert!(daemons_serving(dir.path()).is_empty());
 }
