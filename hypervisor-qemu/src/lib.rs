@@ -8,6 +8,10 @@
 //! free `pcie-root-port`s on q35. The configuration's root filesystem `image`, when set, is
 //! the first block device: read-only virtio-blk, device id [`IMAGE_DEVICE_ID`].
 //!
+//! Shared filesystems (`shared_fs = virtio-fs`) are `vhost-user-fs` devices, each served by
+//! its own sandboxed `virtiofsd` that this crate starts and watches like QEMU, over guest RAM
+//! from a shared memfd; see [`virtiofs`].
+//!
 //! QEMU dies with the process that started it (a parent-death signal, see [`process`]), and
 //! runs as confined as the configuration asks: its seccomp filter (`seccomp_sandbox`, on by
 //! default), an unprivileged user (`rootless`), a chroot (`chroot`); it opens no file of the

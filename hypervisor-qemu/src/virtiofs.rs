@@ -15,7 +15,7 @@
 //! launcher thread as QEMU ([`crate::process`]), so it dies with the owner; its output goes to
 //! `virtiofsd-<id>.log` (0600) in the run directory. It is stopped with the device's unplug and
 //! with the VM. A daemon that exits while its VM runs is logged at once, and the next device
-//! operation on the VM fails naming it ([`Virtiofsd::check`]).
+//! operation on the VM fails naming it (a [`DaemonExited`] error).
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -361,9 +361,18 @@ fn shared_fs_keys_map_as_kata_names_them_and_default_to_none() {
     assert_eq!(h.virtio_fs_cache, SharedFsCache::Never);
     for (line, key) in [
         ("shared_fs = \"virtio-9p\"", "hypervisor.qemu.shared_fs"),
-        ("virtio_fs_cache = \"sometimes\"", "hypervisor.qemu.virtio_fs_cache"),
-        ("virtio_fs_extra_args = \"-x\"", "hypervisor.qemu.virtio_fs_extra_args"),
-        ("virtio_fs_daemon = \"virtiofsd\"", "hypervisor.qemu.virtio_fs_daemon"),
+        (
+            "virtio_fs_cache = \"sometimes\"",
+            "hypervisor.qemu.virtio_fs_cache",
+        ),
+        (
+            "virtio_fs_extra_args = \"-x\"",
+            "hypervisor.qemu.virtio_fs_extra_args",
+        ),
+        (
+            "virtio_fs_daemon = \"virtiofsd\"",
+            "hypervisor.qemu.virtio_fs_daemon",
+        ),
     ] {
         let err = parse_str(&format!("[hypervisor.qemu]\nkernel = \"/k\"\n{line}\n")).unwrap_err();
         assert!(err.to_string().contains(key), "{line}: {err}");
