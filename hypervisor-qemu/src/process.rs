@@ -1,5 +1,6 @@
 //! The QEMU child process: spawn in the sandbox's network namespace with exactly the chosen
-//! fds, as the chosen user, capture its output, and report how it exited.
+//! fds, as the chosen user, capture its output, and report how it exited. The share daemons
+//! ([`crate::virtiofs`]) are spawned the same way, so they die with their owner too.
 //!
 //! # QEMU does not outlive its owner
 //!
@@ -57,7 +58,7 @@ pub enum SpawnError {
         source: std::io::Error,
     },
     /// The output log could not be created.
-    #[error("creating QEMU's output log {}", path.display())]
+    #[error("creating the output log {}", path.display())]
     Log {
         /// The path.
         path: PathBuf,
@@ -66,10 +67,10 @@ pub enum SpawnError {
         source: std::io::Error,
     },
     /// Passing fds to the child failed.
-    #[error("passing fds to QEMU")]
+    #[error("passing fds to the child")]
     Fds(#[source] netdev::Error),
     /// The launcher thread could not be started or has gone.
-    #[error("handing QEMU's start to the launcher thread")]
+    #[error("handing the start to the launcher thread")]
     Launcher(#[source] std::io::Error),
     /// `exec` failed (no such binary, not executable).
     #[error("starting {}", binary.display())]
