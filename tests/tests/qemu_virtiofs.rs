@@ -466,3 +466,30 @@ async fn a_confined_qemu_takes_a_hot_plugged_share_through_fds_only() {
     sb.teardown(Some(pid)).await.unwrap();
     assert!(daemons_serving(dir.path()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_qemu_leaves_no_virtiofsd_after_cleanup() {
+    let backend = backend();
+    let dir = tempfile::tempdir().unwrap();
+    let config = backend.config(&GuestAssets::find());
+    let mut sb = Sandbox::prepare(&backend, config).await.unwrap();
+    sb.devices
+        .add(share("orphan", dir.path(), false))
+        .await
+        .unwrap();
+    sb.start().await.unwrap();
+    let pid = sb.hv.pids().await.unwrap().vmm;
+    assert_eq!(our_daemons_serving(dir.path()).len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let exit = sb.hv.wait_exit().await.unwrap();
+    assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit}");
+    let run_dir = backend.run_root().join(&sb.id);
+    sb.teardown(Some(pid)).await.unwrap();
+    let left = daemons_serving(dir.path());
+    assert!(left.is_empty(), "virtiofsd left after cleanup: {left:?}");
+    assert!(!run_dir.exists());
+}
