@@ -493,3 +493,40 @@ async fn a_killed_qemu_leaves_no_virtiofsd_after_cleanup() {
     assert!(left.is_empty(), "virtiofsd left after cleanup: {left:?}");
     assert!(!run_dir.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_c_daemon_serves_a_read_write_share_and_refuses_a_read_only_one() {
+    let c_daemon = Path::new("/usr/lib/qemu/virtiofsd");
+    assert!(
+        c_daemon.exists(),
+        "{} is missing: run `make deps` (Debian package qemu-system-common)",
+        c_daemon.display()
+    );
+    let backend = Kept::new(Qemu::Q35).adjust(|c| {
+        c.shared_fs = SharedFsKind::VirtioFs;
+        c.virtio_fs_daemon = Some("/usr/lib/qemu/virtiofsd".into());
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = backend.config(&GuestAssets::find());
+    let mut sb = Sandbox::prepare(&backend, config).await.unwrap();
+    let run_dir = backend.run_root().join(&sb.id);
+    let e = refused(share("ro", dir.path(), true), dir.path(), &sb, &run_dir).await;
+    assert_eq!(field(&e), "shared_fs.read_only", "{e}");
+    sb.devices
+        .add(share("cShare", dir.path(), false))
+        .await
+        .unwrap();
+    sb.start().await.unwrap();
+    let pid = sb.hv.pids().await.unwrap().vmm;
+    mount_share(&mut sb, "cShare", "/mnt/c").await.unwrap();
+    guest_ok(&mut sb, &["sh", "-c", "echo c > /mnt/c/f"])
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("f")).unwrap(),
+        "c\n"
+    );
+    sb.teardown(Some(pid)).await.unwrap();
+    let left = daemons_serving(dir.path());
+    assert!(left.is_empty(), "virtiofsd left after cleanup: {left:?}");
+}
