@@ -1,13 +1,27 @@
-//! Wire types of the agent protocol: newline-delimited JSON, one request per
-//! line and one response per line, matched by `id` (see `PROTOCOL.md`).
+//! Wire types of the agent protocol: newline-delimited JSON. A line is a request
+//! (host to agent), a response matched to its request by `id` (agent to host), or a
+//! stream frame ([`StreamFrame`], both ways). See `PROTOCOL.md`.
 
 use std::net::IpAddr;
+
+mod containers;
+mod stream;
+
+pub use containers::{
+    ContainerId, ContainerStarted, CreateContainer, Done, ExecProcess, MountShare, ProcessCreated,
+    ProcessEntry, ProcessExit, ProcessId, ResizePty, SignalProcess, StdioRequest, StreamIds,
+    DEFAULT_TERMINAL_SIZE,
+};
+pub use stream::{FrameKind, StreamFrame, STREAM_CHUNK, STREAM_WINDOW};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Name of the virtio-serial port the agent serves (`-device virtserialport,name=agent.0`).
 pub const SERIAL_PORT_NAME: &str = "agent.0";
+
+/// Version of the protocol this crate speaks; `health` reports the agent's.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Vsock port the agent listens on unless `agent.port=` is on the kernel command line.
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;
@@ -35,24 +49,64 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RequestBody {
-    /// Liveness check; answered with [`HealthInfo`].
-    Health,
+    /// Liveness check and version; answered with [`HealthInfo`].
+    Health(HealthRequest),
     /// Lists the guest's network interfaces; answered with `Vec<`[`InterfaceInfo`]`>`.
     ListInterfaces,
     /// Configures the interface with a given MAC; answered with [`ConfiguredInterface`].
     ConfigureInterface(InterfaceConfig),
-    /// Runs a program; answered with [`ExecOutput`].
+    /// Runs a program to completion; answered with [`ExecOutput`].
     Exec(ExecRequest),
+    /// Mounts a virtio-fs share; answered with [`Done`].
+    MountShare(MountShare),
+    /// Creates a container whose init waits for `start_container`; answered with
+    /// [`ProcessCreated`].
+    CreateContainer(CreateContainer),
+    /// Starts a created container's init; answered with [`ContainerStarted`].
+    StartContainer(ContainerId),
+    /// Runs another process in a running container; answered with [`ProcessCreated`].
+    ExecProcess(ExecProcess),
+    /// Sends a signal; answered with [`Done`].
+    SignalProcess(SignalProcess),
+    /// Waits for a process to exit; answered with [`ProcessExit`].
+    WaitProcess(ProcessId),
+    /// Lists a container's processes; answered with `Vec<`[`ProcessEntry`]`>`.
+    ListProcesses(ContainerId),
+    /// Resizes a process's terminal; answered with [`Done`].
+    ResizePty(ResizePty),
+    /// Closes a process's stdin once the data already sent is written; answered with [`Done`].
+    CloseStdin(ProcessId),
+    /// Kills what is left of a container and removes it; answered with [`Done`].
+    DeleteContainer(ContainerId),
+}
+
+/// Arguments of `health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HealthRequest {
+    /// The protocol version the host speaks; an agent that speaks another answers with an
+    /// error naming both. Absent: the host accepts any version and checks the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
 }
 
 impl RequestBody {
     /// The operation's wire name, as in the `type` field.
     pub fn name(&self) -> &'static str {
         match self {
-            RequestBody::Health => "health",
+            RequestBody::Health(_) => "health",
             RequestBody::ListInterfaces => "list_interfaces",
             RequestBody::ConfigureInterface(_) => "configure_interface",
             RequestBody::Exec(_) => "exec",
+            RequestBody::MountShare(_) => "mount_share",
+            RequestBody::CreateContainer(_) => "create_container",
+            RequestBody::StartContainer(_) => "start_container",
+            RequestBody::ExecProcess(_) => "exec_process",
+            RequestBody::SignalProcess(_) => "signal_process",
+            RequestBody::WaitProcess(_) => "wait_process",
+            RequestBody::ListProcesses(_) => "list_processes",
+            RequestBody::ResizePty(_) => "resize_pty",
+            RequestBody::CloseStdin(_) => "close_stdin",
+            RequestBody::DeleteContainer(_) => "delete_container",
         }
     }
 }
@@ -154,6 +208,14 @@ pub struct HealthInfo {
     pub uptime_ms: u64,
     /// Time since the agent started, in milliseconds.
     pub agent_uptime_ms: u64,
+    /// The protocol version the agent speaks ([`PROTOCOL_VERSION`]); 1 when absent
+    /// (agents before version 2 did not report it).
+    #[serde(default = "protocol_v1")]
+    pub protocol: u32,
+}
+
+fn protocol_v1() -> u32 {
+    1
 }
 
 /// One entry of the `list_interfaces` result.
@@ -235,9 +297,14 @@ mod tests {
     fn health_request_is_id_and_type() {
         let wire = round_trip(Request {
             id: 7,
-            body: RequestBody::Health,
+            body: RequestBody::Health(HealthRequest::default()),
         });
         assert_eq!(wire, json!({"id": 7, "type": "health"}));
+        let wire = round_trip(Request {
+            id: 8,
+            body: RequestBody::Health(HealthRequest { protocol: Some(2) }),
+        });
+        assert_eq!(wire, json!({"id": 8, "type": "health", "protocol": 2}));
     }
 
     #[test]
@@ -298,6 +365,57 @@ mod tests {
     }
 
     #[test]
+    fn a_v1_health_answer_is_protocol_1() {
+        let health: HealthInfo =
+            serde_json::from_str(r#"{"version":"0.1.0","uptime_ms":1,"agent_uptime_ms":1}"#)
+                .unwrap();
+        assert_eq!(health.protocol, 1);
+    }
+
+    #[test]
+    fn container_requests_have_flat_fields_and_optional_stdio() {
+        let request: Request = serde_json::from_str(
+            r#"{"id":3,"type":"create_container","container_id":"c1","rootfs":"/r","spec":"{}"}"#,
+        )
+        .unwrap();
+        let RequestBody::CreateContainer(create) = request.body else {
+            panic!("wrong type")
+        };
+        assert_eq!(create.container_id, "c1");
+        assert_eq!(create.stdio, StdioRequest::default());
+        let wire = round_trip(Request {
+            id: 4,
+            body: RequestBody::SignalProcess(SignalProcess {
+                container_id: "c1".into(),
+                exec_id: Some("e1".into()),
+                signal: 15,
+                all: false,
+            }),
+        });
+        assert_eq!(
+            wire,
+            json!({"id": 4, "type": "signal_process", "container_id": "c1", "exec_id": "e1",
+                   "signal": 15, "all": false})
+        );
+        let wire = round_trip(Request {
+            id: 5,
+            body: RequestBody::ExecProcess(ExecProcess {
+                container_id: "c1".into(),
+                exec_id: "e2".into(),
+                process: json!({"args": ["ps"], "cwd": "/"}),
+                stdio: StdioRequest {
+                    terminal: true,
+                    rows: Some(30),
+                    cols: None,
+                    stdin: true,
+                },
+            }),
+        });
+        assert_eq!(wire["terminal"], json!(true));
+        assert_eq!(wire["rows"], json!(30));
+    }
+
+    #[test]
     fn unknown_request_type_is_rejected() {
         assert!(serde_json::from_str::<Request>(r#"{"id":1,"type":"reboot"}"#).is_err());
     }
@@ -308,12 +426,13 @@ mod tests {
             version: "0.1.0".into(),
             uptime_ms: 2000,
             agent_uptime_ms: 10,
+            protocol: 2,
         };
         let ok = Response::ok(9, &health);
         let wire: serde_json::Value = serde_json::from_str(&to_line(&ok)).unwrap();
         assert_eq!(
             wire,
-            json!({"id": 9, "result": {"version": "0.1.0", "uptime_ms": 2000, "agent_uptime_ms": 10}})
+            json!({"id": 9, "result": {"version": "0.1.0", "uptime_ms": 2000, "agent_uptime_ms": 10, "protocol": 2}})
         );
         let back: Response = serde_json::from_value(wire).unwrap();
         assert_eq!(back.into_result::<HealthInfo>().unwrap(), health);

@@ -29,6 +29,7 @@ fn health() -> HealthInfo {
         version: "test".into(),
         uptime_ms: 1,
         agent_uptime_ms: 1,
+        protocol: guest_agent::protocol::PROTOCOL_VERSION,
     }
 }
 
@@ -87,7 +88,7 @@ async fn call_without_answer_times_out() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&path).unwrap();
-    let mut client = AgentClient::connect_serial(&path).await.unwrap();
+    let client = AgentClient::connect_serial(&path).await.unwrap();
     let _held = listener.accept().await.unwrap();
 
     let error = client.health(Duration::from_millis(50)).await.unwrap_err();

@@ -1,86 +1,100 @@
-//! Turns one request line into one response line.
+//! Answers requests: the agent's [`Service`].
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use guest_agent::protocol::{to_line, HealthInfo, Request, RequestBody, Response, UNKNOWN_ID};
+use guest_agent::protocol::{
+    HealthInfo, HealthRequest, Request, RequestBody, Response, PROTOCOL_VERSION,
+};
+use guest_agent::server::{RequestContext, Service};
 
-use crate::{exec, interfaces, netconf};
+use crate::{exec, interfaces, netconf, share};
 
-/// Executes requests. Shared by all transports; holds no mutable state.
-#[derive(Debug)]
+/// Executes requests. Shared by all transports and request threads.
 pub struct Handler {
     started: Instant,
     /// Where sysfs is mounted (`/sys`).
     sys_root: PathBuf,
+    #[cfg(feature = "runtime")]
+    containers: Option<crate::containers::Containers>,
 }
 
 impl Handler {
     pub fn new(started: Instant, sys_root: PathBuf) -> Self {
-        Handler { started, sys_root }
+        Handler {
+            started,
+            sys_root,
+            #[cfg(feature = "runtime")]
+            containers: crate::containers::Containers::new()
+                .map_err(|e| crate::log!("containers are not available: {e}"))
+                .ok(),
+        }
     }
 
-    /// Answers one request line (without or with its trailing newline) with one
-    /// response line. Never fails: problems become error responses.
-    pub fn handle_line(&self, line: &[u8]) -> String {
-        let response = match serde_json::from_slice::<Request>(line) {
-            Ok(request) => self.handle(request),
-            Err(e) => match resynchronize(line) {
-                Some(request) => self.handle(request),
-                None => Response::error(id_of(line), format!("Invalid request: {e}")),
-            },
-        };
-        to_line(&response)
+    fn health(&self, request: HealthRequest) -> Result<HealthInfo, String> {
+        match request.protocol {
+            Some(host) if host != PROTOCOL_VERSION => Err(format!(
+                "The host speaks agent protocol {host}; this agent speaks protocol {PROTOCOL_VERSION}"
+            )),
+            _ => Ok(HealthInfo {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                uptime_ms: system_uptime_ms().unwrap_or(0),
+                agent_uptime_ms: u64::try_from(self.started.elapsed().as_millis())
+                    .unwrap_or(u64::MAX),
+                protocol: PROTOCOL_VERSION,
+            }),
+        }
     }
 
-    fn handle(&self, request: Request) -> Response {
+    #[cfg(feature = "runtime")]
+    fn containers(
+        &self,
+        body: RequestBody,
+        ctx: &RequestContext,
+    ) -> Result<serde_json::Value, String> {
+        match &self.containers {
+            Some(containers) => containers.handle(body, ctx),
+            None => Err(format!(
+                "Request {} needs the container runtime, which did not start (see the console)",
+                body.name()
+            )),
+        }
+    }
+
+    #[cfg(not(feature = "runtime"))]
+    fn containers(
+        &self,
+        body: RequestBody,
+        _ctx: &RequestContext,
+    ) -> Result<serde_json::Value, String> {
+        Err(format!(
+            "Request {} needs the container runtime; this agent was built without it",
+            body.name()
+        ))
+    }
+}
+
+fn reply<T: serde::Serialize>(id: u64, result: Result<T, String>) -> Response {
+    match result {
+        Ok(value) => Response::ok(id, &value),
+        Err(e) => Response::error(id, e),
+    }
+}
+
+impl Service for Handler {
+    fn handle(&self, request: Request, ctx: &RequestContext) -> Response {
         let id = request.id;
         match request.body {
-            RequestBody::Health => Response::ok(id, &self.health()),
-            RequestBody::ListInterfaces => match interfaces::list(&self.sys_root) {
-                Ok(list) => Response::ok(id, &list),
-                Err(e) => Response::error(id, e),
-            },
+            RequestBody::Health(health) => reply(id, self.health(health)),
+            RequestBody::ListInterfaces => reply(id, interfaces::list(&self.sys_root)),
             RequestBody::ConfigureInterface(config) => {
-                match netconf::configure(&self.sys_root, &config) {
-                    Ok(done) => Response::ok(id, &done),
-                    Err(e) => Response::error(id, e),
-                }
+                reply(id, netconf::configure(&self.sys_root, &config))
             }
-            RequestBody::Exec(request) => match exec::run(&request) {
-                Ok(output) => Response::ok(id, &output),
-                Err(e) => Response::error(id, e),
-            },
+            RequestBody::Exec(request) => reply(id, exec::run(&request)),
+            RequestBody::MountShare(mount) => reply(id, share::mount(&mount)),
+            body => reply(id, self.containers(body, ctx)),
         }
     }
-
-    fn health(&self) -> HealthInfo {
-        HealthInfo {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            uptime_ms: system_uptime_ms().unwrap_or(0),
-            agent_uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        }
-    }
-}
-
-/// A valid request at the end of an invalid line. Virtio-serial keeps no
-/// connection boundaries: the start of a line from a host that disconnected
-/// mid-request can be glued to the next host's first request.
-fn resynchronize(line: &[u8]) -> Option<Request> {
-    line.iter()
-        .enumerate()
-        .skip(1)
-        .filter(|(_, &byte)| byte == b'{')
-        .find_map(|(start, _)| serde_json::from_slice::<Request>(&line[start..]).ok())
-}
-
-/// The `id` of a line that is JSON but not a valid request, so the client can
-/// still match the error; [`UNKNOWN_ID`] otherwise.
-fn id_of(line: &[u8]) -> u64 {
-    serde_json::from_slice::<serde_json::Value>(line)
-        .ok()
-        .and_then(|value| value.get("id")?.as_u64())
-        .unwrap_or(UNKNOWN_ID)
 }
 
 fn system_uptime_ms() -> Option<u64> {
@@ -92,22 +106,35 @@ fn system_uptime_ms() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_agent::protocol::{HealthInfo, Outcome};
-
-    fn handler() -> Handler {
-        Handler::new(Instant::now(), "/nonexistent-sys".into())
-    }
+    use guest_agent::protocol::Outcome;
+    use guest_agent::server::{parse_request, Connection};
 
     fn answer(line: &str) -> Response {
-        serde_json::from_str(&handler().handle_line(line.as_bytes())).unwrap()
+        let handler = Handler::new(Instant::now(), "/nonexistent-sys".into());
+        let ctx = RequestContext::new(Connection::new(Box::new(std::io::sink())));
+        match parse_request(line.as_bytes()) {
+            Ok(request) => handler.handle(request, &ctx),
+            Err(response) => response,
+        }
     }
 
     #[test]
-    fn health_answers_with_the_request_id_and_version() {
+    fn health_answers_with_the_request_id_version_and_protocol() {
         let response = answer("{\"id\":42,\"type\":\"health\"}\n");
         assert_eq!(response.id, 42);
         let health: HealthInfo = response.into_result().unwrap();
         assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(health.protocol, PROTOCOL_VERSION);
+    }
+
+    #[test]
+    fn a_host_of_another_protocol_gets_an_error_naming_both() {
+        let response = answer(r#"{"id":1,"type":"health","protocol":3}"#);
+        let message = response.into_result::<HealthInfo>().unwrap_err();
+        assert_eq!(
+            message,
+            "The host speaks agent protocol 3; this agent speaks protocol 2"
+        );
     }
 
     #[test]
@@ -117,20 +144,6 @@ mod tests {
         assert!(
             matches!(response.outcome, Outcome::Error(ref m) if m.starts_with("Invalid request"))
         );
-    }
-
-    #[test]
-    fn request_glued_to_a_stale_partial_line_is_still_answered() {
-        let response = answer("{\"id\":901,\"type\":\"hea{\"id\":1,\"type\":\"health\"}\n");
-        assert_eq!(response.id, 1);
-        assert!(matches!(response.outcome, Outcome::Result(_)));
-    }
-
-    #[test]
-    fn garbage_is_an_error_with_the_unknown_id() {
-        let response = answer("\u{0}\u{1}not json");
-        assert_eq!(response.id, UNKNOWN_ID);
-        assert!(matches!(response.outcome, Outcome::Error(_)));
     }
 
     #[test]

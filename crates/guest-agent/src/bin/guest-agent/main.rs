@@ -3,19 +3,27 @@
 //!
 //! Started by the initramfs `/init`; logs go to stderr (the console).
 //! Transports are picked up as they appear: one thread serves the serial
-//! port, one accepts vsock connections (a thread per connection).
+//! port, one accepts vsock connections (a thread per connection). Each request
+//! runs on a thread of its own (`guest_agent::server`).
 
+#[cfg(feature = "runtime")]
+mod containers;
 mod exec;
 mod handler;
 mod interfaces;
 mod netconf;
+mod share;
+#[cfg(feature = "runtime")]
+mod spec;
 mod transport;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use guest_agent::protocol::{DEFAULT_VSOCK_PORT, SERIAL_PORT_NAME};
+use guest_agent::server::Service;
 
 use crate::handler::Handler;
 
@@ -30,8 +38,7 @@ pub(crate) use log;
 fn main() {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let vsock_port = vsock_port_from_cmdline(&cmdline);
-    let handler: &'static Handler =
-        Box::leak(Box::new(Handler::new(Instant::now(), "/sys".into())));
+    let handler: Arc<dyn Service> = Arc::new(Handler::new(Instant::now(), "/sys".into()));
     log!("version {} starting", env!("CARGO_PKG_VERSION"));
 
     let mut serial_served = false;
@@ -42,7 +49,8 @@ fn main() {
                 transport::find_serial_port(Path::new("/sys"), Path::new("/dev"), SERIAL_PORT_NAME)
             {
                 log!("serving {} on {}", SERIAL_PORT_NAME, dev.display());
-                thread::spawn(move || transport::serve_serial(&dev, handler));
+                let handler = Arc::clone(&handler);
+                thread::spawn(move || transport::serve_serial(&dev, &handler));
                 serial_served = true;
             }
         }
@@ -50,7 +58,8 @@ fn main() {
             match transport::VsockListener::bind(vsock_port) {
                 Ok(listener) => {
                     log!("serving vsock port {vsock_port}");
-                    thread::spawn(move || listener.serve(handler));
+                    let handler = Arc::clone(&handler);
+                    thread::spawn(move || listener.serve(&handler));
                     vsock_served = true;
                 }
                 Err(e) => log!("listening on vsock port {vsock_port} failed: {e}"),

@@ -1,14 +1,20 @@
 //! Host-side async client (feature `client`).
 //!
-//! [`AgentClient`] speaks the line protocol over one of three transports: the
-//! Unix socket behind a QEMU virtio-serial port, AF_VSOCK, or a hybrid vsock
-//! Unix socket (Firecracker/Cloud Hypervisor `CONNECT <port>` handshake).
+//! [`AgentClient`] speaks the protocol over one of three transports: the Unix
+//! socket behind a QEMU virtio-serial port, AF_VSOCK, or a hybrid vsock Unix
+//! socket (Firecracker/Cloud Hypervisor `CONNECT <port>` handshake).
+//!
+//! Calls take `&self` and may run concurrently on one connection: a reader task
+//! hands each response to its caller by id and each stream frame to its stream
+//! ([`OutputStream`], [`InputStream`]), and a writer task writes whole lines.
+//! Clones share the connection.
 //!
 //! Virtio-serial gives no connection semantics to the guest: requests sent
 //! before the agent opened its port wait in the socket, and data in flight
 //! when the host reconnects may be lost. So every call has a timeout, every
 //! request a fresh id, responses with other ids are skipped, and
-//! [`AgentClient::wait_ready`] resends `health` until the agent answers.
+//! [`AgentClient::wait_ready`] resends `health` until the agent answers (and
+//! checks that it speaks [`PROTOCOL_VERSION`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), guest_agent::client::ClientError> {
@@ -22,10 +28,16 @@
 //! # Ok(()) }
 //! ```
 
+mod conn;
+mod containers;
+mod stream;
+
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
@@ -35,9 +47,12 @@ use tokio::net::UnixStream;
 use tokio::time::{timeout, Instant};
 
 use crate::protocol::{
-    to_line, ConfiguredInterface, ExecOutput, ExecRequest, HealthInfo, InterfaceConfig,
-    InterfaceInfo, Request, RequestBody, Response,
+    to_line, ConfiguredInterface, ExecOutput, ExecRequest, HealthInfo, HealthRequest,
+    InterfaceConfig, InterfaceInfo, Request, RequestBody, PROTOCOL_VERSION,
 };
+use conn::Conn;
+pub use containers::ProcessStdio;
+pub use stream::{InputStream, OutputStream};
 
 /// Errors of [`AgentClient`].
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +91,14 @@ pub enum ClientError {
         id: u64,
         /// The timeout that passed.
         after: Duration,
+    },
+    /// The agent speaks another protocol version.
+    #[error("The agent speaks protocol {agent}; this client speaks protocol {client}")]
+    ProtocolMismatch {
+        /// The agent's version (1 for agents that do not report one).
+        agent: u32,
+        /// [`PROTOCOL_VERSION`].
+        client: u32,
     },
     /// The agent answered with an error.
     #[error("Agent request {request} failed: {message}")]
@@ -130,24 +153,21 @@ const VSOCK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_FIRST_ATTEMPT: Duration = Duration::from_millis(50);
 const READY_MAX_ATTEMPT: Duration = Duration::from_millis(100);
 
-/// Async client of the guest agent. Calls take `&mut self`: one request at a time.
+/// Async client of the guest agent. Calls take `&self` and may run concurrently;
+/// clones share the connection.
+#[derive(Clone)]
 pub struct AgentClient {
     endpoint: Endpoint,
-    stream: Option<BufReader<Box<dyn Stream>>>,
-    /// Bytes of a response line read so far; kept across cancelled reads.
-    pending: Vec<u8>,
-    /// Set while a request line is being written; a cancelled write leaves a
-    /// partial line behind, so the connection is then dropped.
-    writing: bool,
-    next_id: u64,
+    conn: Option<Arc<Conn>>,
+    next_id: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for AgentClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentClient")
             .field("endpoint", &self.endpoint)
-            .field("connected", &self.stream.is_some())
-            .field("next_id", &self.next_id)
+            .field("connected", &self.is_connected())
+            .field("next_id", &self.next_id.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -178,13 +198,24 @@ impl AgentClient {
     pub async fn connect(endpoint: Endpoint) -> Result<Self> {
         let mut client = AgentClient {
             endpoint,
-            stream: None,
-            pending: Vec::new(),
-            writing: false,
-            next_id: 1,
+            conn: None,
+            next_id: Arc::new(AtomicU64::new(1)),
         };
         client.reconnect().await?;
         Ok(client)
+    }
+
+    /// A client over an already connected byte stream (a socketpair in tests, say);
+    /// [`AgentClient::reconnect`] on it fails. Must be called inside a tokio runtime.
+    pub fn over<S>(stream: S) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        AgentClient {
+            endpoint: Endpoint::Serial(PathBuf::new()),
+            conn: Some(Conn::start(stream)),
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
     }
 
     /// The endpoint this client talks to.
@@ -192,23 +223,27 @@ impl AgentClient {
         &self.endpoint
     }
 
-    /// Drops the current connection, if any, and opens a new one.
+    fn is_connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| !c.shared.is_closed())
+    }
+
+    /// Drops this client's connection, if any, and opens a new one. Streams of the old
+    /// connection end with an error once nothing else holds it.
     pub async fn reconnect(&mut self) -> Result<()> {
-        self.stream = None;
-        self.pending.clear();
-        self.writing = false;
+        self.conn = None;
         let mut stream = open(&self.endpoint).await?;
         // Ends any partial line a previous host connection left in the agent's
         // buffer; the agent answers that garbage with an error under id 0,
-        // which `call` skips.
+        // which nobody waits for.
         stream.write_all(b"\n").await?;
-        self.stream = Some(BufReader::new(stream));
+        self.conn = Some(Conn::start(stream));
         Ok(())
     }
 
     /// Sends `health` until the agent answers or `timeout` passes, reconnecting
     /// when the transport fails. Each attempt uses a new id; late answers to
-    /// earlier attempts are skipped by later calls.
+    /// earlier attempts are dropped. An agent of another protocol version is
+    /// [`ClientError::ProtocolMismatch`].
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<HealthInfo> {
         let deadline = Instant::now() + timeout;
         let mut attempt = READY_FIRST_ATTEMPT;
@@ -223,7 +258,7 @@ impl AgentClient {
                 }));
             }
             let wait = attempt.min(deadline - now);
-            if self.stream.is_none() {
+            if !self.is_connected() {
                 if let Err(e) = self.reconnect().await {
                     last_error = Some(e);
                     tokio::time::sleep(wait).await;
@@ -231,11 +266,11 @@ impl AgentClient {
                     continue;
                 }
             }
-            match self.call::<HealthInfo>(RequestBody::Health, wait).await {
+            match self.health(wait).await {
                 Ok(health) => return Ok(health),
                 Err(e @ ClientError::Timeout { .. }) => last_error = Some(e),
                 Err(e @ (ClientError::Io(_) | ClientError::Closed)) => {
-                    self.stream = None;
+                    self.conn = None;
                     last_error = Some(e);
                     tokio::time::sleep(wait.min(Duration::from_millis(100))).await;
                 }
@@ -245,19 +280,30 @@ impl AgentClient {
         }
     }
 
-    /// `health`: agent version and uptimes.
-    pub async fn health(&mut self, timeout: Duration) -> Result<HealthInfo> {
-        self.call(RequestBody::Health, timeout).await
+    /// `health`: agent version, uptimes and protocol version; an agent of another
+    /// protocol version is [`ClientError::ProtocolMismatch`].
+    pub async fn health(&self, timeout: Duration) -> Result<HealthInfo> {
+        let request = HealthRequest {
+            protocol: Some(PROTOCOL_VERSION),
+        };
+        let health: HealthInfo = self.call(RequestBody::Health(request), timeout).await?;
+        if health.protocol != PROTOCOL_VERSION {
+            return Err(ClientError::ProtocolMismatch {
+                agent: health.protocol,
+                client: PROTOCOL_VERSION,
+            });
+        }
+        Ok(health)
     }
 
     /// `list_interfaces`: the guest's network interfaces.
-    pub async fn list_interfaces(&mut self, timeout: Duration) -> Result<Vec<InterfaceInfo>> {
+    pub async fn list_interfaces(&self, timeout: Duration) -> Result<Vec<InterfaceInfo>> {
         self.call(RequestBody::ListInterfaces, timeout).await
     }
 
     /// `configure_interface`: addresses, MTU and routes of the NIC with `config.mac`.
     pub async fn configure_interface(
-        &mut self,
+        &self,
         config: InterfaceConfig,
         timeout: Duration,
     ) -> Result<ConfiguredInterface> {
@@ -267,40 +313,44 @@ impl AgentClient {
 
     /// `exec`: runs a program in the guest. Give `timeout` some slack over
     /// `request.timeout_ms`, which bounds the program itself.
-    pub async fn exec(&mut self, request: ExecRequest, timeout: Duration) -> Result<ExecOutput> {
+    pub async fn exec(&self, request: ExecRequest, timeout: Duration) -> Result<ExecOutput> {
         self.call(RequestBody::Exec(request), timeout).await
     }
 
-    /// Sends one request and waits up to `timeout` for the response with its id,
-    /// skipping lines that are not that response.
+    fn conn(&self) -> Result<&Arc<Conn>> {
+        self.conn
+            .as_ref()
+            .filter(|c| !c.shared.is_closed())
+            .ok_or(ClientError::Closed)
+    }
+
+    /// Sends one request and waits up to `timeout` for the response with its id.
+    /// Other calls may be in flight meanwhile.
     pub async fn call<T: DeserializeOwned>(
-        &mut self,
+        &self,
         body: RequestBody,
         timeout: Duration,
     ) -> Result<T> {
-        let id = self.next_id;
-        self.next_id += 1;
+        let conn = self.conn()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request_name = body.name();
-        let line = to_line(&Request { id, body });
-        let response =
-            match tokio::time::timeout(timeout, self.round_trip(id, line.as_bytes())).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => {
-                    self.stream = None;
-                    return Err(e);
-                }
-                Err(_) => {
-                    if self.writing {
-                        self.stream = None;
-                        self.writing = false;
-                    }
-                    return Err(ClientError::Timeout {
-                        request: request_name,
-                        id,
-                        after: timeout,
-                    });
-                }
-            };
+        let answer = conn.shared.expect(id);
+        // Forgets the caller if this future is dropped or times out.
+        let _pending = Pending { conn, id };
+        if !conn.shared.send_line(to_line(&Request { id, body })) {
+            return Err(ClientError::Closed);
+        }
+        let response = match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(_)) => return Err(ClientError::Closed),
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    request: request_name,
+                    id,
+                    after: timeout,
+                })
+            }
+        };
         response
             .into_result()
             .map_err(|message| ClientError::Agent {
@@ -308,38 +358,17 @@ impl AgentClient {
                 message,
             })
     }
-
-    async fn round_trip(&mut self, id: u64, line: &[u8]) -> Result<Response> {
-        let stream = self.stream.as_mut().ok_or(ClientError::Closed)?;
-        self.writing = true;
-        write_all(stream, line).await?;
-        self.writing = false;
-        loop {
-            let stream = self.stream.as_mut().ok_or(ClientError::Closed)?;
-            // `read_until` is cancel-safe: bytes read so far stay in `pending`.
-            let n = stream.read_until(b'\n', &mut self.pending).await?;
-            if n == 0 {
-                return Err(ClientError::Closed);
-            }
-            if self.pending.last() != Some(&b'\n') {
-                continue;
-            }
-            let parsed = serde_json::from_slice::<Response>(&self.pending);
-            self.pending.clear();
-            match parsed {
-                Ok(response) if response.id == id => return Ok(response),
-                // A stale answer to an earlier attempt, or noise after a reconnect.
-                _ => continue,
-            }
-        }
-    }
 }
 
-async fn write_all(stream: &mut BufReader<Box<dyn Stream>>, bytes: &[u8]) -> Result<()> {
-    let inner = stream.get_mut();
-    inner.write_all(bytes).await?;
-    inner.flush().await?;
-    Ok(())
+struct Pending<'a> {
+    conn: &'a Arc<Conn>,
+    id: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.conn.shared.forget(self.id);
+    }
 }
 
 async fn open(endpoint: &Endpoint) -> Result<Box<dyn Stream>> {
