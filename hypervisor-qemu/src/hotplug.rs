@@ -96,6 +96,21 @@ impl Qemu {
             };
             // What this daemon cannot serve is refused before anything starts.
             crate::virtiofs::daemon_args(daemon.flavour, f, &daemon.extra_args)?;
+            let cold_tags = inner.cold.iter().filter_map(|c| match c {
+                ColdDevice::SharedFs { info, share, .. } => Some((&info.id, &share.tag)),
+                _ => None,
+            });
+            let running = inner.virtiofsd.iter().map(|(id, d)| (id, &d.tag));
+            if let Some((other, _)) = cold_tags.chain(running).find(|(_, t)| **t == f.tag) {
+                return Err(ConfigError::new(
+                    "shared_fs.tag",
+                    format!(
+                        "{:?} is already the tag of share {other}; give each share its own",
+                        f.tag
+                    ),
+                )
+                .into());
+            }
         }
         let life = ctx.lifecycle;
         let info = match (device.config, mode) {

@@ -199,6 +199,8 @@ fn paths(run: &RunDir, id: &DeviceId) -> (PathBuf, PathBuf) {
 #[derive(Debug)]
 pub(crate) struct Virtiofsd {
     id: DeviceId,
+    /// The tag the guest mounts the share by.
+    pub(crate) tag: String,
     socket: PathBuf,
     process: QemuProcess,
     /// Set once the backend itself stops it, so its exit is not reported as a failure.
@@ -255,6 +257,7 @@ impl Virtiofsd {
         Ok((
             Virtiofsd {
                 id: id.clone(),
+                tag: share.tag.clone(),
                 socket,
                 process,
                 stopping,

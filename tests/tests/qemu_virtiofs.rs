@@ -342,6 +342,18 @@ async fn bad_shares_are_refused_naming_the_key_and_leave_no_daemon_or_socket() {
     let missing = dir.path().join("missing");
     let e = refused(share("t", &missing, false), &missing, &sb, &run_dir).await;
     assert_eq!(field(&e), "shared_fs.host_dir", "{e}");
+    let first = tempfile::tempdir().unwrap();
+    sb.devices
+        .add(share("taken", first.path(), false))
+        .await
+        .unwrap();
+    let e = refused(share("taken", dir.path(), false), dir.path(), &sb, &run_dir).await;
+    assert_eq!(field(&e), "shared_fs.tag", "{e}");
+    assert!(error_chain(&e).contains("fs0"), "{e}");
+    sb.devices
+        .remove(&hypervisor::DeviceId::new("fs0").unwrap())
+        .await
+        .unwrap();
     let e = refused(share("", dir.path(), false), dir.path(), &sb, &run_dir).await;
     assert_eq!(field(&e), "shared_fs.tag", "{e}");
     let long = "t".repeat(37);
