@@ -174,8 +174,10 @@ impl Containers {
             stderr,
             pid,
         } = io;
-        // With a terminal, input goes to the pty master too.
+        // With a terminal, input goes to the pty master too (the runtime's `stdin` is a
+        // dup of it); without `stdin` asked for, the host gets no input stream.
         let stdin: Option<OwnedFd> = match (stdin, &stdout) {
+            (Some(_), _) if request.terminal && !request.stdin => None,
             (Some(fd), _) => Some(fd),
             (None, Some(master)) if request.terminal && request.stdin => Some(
                 master

@@ -93,7 +93,7 @@ mod tests {
         let error = parse_spec(&text).unwrap_err();
         assert_eq!(
             error,
-            "The OCI spec has unknown fields: process.bogus, mounts[0].extra"
+            "The OCI spec has unknown fields: mounts[0].extra, process.bogus"
         );
         let error = parse_spec(&SPEC.replace("\"hostname\"", "\"hostnam\"")).unwrap_err();
         assert_eq!(error, "The OCI spec has an unknown field: hostnam");
