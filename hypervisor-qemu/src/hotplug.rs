@@ -14,6 +14,8 @@
 //! `remove_device` (or any hotplug) checks QEMU again. `stop` ends that wait, and any other
 //! QMP wait of a hotplug, at once (the lifecycle core's `unless_stopping`).
 //!
+//! Shared filesystems take the same path with their own steps (the `share` module).
+//!
 //! Whether a device is cold- or hot-plugged, and whether the machine can hot-plug it, the
 //! `DeviceManager` and the lifecycle core decided before these steps run.
 
@@ -21,9 +23,7 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use hypervisor::device::{
-    BlockConfig, BlockDriver, GuestLocation, NetworkBackend, NetworkConfig, SharedFsConfig,
-};
+use hypervisor::device::{BlockConfig, BlockDriver, GuestLocation, NetworkBackend, NetworkConfig};
 use hypervisor::vm::Context;
 use hypervisor::{
     ConfigError, Device, DeviceConfig, DeviceId, DeviceInfo, DeviceKind, Error, Lifecycle,
@@ -34,8 +34,7 @@ use slog::{info, warn};
 
 use crate::cmdline::{nic_props, Machine, PciPlace};
 use crate::qmp::QmpError;
-use crate::reconcile::{chardev_id, fdset_opaque, qemu_device_id, Unsettled};
-use crate::virtiofs::Virtiofsd;
+use crate::reconcile::{fdset_opaque, qemu_device_id, Unsettled};
 use crate::{ColdDevice, Qemu, QemuSandbox};
 
 /// Device id of the configuration's root filesystem `image`; no other device may use it.
@@ -84,33 +83,7 @@ impl Qemu {
         // A share whose daemon died fails every later device operation, naming it.
         self.check_virtiofsd(inner, None)?;
         if let DeviceConfig::SharedFs(f) = &device.config {
-            let Some(daemon) = &inner.daemon else {
-                return Err(ConfigError::new(
-                    "shared_fs",
-                    format!(
-                        "is \"none\", so {} cannot be shared; set shared_fs = \"virtio-fs\"",
-                        f.host_dir.display()
-                    ),
-                )
-                .into());
-            };
-            // What this daemon cannot serve is refused before anything starts.
-            crate::virtiofs::daemon_args(daemon.flavour, f, &daemon.extra_args)?;
-            let cold_tags = inner.cold.iter().filter_map(|c| match c {
-                ColdDevice::SharedFs { info, share, .. } => Some((&info.id, &share.tag)),
-                _ => None,
-            });
-            let running = inner.virtiofsd.iter().map(|(id, d)| (id, &d.tag));
-            if let Some((other, _)) = cold_tags.chain(running).find(|(_, t)| **t == f.tag) {
-                return Err(ConfigError::new(
-                    "shared_fs.tag",
-                    format!(
-                        "{:?} is already the tag of share {other}; give each share its own",
-                        f.tag
-                    ),
-                )
-                .into());
-            }
+            self.check_share(inner, f)?;
         }
         let life = ctx.lifecycle;
         let info = match (device.config, mode) {
@@ -124,16 +97,7 @@ impl Qemu {
             (DeviceConfig::Block(b), PlugMode::Hot) => {
                 self.hot_block(inner, life, device.id, b).await?
             }
-            (DeviceConfig::SharedFs(f), PlugMode::Cold) => {
-                let (place, location) = self.cold_place(inner)?;
-                let info = share_info(device.id, &f, location, false);
-                inner.cold.push(ColdDevice::SharedFs {
-                    info: info.clone(),
-                    share: f,
-                    place,
-                });
-                info
-            }
+            (DeviceConfig::SharedFs(f), PlugMode::Cold) => self.cold_share(inner, device.id, f)?,
             (DeviceConfig::SharedFs(f), PlugMode::Hot) => {
                 self.hot_share(inner, life, device.id, f).await?
             }
@@ -170,7 +134,10 @@ impl Qemu {
         )
     }
 
-    fn cold_place(&self, inner: &mut QemuSandbox) -> Result<(Option<PciPlace>, GuestLocation)> {
+    pub(crate) fn cold_place(
+        &self,
+        inner: &mut QemuSandbox,
+    ) -> Result<(Option<PciPlace>, GuestLocation)> {
         match inner.machine.expect("prepared") {
             Machine::Q35 => {
                 let slot = self.take_root_slot(inner)?;
@@ -275,7 +242,7 @@ impl Qemu {
         Ok((taps, vhost))
     }
 
-    fn free_port(&self, inner: &QemuSandbox, id: &DeviceId) -> Result<usize> {
+    pub(crate) fn free_port(&self, inner: &QemuSandbox, id: &DeviceId) -> Result<usize> {
         inner
             .ports
             .iter()
@@ -455,101 +422,9 @@ impl Qemu {
         self.end_hotplug(inner, life, info, result).await
     }
 
-    /// Fails naming the first share (other than `except`) whose virtiofsd has exited.
-    pub(crate) fn check_virtiofsd(
-        &self,
-        inner: &QemuSandbox,
-        except: Option<&DeviceId>,
-    ) -> Result<()> {
-        for (id, d) in &inner.virtiofsd {
-            if Some(id) != except {
-                d.check()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Starts the share's virtiofsd, then `getfd` (the connected socket), `chardev-add` and
-    /// `device_add` into a free root port. A failed hotplug stops the daemon again, unless
-    /// its outcome is unknown (then it stays until the VM stops).
-    async fn hot_share(
-        &self,
-        inner: &mut QemuSandbox,
-        life: &Lifecycle,
-        id: DeviceId,
-        f: SharedFsConfig,
-    ) -> Result<DeviceInfo> {
-        let port = self.free_port(inner, &id)?;
-        let daemon = inner.daemon.clone().expect("checked by plug");
-        let run = inner.run.clone().expect("prepared");
-        let (virtiofsd, conn) = Virtiofsd::start(&daemon, &run, &id, &f, &self.log).await?;
-        let qmp = inner.qmp.clone().expect("running VMs have QMP");
-        let t = self.opts.qmp_timeout;
-        let rp = inner.ports[port].clone();
-        let place = PciPlace::Port {
-            port: rp.id.clone(),
-            port_slot: rp.slot,
-        };
-        let info = share_info(
-            id.clone(),
-            &f,
-            GuestLocation::Pci {
-                path: place.pci_path(),
-            },
-            true,
-        );
-        let name = format!("fd-{id}-0");
-        self.begin_hotplug(inner, &info, port, vec![name.clone()]);
-        let chardev = json!({
-            "id": chardev_id(&id),
-            "backend": {
-                "type": "socket",
-                "data": {
-                    "addr": { "type": "fd", "data": { "str": name } },
-                    "server": false,
-                },
-            },
-        });
-        let dev = json!({
-            "driver": "vhost-user-fs-pci",
-            "id": qemu_device_id(&id),
-            "chardev": chardev_id(&id),
-            "tag": f.tag,
-            "bus": rp.id,
-            "addr": "0x0",
-        });
-        let steps = async {
-            qmp.execute_with_fds("getfd", Some(json!({ "fdname": name })), &[conn.as_fd()], t)
-                .await
-                .map_err(|e| ("Passing the virtiofsd socket of", e))?;
-            qmp.execute("chardev-add", Some(chardev), t)
-                .await
-                .map_err(|e| ("Adding the chardev of", e))?;
-            qmp.execute("device_add", Some(dev), t)
-                .await
-                .map_err(|e| ("Hot-plugging shared filesystem", e))
-        };
-        let result = steps.await;
-        drop(conn);
-        match self.end_hotplug(inner, life, info, result).await {
-            Ok(info) => {
-                inner.virtiofsd.insert(id, virtiofsd);
-                Ok(info)
-            }
-            Err(e) => {
-                if inner.unsettled.contains_key(&id) || inner.hot.contains_key(&id) {
-                    inner.virtiofsd.insert(id, virtiofsd);
-                } else {
-                    virtiofsd.stop().await;
-                }
-                Err(e)
-            }
-        }
-    }
-
     /// Reserves `port` for the hotplug of `info` and records it as unsettled until
     /// [`end_hotplug`](Self::end_hotplug).
-    fn begin_hotplug(
+    pub(crate) fn begin_hotplug(
         &self,
         inner: &mut QemuSandbox,
         info: &DeviceInfo,
@@ -571,7 +446,7 @@ impl Qemu {
     /// Records a finished hotplug, or settles a failed one with QEMU: a refused step is
     /// undone, a step without an answer is decided by what QEMU has (adopted or removed), and
     /// a connection that closed reports QEMU's exit.
-    async fn end_hotplug(
+    pub(crate) async fn end_hotplug(
         &self,
         inner: &mut QemuSandbox,
         life: &Lifecycle,
@@ -634,18 +509,6 @@ fn nic_info(id: DeviceId, n: &NetworkConfig, location: GuestLocation, hot: bool)
         mac: Some(n.guest_mac),
         queue_pairs: Some(n.queue_pairs),
         host: Some(n.backend.tap_name().to_string()),
-    }
-}
-
-fn share_info(id: DeviceId, f: &SharedFsConfig, location: GuestLocation, hot: bool) -> DeviceInfo {
-    DeviceInfo {
-        id,
-        kind: DeviceKind::SharedFs,
-        location,
-        hotplugged: hot,
-        mac: None,
-        queue_pairs: None,
-        host: Some(f.host_dir.display().to_string()),
     }
 }
 

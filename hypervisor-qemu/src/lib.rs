@@ -80,6 +80,7 @@ pub mod process;
 pub mod qmp;
 mod reconcile;
 mod restore;
+mod share;
 mod unplug;
 pub mod virtiofs;
 
