@@ -131,9 +131,12 @@ pub struct Capabilities {
     pub in_process: bool,
     /// How the guest agent's channel comes to exist.
     pub agent_channel: AgentChannelSource,
-    /// Host directories can be shared with the guest ([`device::SharedFsConfig`]).
+    /// Host directories can be shared with the guest ([`device::SharedFsConfig`]). Absent
+    /// in records written before it existed: false.
+    #[serde(default)]
     pub shared_fs: bool,
     /// Shared filesystems can be added to and removed from a running guest.
+    #[serde(default)]
     pub shared_fs_hotplug: bool,
 }
 
