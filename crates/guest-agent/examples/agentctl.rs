@@ -8,6 +8,10 @@
 //!             list-interfaces
 //!             configure MAC [CIDR...] [--mtu N] [--gateway IP] [--route CIDR[,GW]]
 //!             exec [--timeout-ms N] -- PROGRAM [ARGS...]
+//!             mount-share TAG TARGET [--ro]
+//!             run ID ROOTFS -- PROGRAM [ARGS...]
+//!                                  a container with a minimal spec; its stdout and stderr
+//!                                  stream to ours, stdin from ours; exits with its status
 //! ```
 //! Results are printed as JSON. Example:
 //! `cargo run -p guest-agent --example agentctl --features client -- /tmp/vm/agent.sock health`
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use guest_agent::client::{AgentClient, Endpoint};
+use guest_agent::protocol::{CreateContainer, MountShare, StdioRequest};
 use guest_agent::{ExecRequest, InterfaceConfig, RouteConfig};
 
 fn parse_endpoint(text: &str) -> Result<Endpoint> {
@@ -100,6 +105,63 @@ fn parse_exec(args: &[String]) -> Result<ExecRequest> {
     })
 }
 
+/// A minimal OCI spec running `args` as root in new PID, mount, UTS and IPC namespaces.
+fn minimal_spec(args: &[String]) -> String {
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {"args": args, "cwd": "/", "user": {"uid": 0, "gid": 0},
+                    "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "root": {"path": "rootfs"},
+        "hostname": "container",
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
+                                 {"type": "ipc"}]}
+    })
+    .to_string()
+}
+
+/// `run`: creates and starts a container, streams its stdio, waits, deletes it.
+async fn run_container(agent: &AgentClient, args: &[String], timeout: Duration) -> Result<i32> {
+    let [id, rootfs, dashdash, argv @ ..] = args else {
+        bail!("run needs ID ROOTFS -- PROGRAM [ARGS...]");
+    };
+    if dashdash != "--" || argv.is_empty() {
+        bail!("run needs ID ROOTFS -- PROGRAM [ARGS...]");
+    }
+    let create = CreateContainer {
+        container_id: id.clone(),
+        rootfs: rootfs.clone(),
+        spec: minimal_spec(argv),
+        stdio: StdioRequest {
+            stdin: true,
+            ..StdioRequest::default()
+        },
+    };
+    let process = agent.create_container(create, timeout).await?;
+    agent.start_container(id, timeout).await?;
+    let mut stdin = process.stdin.context("no stdin stream")?;
+    let mut stdout = process.stdout.context("no stdout stream")?;
+    let mut stderr = process.stderr.context("no stderr stream")?;
+    // Our stdin is copied until it ends; the process may exit first.
+    let feeding = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut stdin).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stdin).await;
+    });
+    let (mut our_stdout, mut our_stderr) = (tokio::io::stdout(), tokio::io::stderr());
+    let (out, err) = tokio::join!(
+        tokio::io::copy(&mut stdout, &mut our_stdout),
+        tokio::io::copy(&mut stderr, &mut our_stderr)
+    );
+    out.context("Copying stdout")?;
+    err.context("Copying stderr")?;
+    feeding.abort();
+    let exit = agent.wait_process(id, None, timeout).await?;
+    agent.delete_container(id, timeout).await?;
+    Ok(exit
+        .exit_code
+        .unwrap_or_else(|| 128 + exit.signal.unwrap_or(0)))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     match run().await {
@@ -119,7 +181,7 @@ async fn run() -> Result<()> {
         args.drain(..2);
     }
     let [endpoint, command, rest @ ..] = args.as_slice() else {
-        bail!("usage: agentctl [--timeout SECS] ENDPOINT wait|health|list-interfaces|configure|exec [ARGS]");
+        bail!("usage: agentctl [--timeout SECS] ENDPOINT wait|health|list-interfaces|configure|exec|mount-share|run [ARGS]");
     };
     let endpoint = parse_endpoint(endpoint)?;
     let started = Instant::now();
@@ -142,6 +204,22 @@ async fn run() -> Result<()> {
                 .await?,
         )?,
         "exec" => serde_json::to_value(agent.exec(parse_exec(rest)?, timeout).await?)?,
+        "mount-share" | "mount_share" => {
+            let [tag, target, flags @ ..] = rest else {
+                bail!("mount-share needs TAG TARGET [--ro]");
+            };
+            let request = MountShare {
+                tag: tag.clone(),
+                target: target.clone(),
+                read_only: flags.iter().any(|f| f == "--ro"),
+            };
+            agent.mount_share(request, timeout).await?;
+            serde_json::json!({})
+        }
+        "run" => {
+            let code = run_container(&agent, rest, timeout).await?;
+            std::process::exit(code);
+        }
         other => bail!("Unknown command {other:?}"),
     };
     println!("{}", serde_json::to_string_pretty(&value)?);
