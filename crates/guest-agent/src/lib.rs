@@ -36,6 +36,9 @@ pub mod server;
 #[cfg(feature = "client")]
 pub mod client;
 
+#[cfg(feature = "runtime")]
+pub mod runtime;
+
 pub use protocol::{
     ConfiguredInterface, ExecOutput, ExecRequest, HealthInfo, InterfaceConfig, InterfaceInfo,
     Outcome, Request, RequestBody, Response, RouteConfig,

@@ -1,0 +1,402 @@
+//! What a new process does between `clone` and `execve`.
+//!
+//! The agent is multi-threaded, so the child may only make async-signal-safe calls: it must not
+//! allocate, lock or panic. The parent prepares everything first (paths as `CString`s, argv and
+//! env pointer arrays, group lists) as a list of [`Op`]s; the child runs them in order and, on the
+//! first failure, writes the op's index and the errno to the status pipe and exits. The parent
+//! names the step from the same index (see [`Plan::names`]). The status pipe is close-on-exec, so
+//! a successful `execve` shows as end-of-file.
+
+use std::ffi::{c_char, CStr, CString, OsStr};
+use std::os::fd::{BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::stat::{mknod, umask, Mode, SFlag};
+use nix::unistd::{access, chdir, mkdir, pivot_root, sethostname, setsid, AccessFlags, Gid, Uid};
+
+/// Status record code: setup finished, waiting for start.
+pub(crate) const READY: u32 = u32::MAX;
+/// Status record code: the value is the pid of the process forked into the container.
+pub(crate) const FORKED: u32 = u32::MAX - 1;
+
+/// One prepared step of the child.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// Stdio onto 0, 1, 2; the status pipe onto 3, the start pipe onto 4; everything else closed;
+    /// a new session, and the terminal (if any) as controlling terminal.
+    Stdio {
+        fds: [RawFd; 3],
+        tty: bool,
+    },
+    /// Default dispositions and an empty signal mask.
+    ResetSignals,
+    Setns {
+        fd: RawFd,
+        flags: CloneFlags,
+    },
+    /// Fork into the PID namespace joined by the `Setns` ops, as a sibling (`CLONE_PARENT`): the
+    /// new process is the agent's child. The forking process reports its pid and exits.
+    Fork,
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: MsFlags,
+        data: Option<CString>,
+    },
+    /// `mkdir`, an existing directory is fine.
+    Mkdir(CString),
+    /// Creates an empty file (a bind mount target), an existing one is fine.
+    Touch(CString),
+    Mknod {
+        path: CString,
+        mode: Mode,
+        kind: SFlag,
+        dev: libc::dev_t,
+        /// Bind-mounted over an empty file when `mknod` is refused.
+        fallback: CString,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    /// `pivot_root(".", ".")` in the new root, then the old root unmounted with `MNT_DETACH`.
+    PivotRoot(CString),
+    Umask(Mode),
+    Hostname(CString),
+    Rlimit {
+        resource: Resource,
+        soft: u64,
+        hard: u64,
+    },
+    Chdir(CString),
+    NoNewPrivileges,
+    Groups(Vec<Gid>),
+    Gid(Gid),
+    Uid(Uid),
+    /// Finds the executable among the candidates (the `PATH` lookup, done inside the root).
+    Lookup(Vec<CString>),
+    /// Reports readiness, then blocks until the start pipe gives a byte (end-of-file: exit).
+    AwaitStart,
+}
+
+/// Everything the child needs, prepared by the parent.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) ops: Vec<Op>,
+    /// A name per op, then one for the final `execve`.
+    pub(crate) names: Vec<String>,
+    pub(crate) argv: Vec<CString>,
+    pub(crate) env: Vec<CString>,
+}
+
+/// The status pipe's record: an op index (or [`READY`], [`FORKED`]) and an errno or pid.
+pub(crate) fn encode(code: u32, value: i32) -> [u8; 8] {
+    let mut record = [0u8; 8];
+    record[..4].copy_from_slice(&code.to_le_bytes());
+    record[4..].copy_from_slice(&value.to_le_bytes());
+    record
+}
+
+pub(crate) fn decode(record: [u8; 8]) -> (u32, i32) {
+    let [a, b, c, d, e, f, g, h] = record;
+    (
+        u32::from_le_bytes([a, b, c, d]),
+        i32::from_le_bytes([e, f, g, h]),
+    )
+}
+
+/// Pointer arrays for `execve`, built before the clone.
+pub(crate) struct ExecArrays {
+    argv: Vec<*const c_char>,
+    env: Vec<*const c_char>,
+}
+
+impl ExecArrays {
+    pub(crate) fn new(plan: &Plan) -> ExecArrays {
+        let arr = |v: &[CString]| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        ExecArrays {
+            argv: arr(&plan.argv),
+            env: arr(&plan.env),
+        }
+    }
+}
+
+/// Where the child is: its status and start pipes (renumbered by `Stdio`) and the found binary.
+struct State {
+    status: RawFd,
+    start: RawFd,
+    exe: Option<*const c_char>,
+}
+
+fn report(fd: RawFd, code: u32, value: i32) {
+    // SAFETY: the fd is the child's status pipe, open for its whole life.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = nix::unistd::write(fd, &encode(code, value));
+}
+
+fn exit(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process without running Rust or libc exit handlers, which must not
+    // run in a child of a multi-threaded parent.
+    unsafe { libc::_exit(code) }
+}
+
+/// Runs the plan in the child and executes the program. Never returns.
+///
+/// # Safety
+/// Must only be called in a child just created by `clone` (single-threaded, a copy of the
+/// parent's memory). `status` and `start` are that child's pipe ends.
+pub(crate) unsafe fn run(plan: &Plan, arrays: &ExecArrays, status: RawFd, start: RawFd) -> ! {
+    let mut state = State {
+        status,
+        start,
+        exe: None,
+    };
+    for (index, op) in plan.ops.iter().enumerate() {
+        if let Err(errno) = run_op(op, &mut state) {
+            report(state.status, index as u32, errno as i32);
+            exit(1);
+        }
+    }
+    let path = state.exe.unwrap_or(arrays.argv[0]);
+    // SAFETY: `path`, `argv` and `env` point into NUL-terminated strings and null-terminated
+    // arrays the parent built and that live in this copy of its memory.
+    unsafe { libc::execve(path, arrays.argv.as_ptr(), arrays.env.as_ptr()) };
+    report(state.status, plan.ops.len() as u32, Errno::last() as i32);
+    exit(127)
+}
+
+fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
+    match op {
+        Op::Stdio { fds, tty } => stdio(*fds, *tty, state),
+        Op::ResetSignals => {
+            let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+            for signal in Signal::iterator() {
+                if signal != Signal::SIGKILL && signal != Signal::SIGSTOP {
+                    // SAFETY: installing the default disposition runs no code of ours.
+                    let _ = unsafe { sigaction(signal, &default) };
+                }
+            }
+            SigSet::empty().thread_set_mask()
+        }
+        Op::Setns { fd, flags } => {
+            // SAFETY: the fd was opened by the parent and stays open in this child.
+            setns(unsafe { BorrowedFd::borrow_raw(*fd) }, *flags)
+        }
+        Op::Fork => {
+            // SAFETY: this child is single-threaded; the new process only runs the rest of the
+            // plan (async-signal-safe) and execs.
+            let pid = unsafe { clone(libc::CLONE_PARENT as u64, None) }?;
+            if pid != 0 {
+                report(state.status, FORKED, pid);
+                exit(0);
+            }
+            Ok(())
+        }
+        Op::Mount {
+            source,
+            target,
+            fstype,
+            flags,
+            data,
+        } => mount(
+            source.as_deref(),
+            target.as_c_str(),
+            fstype.as_deref(),
+            *flags,
+            data.as_deref(),
+        ),
+        Op::Mkdir(path) => match mkdir(path.as_c_str(), Mode::from_bits_truncate(0o755)) {
+            Err(Errno::EEXIST) => Ok(()),
+            other => other,
+        },
+        Op::Touch(path) => touch(path),
+        Op::Mknod {
+            path,
+            mode,
+            kind,
+            dev,
+            fallback,
+        } => match mknod(path.as_c_str(), *kind, *mode, *dev) {
+            Ok(()) => Ok(()),
+            Err(Errno::EPERM) => {
+                touch(path)?;
+                mount(
+                    Some(fallback.as_c_str()),
+                    path.as_c_str(),
+                    None::<&CStr>,
+                    MsFlags::MS_BIND,
+                    None::<&CStr>,
+                )
+            }
+            Err(errno) => Err(errno),
+        },
+        Op::Symlink { target, link } => {
+            // SAFETY: both are NUL-terminated strings the parent prepared.
+            if unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) } < 0 {
+                match Errno::last() {
+                    Errno::EEXIST => Ok(()),
+                    errno => Err(errno),
+                }
+            } else {
+                Ok(())
+            }
+        }
+        Op::PivotRoot(root) => {
+            chdir(root.as_c_str())?;
+            pivot_root(c".", c".")?;
+            umount2(c".", MntFlags::MNT_DETACH)?;
+            chdir(c"/")
+        }
+        Op::Umask(mode) => {
+            umask(*mode);
+            Ok(())
+        }
+        Op::Hostname(name) => sethostname(OsStr::from_bytes(name.to_bytes())),
+        Op::Rlimit {
+            resource,
+            soft,
+            hard,
+        } => setrlimit(*resource, *soft, *hard),
+        Op::Chdir(dir) => chdir(dir.as_c_str()),
+        Op::NoNewPrivileges => nix::sys::prctl::set_no_new_privs(),
+        // Raw system calls: glibc's wrappers broadcast the change to every thread it knows of,
+        // and after a bare clone it still believes the parent's threads exist (and would wait
+        // for them forever). Credentials are per thread in the kernel; this child has one.
+        Op::Groups(groups) => {
+            // SAFETY: setgroups reads `len` gids from a live slice.
+            Errno::result(unsafe {
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr())
+            })
+            .map(drop)
+        }
+        Op::Gid(gid) => {
+            let gid = gid.as_raw();
+            // SAFETY: setgid takes an integer (as root it sets the real, effective and saved gid;
+            // unlike setresgid, -1 is refused rather than meaning "unchanged").
+            Errno::result(unsafe { libc::syscall(libc::SYS_setgid, gid) }).map(drop)
+        }
+        Op::Uid(uid) => {
+            let uid = uid.as_raw();
+            // SAFETY: setuid takes an integer (as root it sets the real, effective and saved uid;
+            // unlike setresuid, -1 is refused rather than meaning "unchanged").
+            Errno::result(unsafe { libc::syscall(libc::SYS_setuid, uid) }).map(drop)
+        }
+        Op::Lookup(candidates) => {
+            let mut last = Errno::ENOENT;
+            for path in candidates {
+                match access(path.as_c_str(), AccessFlags::X_OK) {
+                    Ok(()) => {
+                        state.exe = Some(path.as_ptr());
+                        return Ok(());
+                    }
+                    // A later PATH entry may have it; remember the most telling error.
+                    Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => {}
+                    Err(errno) => last = errno,
+                }
+            }
+            Err(last)
+        }
+        Op::AwaitStart => {
+            report(state.status, READY, 0);
+            let mut byte = [0u8; 1];
+            // SAFETY: the start pipe's read end is open in this child.
+            let start = unsafe { BorrowedFd::borrow_raw(state.start) };
+            loop {
+                match nix::unistd::read(start, &mut byte) {
+                    Ok(1) => return Ok(()),
+                    Err(Errno::EINTR) => continue,
+                    // The container was deleted before it started.
+                    _ => exit(0),
+                }
+            }
+        }
+    }
+}
+
+fn touch(path: &CString) -> Result<(), Errno> {
+    // SAFETY: open with a NUL-terminated path; the fd is closed right away.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `fd` was just opened above and is closed once.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+fn stdio(fds: [RawFd; 3], tty: bool, state: &mut State) -> Result<(), Errno> {
+    // First copy every fd we keep above 4, so that placing them on 0..=4 clobbers none of them.
+    let keep = [fds[0], fds[1], fds[2], state.status, state.start];
+    let mut high = [-1; 5];
+    for (slot, fd) in high.iter_mut().zip(keep) {
+        if fd >= 0 {
+            // SAFETY: F_DUPFD_CLOEXEC on an open fd of this child.
+            *slot = Errno::result(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 5) })?;
+        }
+    }
+    for (target, fd) in high.iter().enumerate() {
+        if *fd >= 0 {
+            // Stdio is inherited by the program; the pipes stay close-on-exec.
+            let flags = if target < 3 { 0 } else { libc::O_CLOEXEC };
+            // SAFETY: dup3 onto a small fd number in this child, which owns all its fds.
+            Errno::result(unsafe { libc::dup3(*fd, target as RawFd, flags) })?;
+        }
+    }
+    state.status = 3;
+    state.start = if high[4] >= 0 { 4 } else { -1 };
+    // SAFETY: closes every fd above 4 of this child (the copies above, and whatever other
+    // threads of the parent had open when it was cloned).
+    Errno::result(unsafe { libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) })?;
+    setsid()?;
+    if tty {
+        // SAFETY: TIOCSCTTY on fd 0, the pty slave, with argument 0 (do not steal).
+        Errno::result(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })?;
+    }
+    Ok(())
+}
+
+/// `clone(2)` without a new stack (fork semantics). Returns 0 in the child and the child's pid
+/// in the parent; with `pidfd`, the kernel stores a pidfd for the child there (`CLONE_PIDFD`).
+///
+/// # Safety
+/// As `fork`: in a multi-threaded process the child may only make async-signal-safe calls.
+pub(crate) unsafe fn clone(flags: u64, pidfd: Option<&mut libc::c_int>) -> Result<i32, Errno> {
+    let mut flags = flags | libc::SIGCHLD as u64;
+    let pidfd_ptr = match pidfd {
+        Some(p) => {
+            flags |= libc::CLONE_PIDFD as u64;
+            p as *mut libc::c_int
+        }
+        None => std::ptr::null_mut(),
+    };
+    // SAFETY: a null stack gives fork semantics; the parent_tid slot (third argument on x86_64
+    // and aarch64) receives the pidfd when CLONE_PIDFD is set and points to a live c_int.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            std::ptr::null_mut::<libc::c_void>(),
+            pidfd_ptr,
+            std::ptr::null_mut::<libc::c_void>(),
+            0usize,
+        )
+    };
+    Errno::result(pid).map(|pid| pid as i32)
+}
