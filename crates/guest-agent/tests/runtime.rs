@@ -25,6 +25,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "ps", "sleep", "stty", "hostname", "id", "pwd", "ls", "grep", "true",
+    "touch",
 ];
 
 fn busybox() -> Result<PathBuf> {
@@ -518,6 +519,8 @@ fn bad_input_is_named_and_leaves_no_process_and_no_mount() -> Result<()> {
         "exec left a process: {:?}",
         runtime.ps("ok")?
     );
+    let err = expect_err(runtime.resize("ok", None, 10, 10))?;
+    ensure!(matches!(err, Error::NoTerminal { .. }), "{err:?}");
     let err = expect_err(runtime.wait("ok", Some("x")))?;
     ensure!(matches!(err, Error::UnknownProcess { .. }), "{err:?}");
     runtime.delete("ok")?;
@@ -545,5 +548,53 @@ fn delete_before_start_leaves_nothing() -> Result<()> {
     ensure!(read_all(io.stdout).is_empty(), "the init ran before start");
     let err = expect_err(runtime.delete("early"))?;
     ensure!(matches!(err, Error::UnknownContainer(_)), "{err:?}");
+    assert_nothing_left(&runtime, &rootfs)
+}
+
+#[test]
+fn masked_and_read_only_paths_sysctls_and_spec_devices_apply() -> Result<()> {
+    let _serial = serial();
+    let rootfs = Rootfs::new()?;
+    fs::write(rootfs.path().join("tmp/masked-file"), "secret")?;
+    fs::create_dir(rootfs.path().join("tmp/masked-dir"))?;
+    fs::write(rootfs.path().join("tmp/masked-dir/inside"), "secret")?;
+    let runtime = Runtime::new()?;
+    let mut value = spec_json(&[
+        "sh",
+        "-c",
+        "cat /tmp/masked-file; echo \"[$(ls /tmp/masked-dir)]\"; \
+         touch /work/x 2>/dev/null && echo writable || echo read-only; \
+         cat /proc/sys/kernel/shmmax; ls -ln /dev/custom-null",
+    ]);
+    value["linux"] = json!({
+        "maskedPaths": ["/tmp/masked-file", "/tmp/masked-dir", "/tmp/not-there"],
+        "readonlyPaths": ["/work", "/not-there"],
+        "sysctl": {"kernel.shmmax": "12345678"},
+        "devices": [{"path": "/dev/custom-null", "type": "c", "major": 1, "minor": 3,
+                     "fileMode": 438, "uid": 1000, "gid": 1001}],
+    });
+    let io = runtime.create(
+        "linux",
+        &rootfs.path(),
+        &spec(value),
+        Stdio::Pipes { stdin: false },
+    )?;
+    let (out, err) = (reader(io.stdout), reader(io.stderr));
+    runtime.start("linux")?;
+    let status = runtime.wait("linux", None)?;
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    ensure!(exited(0)(&status), "{status:?}: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(lines[..3] == ["[]", "read-only", "12345678"], "{out}");
+    let device: Vec<&str> = lines[3].split_whitespace().collect();
+    ensure!(
+        device[0] == "crw-rw-rw-" && device[2..6] == ["1000", "1001", "1,", "3"],
+        "{out}"
+    );
+    ensure!(
+        !rootfs.path().join("work/x").exists(),
+        "the read-only path was written"
+    );
+    runtime.delete("linux")?;
     assert_nothing_left(&runtime, &rootfs)
 }

@@ -8,13 +8,13 @@
 //! a successful `execve` shows as end-of-file.
 
 use std::ffi::{c_char, CStr, CString, OsStr};
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, CloneFlags};
-use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::resource::Resource;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::stat::{mknod, umask, Mode, SFlag};
 use nix::unistd::{access, chdir, mkdir, pivot_root, sethostname, setsid, AccessFlags, Gid, Uid};
@@ -64,6 +64,21 @@ pub(crate) enum Op {
     Symlink {
         target: CString,
         link: CString,
+    },
+    Chown {
+        path: CString,
+        uid: Uid,
+        gid: Gid,
+    },
+    /// A masked path: `/dev/null` bound over a file, an empty read-only tmpfs over a directory;
+    /// a path that does not exist is fine.
+    Mask(CString),
+    /// A path bound onto itself and remounted read-only; a path that does not exist is fine.
+    ReadOnly(CString),
+    /// Writes a value to a file (a sysctl under `/proc/sys`).
+    Write {
+        path: CString,
+        value: CString,
     },
     /// `pivot_root(".", ".")` in the new root, then the old root unmounted with `MNT_DETACH`.
     PivotRoot(CString),
@@ -252,6 +267,51 @@ fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
                 Ok(())
             }
         }
+        Op::Chown { path, uid, gid } => nix::unistd::chown(path.as_c_str(), Some(*uid), Some(*gid)),
+        Op::Mask(path) => {
+            let none = None::<&CStr>;
+            match mount(
+                Some(c"/dev/null"),
+                path.as_c_str(),
+                none,
+                MsFlags::MS_BIND,
+                none,
+            ) {
+                Err(Errno::ENOENT) => Ok(()),
+                Err(Errno::ENOTDIR) => mount(
+                    Some(c"tmpfs"),
+                    path.as_c_str(),
+                    Some(c"tmpfs"),
+                    MsFlags::MS_RDONLY,
+                    none,
+                ),
+                other => other,
+            }
+        }
+        Op::ReadOnly(path) => {
+            let none = None::<&CStr>;
+            let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+            match mount(Some(path.as_c_str()), path.as_c_str(), none, bind, none) {
+                Err(Errno::ENOENT) => Ok(()),
+                Err(errno) => Err(errno),
+                Ok(()) => mount(
+                    none,
+                    path.as_c_str(),
+                    none,
+                    bind | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    none,
+                ),
+            }
+        }
+        Op::Write { path, value } => {
+            // SAFETY: open with a NUL-terminated path; the fd is closed below.
+            let fd = Errno::result(unsafe {
+                libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC)
+            })?;
+            // SAFETY: `fd` was just opened and is owned here.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            nix::unistd::write(&fd, value.as_bytes()).map(drop)
+        }
         Op::PivotRoot(root) => {
             chdir(root.as_c_str())?;
             pivot_root(c".", c".")?;
@@ -267,7 +327,25 @@ fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
             resource,
             soft,
             hard,
-        } => setrlimit(*resource, *soft, *hard),
+        } => {
+            let limit = libc::rlimit64 {
+                rlim_cur: *soft,
+                rlim_max: *hard,
+            };
+            // A raw prlimit64: some libcs' setrlimit broadcasts to every thread they know of,
+            // which after a bare clone includes the parent's.
+            // SAFETY: prlimit64 on this process reads one rlimit64 from a live local.
+            Errno::result(unsafe {
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    0,
+                    *resource as libc::c_int,
+                    &limit as *const libc::rlimit64,
+                    std::ptr::null_mut::<libc::rlimit64>(),
+                )
+            })
+            .map(drop)
+        }
         Op::Chdir(dir) => chdir(dir.as_c_str()),
         Op::NoNewPrivileges => nix::sys::prctl::set_no_new_privs(),
         // Raw system calls: glibc's wrappers broadcast the change to every thread it knows of,

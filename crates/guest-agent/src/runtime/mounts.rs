@@ -9,6 +9,8 @@ use std::path::{Component, Path, PathBuf};
 
 use nix::mount::MsFlags;
 use nix::sys::stat::{makedev, Mode, SFlag};
+use nix::unistd::{Gid, Uid};
+use oci_spec::runtime::{Linux, LinuxDevice, LinuxDeviceType};
 
 use super::child::Op;
 use super::Error;
@@ -254,6 +256,88 @@ pub(crate) fn mount_ops(
     }
     if dev_tmpfs {
         device_ops(id, root, &mut ops)?;
+    }
+    Ok(ops)
+}
+
+/// The spec's own devices (`linux.devices`), created under `root` before `pivot_root`.
+pub(crate) fn spec_device_ops(
+    id: &str,
+    root: &Path,
+    devices: &[LinuxDevice],
+) -> Result<Vec<(Op, String)>, Error> {
+    let mut ops = Vec::new();
+    ops.push((Op::Umask(Mode::empty()), "Clearing the umask".to_string()));
+    for device in devices {
+        let dest = device.path();
+        let kind = match device.typ() {
+            LinuxDeviceType::C | LinuxDeviceType::U => SFlag::S_IFCHR,
+            LinuxDeviceType::B => SFlag::S_IFBLK,
+            LinuxDeviceType::P => SFlag::S_IFIFO,
+            LinuxDeviceType::A => {
+                return Err(Error::InvalidSpec {
+                    id: id.to_string(),
+                    reason: format!("device {} has type \"a\"", dest.display()),
+                })
+            }
+        };
+        let path = under_root(id, root, dest)?;
+        if let Some(parent) = path.parent() {
+            mkdirs(id, root, parent, &mut ops)?;
+        }
+        let path_c = path_cstring(id, "device", &path)?;
+        ops.push((
+            Op::Mknod {
+                path: path_c.clone(),
+                mode: Mode::from_bits_truncate(device.file_mode().unwrap_or(0o666)),
+                kind,
+                dev: makedev(device.major() as u64, device.minor() as u64),
+                fallback: path_cstring(id, "device", dest)?,
+            },
+            format!("Creating device {}", dest.display()),
+        ));
+        if device.uid().is_some() || device.gid().is_some() {
+            ops.push((
+                Op::Chown {
+                    path: path_c,
+                    uid: Uid::from_raw(device.uid().unwrap_or(0)),
+                    gid: Gid::from_raw(device.gid().unwrap_or(0)),
+                },
+                format!("Changing the owner of device {}", dest.display()),
+            ));
+        }
+    }
+    ops.push((
+        Op::Umask(Mode::from_bits_truncate(0o022)),
+        "Setting the umask".to_string(),
+    ));
+    Ok(ops)
+}
+
+/// Masked and read-only paths and sysctls, applied inside the new root.
+pub(crate) fn linux_ops(id: &str, linux: &Linux) -> Result<Vec<(Op, String)>, Error> {
+    let mut ops = Vec::new();
+    for (key, value) in linux.sysctl().iter().flatten() {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        ops.push((
+            Op::Write {
+                path: cstring(id, "sysctl", path)?,
+                value: cstring(id, "sysctl", value.as_str())?,
+            },
+            format!("Setting sysctl {key} to \"{value}\""),
+        ));
+    }
+    for path in linux.readonly_paths().iter().flatten() {
+        ops.push((
+            Op::ReadOnly(cstring(id, "read-only path", path.as_str())?),
+            format!("Making {path} read-only"),
+        ));
+    }
+    for path in linux.masked_paths().iter().flatten() {
+        ops.push((
+            Op::Mask(cstring(id, "masked path", path.as_str())?),
+            format!("Masking {path}"),
+        ));
     }
     Ok(ops)
 }

@@ -10,7 +10,7 @@ use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Process, Spec};
 
 use super::child::{Op, Plan};
-use super::mounts::{cstring, mount_ops};
+use super::mounts::{cstring, linux_ops, mount_ops, spec_device_ops};
 use super::Error;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -211,10 +211,17 @@ pub(crate) fn init_plan(
         rootfs,
         spec.mounts().as_deref().unwrap_or(&[]),
     )?);
+    let linux = spec.linux().as_ref();
+    if let Some(devices) = linux.and_then(|l| l.devices().as_deref()) {
+        ops.extend(spec_device_ops(id, rootfs, devices)?);
+    }
     ops.push((
         Op::PivotRoot(root),
         format!("Pivoting the root to {}", rootfs.display()),
     ));
+    if let Some(linux) = linux {
+        ops.extend(linux_ops(id, linux)?);
+    }
     if spec
         .root()
         .as_ref()
