@@ -17,7 +17,9 @@ use nix::sched::{setns, CloneFlags};
 use nix::sys::resource::Resource;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::stat::{mknod, umask, Mode, SFlag};
-use nix::unistd::{access, chdir, mkdir, pivot_root, sethostname, setsid, AccessFlags, Gid, Uid};
+use nix::unistd::{
+    access, chdir, chroot, mkdir, pivot_root, sethostname, setsid, AccessFlags, Gid, Uid,
+};
 
 /// Status record code: setup finished, waiting for start.
 pub(crate) const READY: u32 = u32::MAX;
@@ -80,7 +82,8 @@ pub(crate) enum Op {
         path: CString,
         value: CString,
     },
-    /// `pivot_root(".", ".")` in the new root, then the old root unmounted with `MNT_DETACH`.
+    /// `pivot_root(".", ".")` in the new root, then the old root unmounted with `MNT_DETACH`
+    /// (on an initramfs root, which cannot be pivoted: `MS_MOVE` onto `/` and `chroot`).
     PivotRoot(CString),
     Umask(Mode),
     Hostname(CString),
@@ -314,8 +317,18 @@ fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
         }
         Op::PivotRoot(root) => {
             chdir(root.as_c_str())?;
-            pivot_root(c".", c".")?;
-            umount2(c".", MntFlags::MNT_DETACH)?;
+            match pivot_root(c".", c".") {
+                Ok(()) => umount2(c".", MntFlags::MNT_DETACH)?,
+                // The agent's root is the initramfs (rootfs), which has no parent mount and so
+                // cannot be pivoted: move the new root over it and chroot, as runc's no-pivot
+                // mode does. The agent's other mounts stay in this namespace, hidden below.
+                Err(Errno::EINVAL) => {
+                    let none = None::<&CStr>;
+                    mount(Some(c"."), c"/", none, MsFlags::MS_MOVE, none)?;
+                    chroot(c".")?;
+                }
+                Err(errno) => return Err(errno),
+            }
             chdir(c"/")
         }
         Op::Umask(mode) => {
