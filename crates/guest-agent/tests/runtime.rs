@@ -598,3 +598,78 @@ fn masked_and_read_only_paths_sysctls_and_spec_devices_apply() -> Result<()> {
     runtime.delete("linux")?;
     assert_nothing_left(&runtime, &rootfs)
 }
+
+/// Runs [`a_root_that_cannot_be_pivoted_falls_back_to_move_and_chroot_inner`] in a child
+/// process: it needs a chroot and a mount namespace of its own.
+#[test]
+fn a_root_that_cannot_be_pivoted_falls_back_to_move_and_chroot() -> Result<()> {
+    let _serial = serial();
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "a_root_that_cannot_be_pivoted_falls_back_to_move_and_chroot_inner",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env("RUNTIME_TEST_NO_PIVOT", "1")
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "inner test failed:\n{text}");
+    ensure!(text.contains("1 passed"), "inner test did not run:\n{text}");
+    Ok(())
+}
+
+/// pivot_root refuses a caller whose root is not a mount point, as on an initramfs (whose root
+/// mount has no parent): the runtime must still give the container its root, by moving it onto
+/// `/` and chrooting. Here the caller is chrooted into a plain directory.
+#[test]
+#[ignore = "run by a_root_that_cannot_be_pivoted_falls_back_to_move_and_chroot"]
+fn a_root_that_cannot_be_pivoted_falls_back_to_move_and_chroot_inner() -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    ensure!(
+        std::env::var_os("RUNTIME_TEST_NO_PIVOT").is_some(),
+        "run only by its outer test"
+    );
+    let jail = tempfile::Builder::new().prefix("runtime-jail").tempdir()?;
+    let rootfs = Rootfs::new()?;
+    let inner_root = jail.path().join("rootfs");
+    fs::rename(rootfs.path(), &inner_root)?;
+    fs::create_dir(jail.path().join("proc"))?;
+    // This thread alone: a mount namespace and a root of its own (threads it spawns share them).
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_FS)?;
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
+    mount(
+        Some("proc"),
+        &jail.path().join("proc"),
+        Some("proc"),
+        MsFlags::empty(),
+        none,
+    )?;
+    nix::unistd::chroot(jail.path())?;
+    nix::unistd::chdir("/")?;
+
+    let runtime = Runtime::new()?;
+    let spec = spec(spec_json(&["sh", "-c", "ls /; echo done"]));
+    let io = runtime.create(
+        "nopivot",
+        Path::new("/rootfs"),
+        &spec,
+        Stdio::Pipes { stdin: false },
+    )?;
+    let (out, err) = (reader(io.stdout), reader(io.stderr));
+    runtime.start("nopivot")?;
+    let status = runtime.wait("nopivot", None)?;
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    ensure!(exited(0)(&status), "{status:?}: {err}");
+    let entries: Vec<&str> = out.split_whitespace().collect();
+    ensure!(
+        entries == ["bin", "dev", "etc", "proc", "sys", "tmp", "work", "done"],
+        "the container's root is not its rootfs: {out}"
+    );
+    runtime.delete("nopivot")?;
+    Ok(())
+}

@@ -35,6 +35,10 @@ pub(crate) enum Op {
         fds: [RawFd; 3],
         tty: bool,
     },
+    /// Every mount of the new namespace made private, so nothing propagates back to the agent's.
+    /// An agent chrooted into a directory that is not a mount point cannot: its root's mounts
+    /// keep the propagation its chroot's maker gave them (the rootfs bind is made private anyway).
+    MakeRootPrivate,
     /// Default dispositions and an empty signal mask.
     ResetSignals,
     Setns {
@@ -197,6 +201,14 @@ pub(crate) unsafe fn run(plan: &Plan, arrays: &ExecArrays, status: RawFd, start:
 fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
     match op {
         Op::Stdio { fds, tty } => stdio(*fds, *tty, state),
+        Op::MakeRootPrivate => {
+            let none = None::<&CStr>;
+            let flags = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+            match mount(none, c"/", none, flags, none) {
+                Err(Errno::EINVAL) => Ok(()),
+                other => other,
+            }
+        }
         Op::ResetSignals => {
             let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
             for signal in Signal::iterator() {

@@ -186,13 +186,7 @@ pub(crate) fn init_plan(
         ),
         (Op::ResetSignals, "Resetting signals".to_string()),
         (
-            Op::Mount {
-                source: None,
-                target: c"/".into(),
-                fstype: None,
-                flags: MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                data: None,
-            },
+            Op::MakeRootPrivate,
             "Making the container's mounts private".to_string(),
         ),
         (
@@ -204,6 +198,16 @@ pub(crate) fn init_plan(
                 data: None,
             },
             format!("Bind-mounting the rootfs {}", rootfs.display()),
+        ),
+        (
+            Op::Mount {
+                source: None,
+                target: root.clone(),
+                fstype: None,
+                flags: MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                data: None,
+            },
+            format!("Making the rootfs mount {} private", rootfs.display()),
         ),
     ];
     ops.extend(mount_ops(
