@@ -673,3 +673,65 @@ fn a_root_that_cannot_be_pivoted_falls_back_to_move_and_chroot_inner() -> Result
     runtime.delete("nopivot")?;
     Ok(())
 }
+
+/// `grep Cap /proc/self/status` as a map of set name to mask.
+fn cap_masks(out: &str) -> std::collections::HashMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn capabilities_of_the_spec_are_the_processes_capabilities() -> Result<()> {
+    let _serial = serial();
+    let rootfs = Rootfs::new()?;
+    let runtime = Runtime::new()?;
+    let show = ["sh", "-c", "grep Cap /proc/self/status; sleep 1000"];
+    let mut value = spec_json(&show);
+    let chown_kill = json!(["CAP_CHOWN", "CAP_KILL"]);
+    value["process"]["capabilities"] = json!({
+        "bounding": chown_kill, "effective": chown_kill, "permitted": chown_kill,
+    });
+    let io = runtime.create(
+        "caps",
+        &rootfs.path(),
+        &spec(value),
+        Stdio::Pipes { stdin: false },
+    )?;
+    let mut stdout = fs::File::from(io.stdout.context("stdout")?);
+    runtime.start("caps")?;
+    let mut out = String::new();
+    let mut buf = [0u8; 512];
+    while !out.contains("CapAmb") {
+        let n = stdout.read(&mut buf)?;
+        ensure!(n > 0, "init ended early: {out}");
+        out.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let init = cap_masks(&out);
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        ensure!(init[set] == "0000000000000021", "{set} of root: {out}");
+    }
+
+    // A non-root process keeps across exec only what is ambient.
+    let mut process = process_json(&["grep", "Cap", "/proc/self/status"]);
+    let kill = json!(["CAP_KILL"]);
+    process["user"] = json!({"uid": 1000, "gid": 1000});
+    process["capabilities"] = json!({
+        "bounding": kill, "effective": kill, "permitted": kill, "inheritable": kill, "ambient": kill,
+    });
+    let process: Process = serde_json::from_value(process)?;
+    let io = runtime.exec("caps", "user", &process, Stdio::Pipes { stdin: false })?;
+    let out = reader(io.stdout);
+    ensure!(
+        exited(0)(&runtime.wait("caps", Some("user"))?),
+        "exec failed"
+    );
+    let out = out.join().unwrap();
+    let user = cap_masks(&out);
+    for set in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
+        ensure!(user[set] == "0000000000000020", "{set} of uid 1000: {out}");
+    }
+    runtime.delete("caps")?;
+    assert_nothing_left(&runtime, &rootfs)
+}

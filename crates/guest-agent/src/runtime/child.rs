@@ -11,6 +11,7 @@ use std::ffi::{c_char, CStr, CString, OsStr};
 use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
+use super::caps::CapSets;
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, CloneFlags};
@@ -101,6 +102,15 @@ pub(crate) enum Op {
     Groups(Vec<Gid>),
     Gid(Gid),
     Uid(Uid),
+    /// Drops every capability not in `keep` from the bounding set.
+    DropBounding {
+        keep: u64,
+        last: u32,
+    },
+    /// `PR_SET_KEEPCAPS`: keep the permitted set across the switch to a non-root uid.
+    KeepCaps(bool),
+    /// Sets the effective, permitted and inheritable sets, and raises the ambient ones.
+    SetCaps(CapSets),
     /// Finds the executable among the candidates (the `PATH` lookup, done inside the root).
     Lookup(Vec<CString>),
     /// Reports readiness, then blocks until the start pipe gives a byte (end-of-file: exit).
@@ -395,6 +405,41 @@ fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
             // unlike setresuid, -1 is refused rather than meaning "unchanged").
             Errno::result(unsafe { libc::syscall(libc::SYS_setuid, uid) }).map(drop)
         }
+        Op::DropBounding { keep, last } => {
+            for cap in 0..=*last {
+                if keep & (1 << cap) == 0 {
+                    prctl(libc::PR_CAPBSET_DROP, cap as u64, 0)?;
+                }
+            }
+            Ok(())
+        }
+        Op::KeepCaps(keep) => prctl(libc::PR_SET_KEEPCAPS, u64::from(*keep), 0),
+        Op::SetCaps(sets) => {
+            let header = CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let half = |mask: u64, high: bool| (if high { mask >> 32 } else { mask }) as u32;
+            let data = [false, true].map(|high| CapData {
+                effective: half(sets.effective, high),
+                permitted: half(sets.permitted, high),
+                inheritable: half(sets.inheritable, high),
+            });
+            // SAFETY: capset reads one header and two data records from live locals.
+            Errno::result(unsafe {
+                libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr())
+            })?;
+            for cap in 0..=sets.last {
+                if sets.ambient & (1 << cap) != 0 {
+                    prctl(
+                        libc::PR_CAP_AMBIENT,
+                        libc::PR_CAP_AMBIENT_RAISE as u64,
+                        cap as u64,
+                    )?;
+                }
+            }
+            Ok(())
+        }
         Op::Lookup(candidates) => {
             let mut last = Errno::ENOENT;
             for path in candidates {
@@ -425,6 +470,28 @@ fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
             }
         }
     }
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// A raw `prctl` with two arguments (the rest zero).
+fn prctl(option: libc::c_int, arg2: u64, arg3: u64) -> Result<(), Errno> {
+    // SAFETY: the options used here take integers only.
+    Errno::result(unsafe { libc::syscall(libc::SYS_prctl, option, arg2, arg3, 0u64, 0u64) })
+        .map(drop)
 }
 
 fn touch(path: &CString) -> Result<(), Errno> {

@@ -46,6 +46,7 @@
 //! Nothing is mounted in the agent's mount namespace: all mounts live in the container's, and go
 //! with its last process. A failed `create` or `exec` kills and reaps what it cloned.
 
+mod caps;
 mod child;
 mod error;
 mod io;

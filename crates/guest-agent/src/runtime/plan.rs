@@ -9,6 +9,7 @@ use nix::sys::resource::Resource;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Process, Spec};
 
+use super::caps::cap_sets;
 use super::child::{Op, Plan};
 use super::mounts::{cstring, linux_ops, mount_ops, spec_device_ops};
 use super::Error;
@@ -88,6 +89,20 @@ fn process_ops(id: &str, process: &Process, ops: &mut Vec<(Op, String)>) -> Resu
         .iter()
         .map(|g| Gid::from_raw(*g))
         .collect();
+    let caps = match process.capabilities() {
+        Some(caps) => Some(cap_sets(id, caps)?),
+        None => None,
+    };
+    if let Some(caps) = caps {
+        ops.push((
+            Op::DropBounding {
+                keep: caps.bounding,
+                last: caps.last,
+            },
+            "Dropping capabilities from the bounding set".to_string(),
+        ));
+        ops.push((Op::KeepCaps(true), "Keeping capabilities".to_string()));
+    }
     ops.push((
         Op::Groups(groups.clone()),
         format!(
@@ -103,6 +118,13 @@ fn process_ops(id: &str, process: &Process, ops: &mut Vec<(Op, String)>) -> Resu
         Op::Uid(Uid::from_raw(user.uid())),
         format!("Setting uid {}", user.uid()),
     ));
+    if let Some(caps) = caps {
+        ops.push((
+            Op::KeepCaps(false),
+            "Clearing keep-capabilities".to_string(),
+        ));
+        ops.push((Op::SetCaps(caps), "Setting capabilities".to_string()));
+    }
     if let Some(mask) = user.umask() {
         ops.push((
             Op::Umask(nix::sys::stat::Mode::from_bits_truncate(mask)),
