@@ -21,14 +21,25 @@
 //! # How a container is made
 //! `create` clones the init with new mount, PID, UTS and IPC namespaces (`CLONE_PIDFD` gives
 //! the runtime a pidfd at once). The child makes its mounts private, bind-mounts the rootfs onto
-//! itself, mounts the spec's mounts under it (with the standard devices on a `/dev` tmpfs),
-//! `pivot_root`s into it and detaches the old root, sets the hostname, rlimits, working
-//! directory, no_new_privileges, groups, gid and uid, and finds the executable on `PATH`. It then
-//! writes "ready" to a close-on-exec status pipe and blocks reading the start pipe; `start`
+//! itself, mounts the spec's mounts under it (cgroup mounts skipped; on a `/dev` tmpfs the
+//! standard devices null, zero, full, random, urandom, tty, made with `mknod` or bind-mounted
+//! from the agent's `/dev`, and the fd, stdio and ptmx links), creates `linux.devices`,
+//! `pivot_root`s into it and detaches the old root (an initramfs root cannot be pivoted: the new
+//! root is moved onto `/` and chrooted instead), writes `linux.sysctl`, applies
+//! `linux.readonlyPaths` and `linux.maskedPaths`, sets the hostname, rlimits, working directory,
+//! no_new_privileges, capabilities, groups, gid and uid, and finds the executable on `PATH`. It
+//! then writes "ready" to a close-on-exec status pipe and blocks reading the start pipe; `start`
 //! writes a byte and reads the status pipe to end-of-file, which means `execve` succeeded.
-//! A failing step writes its index and errno instead and exits; [`Error::Setup`] names the step.
-//! Everything before `execve` is prepared by the parent, so the child (of a multi-threaded
-//! agent) only makes async-signal-safe calls.
+//! A failing step writes its index and errno instead and exits; [`Error::Setup`] names the step
+//! and [`Error::ExecutableNotFound`] the missing program. Everything before `execve` is prepared
+//! by the parent, so the child (of a multi-threaded agent) only makes async-signal-safe calls,
+//! and credentials, rlimits and capabilities are set with raw system calls (libc wrappers would
+//! try to synchronise with the parent's threads, which the child does not have).
+//!
+//! The rootfs argument is the root; the spec's `root.path` is not read. The [`Stdio`] argument,
+//! not `process.terminal`, chooses pipes or a terminal. Not applied: cgroups (`linux.resources`),
+//! seccomp, AppArmor and SELinux labels, user and network namespaces (containers share the
+//! guest's network, as in a Kata pod), hooks, `oomScoreAdj`, I/O priority and scheduler.
 //!
 //! `exec` clones a child that joins the init's namespaces through its pidfd
 //! (`setns(pidfd, NEWNS|NEWPID|NEWUTS|NEWIPC)`) and forks with `CLONE_PARENT`, so the process in
@@ -41,7 +52,8 @@
 //! reaps each with `waitid(P_PIDFD)`. It never waits for other children, so the agent's
 //! `std::process::Command` users keep working; no subreaper is set (container orphans stay in
 //! their PID namespace). The agent must not be the global init (PID 1): `CLONE_PARENT` is
-//! refused there.
+//! refused there. Nor may it set `SIGCHLD` to `SIG_IGN`, which would let the kernel reap the
+//! runtime's processes before their status is read.
 //!
 //! Nothing is mounted in the agent's mount namespace: all mounts live in the container's, and go
 //! with its last process. A failed `create` or `exec` kills and reaps what it cloned.
@@ -450,7 +462,15 @@ impl Runtime {
             Err(e) => return Err(sys(id, "Reading the process's status")(e)),
         };
         // The process is our child (CLONE_PARENT) and only we reap it: the pid is still its.
-        let pidfd = pidfd_open(pid).map_err(sys(id, "Opening a pidfd"))?;
+        let pidfd = match pidfd_open(pid) {
+            Ok(pidfd) => pidfd,
+            Err(e) => {
+                let target = nix::unistd::Pid::from_raw(pid as i32);
+                let _ = nix::sys::signal::kill(target, Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(target, None);
+                return Err(sys(id, "Opening a pidfd")(e));
+            }
+        };
         let proc = Arc::new(Proc::new(pid, pidfd, pair.master.take()));
         let failed = |error: Error| {
             let _ = proc.signal(Signal::SIGKILL as i32);
