@@ -183,6 +183,31 @@ fn assert_nothing_left(runtime: &Runtime, rootfs: &Rootfs) -> Result<()> {
     Ok(())
 }
 
+/// The fds this process has open (the runtime's pipes, ptys, pidfds and eventfd must all close).
+fn open_fds() -> Vec<String> {
+    let mut fds: Vec<String> = fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let target = fs::read_link(e.path()).unwrap_or_default();
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                target.display()
+            )
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+fn assert_same_fds(before: &[String]) -> Result<()> {
+    let after = open_fds();
+    let leaked: Vec<&String> = after.iter().filter(|fd| !before.contains(fd)).collect();
+    ensure!(leaked.is_empty(), "fds left open: {leaked:?}");
+    Ok(())
+}
+
 fn exited(code: i32) -> impl Fn(&ExitStatus) -> bool {
     move |s| s.code == Some(code) && s.signal.is_none() && s.exited_at_ms > 0
 }
@@ -190,6 +215,7 @@ fn exited(code: i32) -> impl Fn(&ExitStatus) -> bool {
 #[test]
 fn output_stderr_and_exit_code_are_exact() -> Result<()> {
     let _serial = serial();
+    let fds = open_fds();
     let rootfs = Rootfs::new()?;
     let runtime = Runtime::new()?;
     let spec = spec(spec_json(&["sh", "-c", "echo out; echo err >&2; exit 3"]));
@@ -210,7 +236,9 @@ fn output_stderr_and_exit_code_are_exact() -> Result<()> {
     // A wait after the exit returns the same status at once.
     assert_eq!(runtime.wait("exact", None)?, status);
     runtime.delete("exact")?;
-    assert_nothing_left(&runtime, &rootfs)
+    assert_nothing_left(&runtime, &rootfs)?;
+    drop(runtime);
+    assert_same_fds(&fds)
 }
 
 #[test]
@@ -235,6 +263,7 @@ fn stdin_reaches_the_process_and_closing_it_ends_cat() -> Result<()> {
 #[test]
 fn sigterm_and_sigkill_are_reported_and_signalling_an_exited_process_is_ok() -> Result<()> {
     let _serial = serial();
+    let fds = open_fds();
     let rootfs = Rootfs::new()?;
     let runtime = Arc::new(Runtime::new()?);
     let spec = spec(spec_json(&["sleep", "1000"]));
@@ -259,6 +288,20 @@ fn sigterm_and_sigkill_are_reported_and_signalling_an_exited_process_is_ok() -> 
     );
     runtime.signal("signals", Some("term"), libc::SIGKILL, false)?;
 
+    // The reaper leaves other children alone: std::process::Command still waits for its own,
+    // and a spawn whose exec fails (std waits for that child itself) is an error, not a panic.
+    let status = std::process::Command::new("true").status()?;
+    ensure!(
+        status.success(),
+        "Command lost its child's status: {status:?}"
+    );
+    ensure!(
+        std::process::Command::new("/no/such/program")
+            .spawn()
+            .is_err(),
+        "spawning a missing program succeeded"
+    );
+
     // Several waiters on the init, all woken by its exit.
     let waiters: Vec<_> = (0..3)
         .map(|_| {
@@ -274,7 +317,9 @@ fn sigterm_and_sigkill_are_reported_and_signalling_an_exited_process_is_ok() -> 
     runtime.signal("signals", None, libc::SIGKILL, false)?;
     runtime.signal("signals", None, libc::SIGKILL, true)?;
     runtime.delete("signals")?;
-    assert_nothing_left(&runtime, &rootfs)
+    assert_nothing_left(&runtime, &rootfs)?;
+    drop(runtime);
+    assert_same_fds(&fds)
 }
 
 #[test]
@@ -320,6 +365,7 @@ fn exec_ps_sees_only_the_container_processes() -> Result<()> {
 #[test]
 fn terminal_stty_size_follows_resize() -> Result<()> {
     let _serial = serial();
+    let fds = open_fds();
     let rootfs = Rootfs::new()?;
     let runtime = Runtime::new()?;
     let spec = spec(spec_json(&["sh", "-c", "stty size; read line; stty size"]));
@@ -348,7 +394,9 @@ fn terminal_stty_size_follows_resize() -> Result<()> {
     let status = runtime.wait("tty", None)?;
     ensure!(exited(0)(&status), "{status:?}");
     runtime.delete("tty")?;
-    assert_nothing_left(&runtime, &rootfs)
+    assert_nothing_left(&runtime, &rootfs)?;
+    drop(runtime);
+    assert_same_fds(&fds)
 }
 
 #[test]
@@ -475,6 +523,7 @@ fn expect_err<T: std::fmt::Debug>(result: Result<T, Error>) -> Result<Error> {
 #[test]
 fn bad_input_is_named_and_leaves_no_process_and_no_mount() -> Result<()> {
     let _serial = serial();
+    let fds = open_fds();
     let rootfs = Rootfs::new()?;
     let runtime = Runtime::new()?;
     let pipes = Stdio::Pipes { stdin: false };
@@ -524,7 +573,9 @@ fn bad_input_is_named_and_leaves_no_process_and_no_mount() -> Result<()> {
     let err = expect_err(runtime.wait("ok", Some("x")))?;
     ensure!(matches!(err, Error::UnknownProcess { .. }), "{err:?}");
     runtime.delete("ok")?;
-    assert_nothing_left(&runtime, &rootfs)
+    assert_nothing_left(&runtime, &rootfs)?;
+    drop(runtime);
+    assert_same_fds(&fds)
 }
 
 #[test]
