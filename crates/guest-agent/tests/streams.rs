@@ -94,6 +94,37 @@ impl Processes {
                     );
                 });
                 (0, None, read, None)
+            } else if create.stdio.terminal {
+                let size = nix::pty::Winsize {
+                    ws_row: create.stdio.rows.unwrap_or(24),
+                    ws_col: create.stdio.cols.unwrap_or(80),
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                let pty = nix::pty::openpty(Some(&size), None).map_err(|e| e.to_string())?;
+                let slave = |fd: &OwnedFd| Stdio::from(fd.try_clone().unwrap());
+                let mut child = Command::new(&args[0])
+                    .args(&args[1..])
+                    .stdin(slave(&pty.slave))
+                    .stdout(slave(&pty.slave))
+                    .stderr(slave(&pty.slave))
+                    .spawn()
+                    .map_err(|e| format!("Starting {:?}: {e}", args[0]))?;
+                drop(pty.slave);
+                let (pid, exit) = (child.id(), Arc::clone(&exit));
+                thread::spawn(move || {
+                    let status = child.wait().unwrap();
+                    exited(
+                        &exit,
+                        ProcessExit {
+                            exit_code: status.code(),
+                            signal: status.signal(),
+                            exited_at_ms: 1,
+                        },
+                    );
+                });
+                let input = create.stdio.stdin.then(|| pty.master.try_clone().unwrap());
+                (pid, input, pty.master, None)
             } else {
                 let mut child = Command::new(&args[0])
                     .args(&args[1..])
@@ -539,6 +570,64 @@ async fn stdio_copies_to_and_from_fifos_and_files() {
     assert_eq!(std::fs::read_to_string(&stderr_file).unwrap(), "err\n");
     let exit = client.wait_process("f", None, CALL).await.unwrap();
     assert_eq!(exit.exit_code, Some(3));
+    agent.finish(client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_carries_input_and_output_and_ends_when_the_process_exits() {
+    let (agent, client) = Agent::start(Processes::new(PROTOCOL_VERSION));
+    let mut request = create("t", &["sh", "-c", "stty size; read x; echo got $x"], true);
+    request.stdio.terminal = true;
+    request.stdio.rows = Some(33);
+    request.stdio.cols = Some(101);
+    let process = client.create_container(request, CALL).await.unwrap();
+    assert!(process.stderr.is_none(), "a terminal has no stderr stream");
+    let (mut input, mut output) = (process.stdin.unwrap(), process.stdout.unwrap());
+    input.write_all(b"hi\n").await.unwrap();
+    let mut text = String::new();
+    // Ends when the shell exits and the pty's last slave closes (EIO on the master).
+    output.read_to_string(&mut text).await.unwrap();
+    assert!(text.contains("33 101"), "{text:?}");
+    assert!(text.contains("got hi"), "{text:?}");
+    let exit = client.wait_process("t", None, CALL).await.unwrap();
+    assert_eq!(exit.exit_code, Some(0));
+    drop((input, output));
+    agent.finish(client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_goes_away_ends_its_streams_and_the_process_sees_stdin_close() {
+    let service = Processes::new(PROTOCOL_VERSION);
+    let (agent, client) = Agent::start(Arc::clone(&service) as Arc<dyn Service>);
+    let process = client
+        .create_container(create("gone", &["cat"], true), CALL)
+        .await
+        .unwrap();
+    assert_eq!(agent.conn.stream_count(), 3);
+    // The connection ends while the host holds every stream open (the socket is shut
+    // down, as when the host process dies).
+    agent.hang_up();
+    let held = (process.stdin, process.stdout, process.stderr);
+    let exit = service.exit_of("gone").unwrap();
+    // The agent closed cat's stdin (and its output pipes), so cat ends.
+    let status = tokio::task::spawn_blocking(move || {
+        let (status, _) = exit
+            .1
+            .wait_timeout_while(exit.0.lock().unwrap(), Duration::from_secs(10), |s| {
+                s.is_none()
+            })
+            .unwrap();
+        *status
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.map(|s| s.exit_code), Some(Some(0)));
+    // The host's handles fail rather than wait forever.
+    let (stdin, stdout, stderr) = held;
+    let error = stdout.unwrap().read(&mut [0u8; 16]).await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe);
+    assert!(stdin.unwrap().write_all(b"late").await.is_err());
+    drop(stderr);
     agent.finish(client).await;
 }
 
