@@ -142,9 +142,9 @@ extract_deb() {
 }
 
 build_agent() {
-    log "building guest-agent (static, $RUST_TARGET)"
+    log "building guest-agent (static, $RUST_TARGET, with the container runtime)"
     (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$AGENT_TARGET_DIR" \
-        CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --quiet --release -p guest-agent --target "$RUST_TARGET")
+        CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --quiet --release -p guest-agent --features runtime --target "$RUST_TARGET")
     [[ -x $AGENT_BIN ]] || die "cargo did not produce $AGENT_BIN"
     local kind
     kind=$(file -b "$AGENT_BIN")
