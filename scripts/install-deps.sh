@@ -17,6 +17,7 @@ packages=(
     gcc binutils                 # the freestanding test guest (make test-guest)
     libc6-dev                    # static link of the guest agent (crt-static)
     libseccomp-dev libcap-ng-dev # build of the Rust virtiofsd (below)
+    runc                         # the host anchor of the containers benchmark
 )
 
 sudo=""

@@ -6,6 +6,7 @@
 //! the namespace, the guest agent's view, `/proc/PID/fd`, leftover devices and files.
 
 pub mod cni;
+pub mod containers;
 pub mod qemu;
 pub mod scenarios;
 
