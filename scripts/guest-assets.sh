@@ -5,9 +5,14 @@
 # Outputs (in $GUEST_DIR, default $REPO/.cache/guest, which git ignores):
 #   vmlinuz         the kernel bzImage
 #   initramfs.img   gzip-compressed cpio (newc) archive with /init
+#   rootfs/         a busybox root filesystem directory (busybox-static, its applet links,
+#                   /etc/passwd and group, empty proc, sys, dev, tmp...): the image of the
+#                   containers `sandbox exec` runs and the tests use
 #   VERSION         manifest: what the outputs were built from (kernel and busybox
 #                   package names, versions and .deb digests, module list, agent and
-#                   script digests) and the digests of the outputs themselves
+#                   script digests) and the digests of the outputs themselves (the
+#                   rootfs's: of its sorted listing with modes and link targets, and of
+#                   busybox)
 #
 # Freshness is decided by content, never by mtimes (`dpkg-deb -x` keeps a package's
 # own mtimes): the packages apt resolves now are downloaded at exactly that version,
@@ -261,6 +266,29 @@ build_initramfs() {
     log "initramfs built in $((($(date +%s%N) - step_ns) / 1000000)) ms ($(du -k "$out" | cut -f1) KiB)"
 }
 
+# Builds the container root filesystem directory $1 from the unpacked busybox-static.
+build_rootfs() {
+    local out=$1 applet
+    log "building the container rootfs"
+    rm -rf "$out"
+    mkdir -p "$out"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,etc,root,var}
+    chmod 1777 "$out/tmp"
+    install -m 0755 "$BUSYBOX_ROOT/bin/busybox" "$out/bin/busybox"
+    while read -r applet; do
+        [[ $applet == bin/busybox || -e $out/$applet ]] && continue
+        ln -s /bin/busybox "$out/$applet"
+    done < <("$out/bin/busybox" --list-full)
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$out/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$out/etc/group"
+}
+
+# Prints the digest of root filesystem directory $1: its sorted listing (path, type, mode,
+# link target) and busybox's digest.
+rootfs_digest() {
+    { (cd "$1" && find . -printf '%p %y %m %l\n' | LC_ALL=C sort); sha256 "$1/bin/busybox"; } |
+        sha256sum | cut -d' ' -f1
+}
+
 # Fails unless module file $1 (named $2) was built for kernel $KVER.
 check_vermagic() {
     local magic
@@ -295,9 +323,11 @@ inputs_manifest() {
 up_to_date() {
     local manifest=$GUEST_DIR/VERSION
     [[ -f $manifest && -f $GUEST_DIR/vmlinuz && -f $GUEST_DIR/initramfs.img ]] || return 1
+    [[ -x $GUEST_DIR/rootfs/bin/busybox ]] || return 1
     [[ $(grep -v '_OUTPUT_SHA256=' "$manifest") == "$1" ]] || return 1
     grep -qx "VMLINUZ_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/vmlinuz")" "$manifest" &&
-        grep -qx "INITRAMFS_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/initramfs.img")" "$manifest"
+        grep -qx "INITRAMFS_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/initramfs.img")" "$manifest" &&
+        grep -qx "ROOTFS_OUTPUT_SHA256=$(rootfs_digest "$GUEST_DIR/rootfs")" "$manifest"
 }
 
 # Tells which recorded input differs from the current ones (for the log).
@@ -328,7 +358,7 @@ main() {
     local inputs
     inputs=$(inputs_manifest)
     if up_to_date "$inputs"; then
-        log "kernel $KVER ($KERNEL_PKG_VERSION): $GUEST_DIR/{vmlinuz,initramfs.img,VERSION} are up to date"
+        log "kernel $KVER ($KERNEL_PKG_VERSION): $GUEST_DIR/{vmlinuz,initramfs.img,rootfs,VERSION} are up to date"
         return
     fi
     log "rebuilding: $(what_changed "$inputs")"
@@ -342,17 +372,22 @@ main() {
     rm -f "$GUEST_DIR/VERSION"
     cp "$bzimage" "$GUEST_DIR/vmlinuz.tmp"
     build_initramfs "$GUEST_DIR/initramfs.img.tmp"
+    build_rootfs "$GUEST_DIR/rootfs.tmp"
     mv "$GUEST_DIR/vmlinuz.tmp" "$GUEST_DIR/vmlinuz"
     mv "$GUEST_DIR/initramfs.img.tmp" "$GUEST_DIR/initramfs.img"
+    # A directory cannot be renamed over a non-empty one: the old one goes first.
+    rm -rf "$GUEST_DIR/rootfs"
+    mv "$GUEST_DIR/rootfs.tmp" "$GUEST_DIR/rootfs"
     {
         echo "$inputs"
         echo "VMLINUZ_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/vmlinuz")"
         echo "INITRAMFS_OUTPUT_SHA256=$(sha256 "$GUEST_DIR/initramfs.img")"
+        echo "ROOTFS_OUTPUT_SHA256=$(rootfs_digest "$GUEST_DIR/rootfs")"
     } >"$GUEST_DIR/VERSION.tmp"
     mv "$GUEST_DIR/VERSION.tmp" "$GUEST_DIR/VERSION"
 
     local elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
-    log "kernel $KVER ($KERNEL_PKG_VERSION); $GUEST_DIR/{vmlinuz,initramfs.img,VERSION} built in ${elapsed_ms} ms"
+    log "kernel $KVER ($KERNEL_PKG_VERSION); $GUEST_DIR/{vmlinuz,initramfs.img,rootfs,VERSION} built in ${elapsed_ms} ms"
 }
 
 main "$@"

@@ -4,15 +4,18 @@
 //!
 //! In order: the VMM (SIGKILL, only if the recorded pid still names the recorded process;
 //! also any VMM of that sandbox the shim spawned but died before recording), the pod
-//! endpoints' qdiscs, filters and TAPs, the shim's TAPs, the owned namespace, the backend's
-//! run directory, the ready file, and the run directory with the record last, so that an
-//! interrupted cleanup can run again.
+//! endpoints' qdiscs, filters and TAPs, the shim's TAPs, the owned namespace, the shared
+//! directory's mounts (the container root filesystems bound under it, then itself), the
+//! backend's run directory, the ready file, and the run directory with the record last, so
+//! that an interrupted cleanup can run again. The run directory is never removed while
+//! anything is mounted under it: that would delete the files of a bound root filesystem.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::mounts;
 use crate::net;
 use crate::procfs::{self, ProcessStamp};
 use crate::records::{self, Existing, Record};
@@ -84,11 +87,41 @@ pub async fn remove(record: &Record, state_dir: &Path) -> Report {
             }
         }
     }
+    let mut mounted = false;
+    for dir in record.shared_dir.iter().chain(&record.binds) {
+        let dir = dir.clone();
+        // Unmounts: off the async workers.
+        match net::blocking(move || mounts::unmount_all_under(&dir)).await {
+            Ok(Ok(done)) => report
+                .removed
+                .extend(done.iter().map(|p| format!("mount {}", p.display()))),
+            Ok(Err(e)) => {
+                mounted = true;
+                report.problems.push(format!("{e:#}"));
+            }
+            Err(e) => {
+                mounted = true;
+                report.problems.push(format!("unmounting: {e:#}"));
+            }
+        }
+    }
     if let Some(dir) = &record.backend_dir {
         remove_path(dir, "backend run directory", &mut report);
     }
     if let Some(ready) = &record.ready_file {
         remove_path(ready, "ready file", &mut report);
+    }
+    let left = mounts::mounts_under(state_dir);
+    if mounted || !left.is_empty() {
+        report.problems.push(format!(
+            "run directory {} kept: mounts are left under it ({})",
+            state_dir.display(),
+            left.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        return report;
     }
     remove_path(state_dir, "run directory", &mut report);
     report

@@ -1,6 +1,8 @@
 //! Front-ends over the sandbox layer ([`crate::sandbox`]) for the operator commands:
 //! `sandbox run` ([`run`]) and the control socket it serves, with its client for `sandbox
-//! hotplug-nic` and `sandbox facts` ([`control`]).
+//! hotplug-nic`, `sandbox facts` and `sandbox ps` ([`control`]), and `sandbox exec`
+//! ([`exec`]).
 
 pub mod control;
+pub mod exec;
 pub mod run;

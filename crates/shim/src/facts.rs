@@ -201,6 +201,71 @@ pub enum ControlRequest {
         /// The NIC's device id.
         nic: String,
     },
+    /// Create a container, run it to its end with its stdio copied to the given files or
+    /// FIFOs, delete it, and answer with its exit ([`ControlResponse::Exited`]).
+    Exec(Box<ExecRequest>),
+    /// Send a signal to a container's init (the one `Exec` runs).
+    Signal {
+        /// The container.
+        container_id: String,
+        /// Signal number.
+        signal: i32,
+    },
+    /// The processes of a container.
+    Ps {
+        /// The container.
+        container_id: String,
+    },
+}
+
+/// What `sandbox exec` asks for: a container run to its end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Container id (unique in the sandbox).
+    pub container_id: String,
+    /// Run the command as process `exec_id` in the running container `container_id`
+    /// (another exec's) instead of creating one; `rootfs` is then not read.
+    #[serde(default)]
+    pub exec_id: Option<String>,
+    /// Host root filesystem directory (absolute); `None`: the guest assets' `rootfs`, beside
+    /// the configured kernel.
+    pub rootfs: Option<PathBuf>,
+    /// The command and its arguments.
+    pub args: Vec<String>,
+    /// Give the process a terminal (its output comes on `stdout`).
+    pub terminal: bool,
+    /// File or FIFO read into the process's stdin; `None`: `/dev/null`.
+    pub stdin: Option<PathBuf>,
+    /// File or FIFO the process's stdout is written to.
+    pub stdout: PathBuf,
+    /// File or FIFO its stderr is written to.
+    pub stderr: Option<PathBuf>,
+}
+
+/// How a container (or process) of [`ControlRequest::Exec`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecExit {
+    /// The container.
+    pub container_id: String,
+    /// The process, when it was one run in an existing container.
+    #[serde(default)]
+    pub exec_id: Option<String>,
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// Bytes of stdout copied.
+    pub stdout_bytes: u64,
+    /// Bytes of stderr copied.
+    pub stderr_bytes: u64,
+}
+
+impl ExecExit {
+    /// The exit status a shell would give: the code, or 128 + the signal.
+    pub fn status(&self) -> i32 {
+        self.exit_code
+            .unwrap_or_else(|| 128 + self.signal.unwrap_or(0))
+    }
 }
 
 /// The answer to a [`ControlRequest`].
@@ -213,6 +278,12 @@ pub enum ControlResponse {
     Nic(Box<NicFacts>),
     /// The NIC (device id) that was unplugged.
     Unplugged(String),
+    /// The container of an `Exec` ended and was deleted.
+    Exited(ExecExit),
+    /// The signal was sent.
+    Signalled,
+    /// A container's processes: pid in the container, pid in the guest, command line.
+    Processes(Vec<(u32, u32, String)>),
     /// The request failed; the text says why.
     Error(String),
 }

@@ -13,6 +13,10 @@
 //!   ([`sandbox`]);
 //! - `sandbox hotplug-nic --id ID` hot-plugs one more NIC into a running sandbox;
 //!   `sandbox unplug-nic --id ID --nic NIC` unplugs one;
+//! - `sandbox exec --id ID [--rootfs DIR] [--tty] -- CMD ARGS...` runs a command to its end
+//!   in a new container of a running sandbox (with `shared_fs = "virtio-fs"`), prints its
+//!   output and exits with its status ([`cli::exec`]); `sandbox ps --id ID --container C`
+//!   lists a container's processes;
 //! - `sandbox cleanup --id ID` removes what a `sandbox run` that died left, from the record
 //!   it kept in its run directory ([`records`], [`cleanup`]);
 //! - `sandbox check [--config FILE]` says whether this host can run one.
@@ -36,6 +40,7 @@ mod cli;
 mod config;
 mod facts;
 mod logging;
+mod mounts;
 mod net;
 mod pod;
 mod procfs;
@@ -108,6 +113,18 @@ enum SandboxCommand {
     UnplugNic(UnplugArgs),
     /// Print the facts of a running sandbox.
     Facts(TargetArgs),
+    /// Run a command to its end in a new container of a running sandbox (shared_fs =
+    /// "virtio-fs"), print its output, delete the container, and exit with its status.
+    ///
+    /// The container's root is a host directory bind-mounted into the sandbox's shared
+    /// directory; its spec is a minimal OCI one (root, PID/mount/UTS/IPC namespaces, hostname
+    /// = container id). SIGINT and SIGTERM are sent on to the container.
+    ///
+    /// Exit status: the container's (its code, or 128 + the signal that killed it); 1 when
+    /// it could not be run (the error says why).
+    Exec(ExecArgs),
+    /// List the processes of a container of a running sandbox.
+    Ps(PsArgs),
     /// Check that this host can run a sandbox (with this configuration).
     Check(CheckArgs),
 }
@@ -154,6 +171,47 @@ struct TargetArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    root: RunRoot,
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    /// Id of the running sandbox.
+    #[arg(long)]
+    id: String,
+    /// Container id (default: exec-PID).
+    #[arg(long)]
+    container: Option<String>,
+    /// Run the command in the running container --container (another `sandbox exec`'s)
+    /// instead of creating one.
+    #[arg(long, requires = "container", conflicts_with = "rootfs")]
+    join: bool,
+    /// Root filesystem directory (default: `rootfs` beside the sandbox's kernel, which
+    /// `make guest-assets` builds from busybox-static).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Give the command a terminal (24x80); its output and errors come on stdout.
+    #[arg(long, short)]
+    tty: bool,
+    /// Copy this command's stdin into the container's.
+    #[arg(long, short)]
+    interactive: bool,
+    #[command(flatten)]
+    root: RunRoot,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct PsArgs {
+    /// Id of the running sandbox.
+    #[arg(long)]
+    id: String,
+    /// Container id.
+    #[arg(long)]
+    container: String,
     #[command(flatten)]
     root: RunRoot,
 }
@@ -246,6 +304,12 @@ fn main() -> ExitCode {
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // `sandbox exec`: the container's status, nothing to say.
+            if let Some(exit) = e.downcast_ref::<cli::exec::ContainerExit>() {
+                drop(log);
+                drop(guard);
+                return ExitCode::from(exit.code);
+            }
             let code = if e.downcast_ref::<cli::run::Forced>().is_some() {
                 ExitCode::from(cli::run::EXIT_FORCED)
             } else {
@@ -309,6 +373,34 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
             match cli::control::request(&t.root.run_root, &t.id, ControlRequest::Facts).await? {
                 ControlResponse::Facts(f) if t.json => println!("{}", serde_json::to_string(&f)?),
                 ControlResponse::Facts(f) => println!("{}", f.human()),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Sandbox(SandboxCommand::Exec(x)) => {
+            cli::exec::run(cli::exec::ExecOptions {
+                run_root: x.root.run_root,
+                id: x.id,
+                container_id: x.container,
+                rootfs: x.rootfs,
+                join: x.join,
+                tty: x.tty,
+                interactive: x.interactive,
+                args: x.command,
+            })
+            .await
+        }
+        Command::Sandbox(SandboxCommand::Ps(p)) => {
+            let req = ControlRequest::Ps {
+                container_id: p.container,
+            };
+            match cli::control::request(&p.root.run_root, &p.id, req).await? {
+                ControlResponse::Processes(ps) => {
+                    println!("{:>6} {:>9}  CMD", "PID", "GUEST-PID");
+                    for (pid, guest_pid, cmd) in ps {
+                        println!("{pid:>6} {guest_pid:>9}  {cmd}");
+                    }
+                }
                 other => bail!("unexpected answer: {other:?}"),
             }
             Ok(())

@@ -1,7 +1,8 @@
 //! The record of what a sandbox created, kept in its run directory (`record.json`) and
 //! rewritten (write, then rename) as each thing is created: before the step when its name
 //! is known in advance (the owned namespace, the backend's run directory, the pod endpoints,
-//! the ready file), right after it otherwise (a TAP, the VMM). A shim that dies at any point
+//! the ready file, the shared directory and its bind mounts), right after it otherwise (a
+//! TAP, the VMM). A shim that dies at any point
 //! leaves a record covering what exists, from which [`crate::cleanup`] removes it.
 //!
 //! The run directory is claimed atomically with its first record in it (a private directory
@@ -48,6 +49,14 @@ pub struct Record {
     /// The backend's saved state (`Hypervisor::save_state`), for a runtime that re-attaches.
     #[serde(default)]
     pub saved_state: Option<serde_json::Value>,
+    /// The shared directory (virtio-fs), recorded before it is made a mount point: it and
+    /// every mount under it are unmounted before the run directory is removed.
+    #[serde(default)]
+    pub shared_dir: Option<PathBuf>,
+    /// Container root filesystems bind-mounted under the shared directory, recorded before
+    /// each mount.
+    #[serde(default)]
+    pub binds: Vec<PathBuf>,
 }
 
 /// The sandbox's network namespace.
@@ -122,6 +131,8 @@ impl Record {
             backend_dir: None,
             ready_file: None,
             saved_state: None,
+            shared_dir: None,
+            binds: Vec::new(),
         }
     }
 }

@@ -10,14 +10,21 @@
 //! 1. [`Sandbox::new`]: asks the factory for the configured backend and checks the id;
 //!    creates nothing ([`refuse_existing`] first tells a free id from a taken one);
 //! 2. [`Sandbox::prepare`]: claims the run directory with its record, opens or creates the
-//!    namespace, prepares the VM and adds its cold devices (agent vsock, NICs);
+//!    namespace, prepares the VM and adds its cold devices (agent vsock, the shared directory
+//!    with `shared_fs = "virtio-fs"`, NICs);
 //! 3. [`Sandbox::boot`]: starts the VMM, recorded as soon as its process exists;
-//! 4. [`Sandbox::wait_ready`]: waits for the guest agent and gives the guest its NICs'
-//!    addresses and routes; then [`Sandbox::facts`] says what runs, and
+//! 4. [`Sandbox::wait_ready`]: waits for the guest agent, has it mount the share, and gives
+//!    the guest its NICs' addresses and routes; then [`Sandbox::facts`] says what runs, and
 //!    [`Sandbox::publish`] writes `facts.json` (and a ready file);
-//! 5. [`Sandbox::add_nic`] / [`Sandbox::remove_nic`] while it runs;
+//! 5. [`Sandbox::add_nic`] / [`Sandbox::remove_nic`] while it runs, and containers:
+//!    [`Sandbox::create_container`], [`Sandbox::start_container`], [`Sandbox::exec_process`],
+//!    [`Sandbox::signal_process`], [`Sandbox::process`] (a [`containers::ProcessHandle`] to wait from a
+//!    task), [`Sandbox::list_processes`], [`Sandbox::resize_pty`],
+//!    [`Sandbox::close_stdin`], [`Sandbox::delete_container`]; [`copy_stdio`] copies a
+//!    process's stdio to and from files or FIFOs (see the `containers` module);
 //! 6. [`Sandbox::teardown`] (or [`Sandbox::force_teardown`]) at the end, also after a
-//!    failure or a cancelled step: it removes exactly what the sandbox created.
+//!    failure or a cancelled step: it deletes the containers left and removes exactly what
+//!    the sandbox created, the shared directory's mounts included.
 //!
 //! Steps from `wait_ready` on are raced against the VM's exit with an [`ExitWatch`]: a VM
 //! that exits fails the step at once, naming the phase ([`Sandbox::phase`]) and the guest
@@ -41,6 +48,7 @@
 //! Nothing here blocks the async runtime: namespace and TAP calls that join a thread run on
 //! the blocking pool ([`crate::net::blocking`]), host addressing goes over route netlink.
 
+mod containers;
 mod guest;
 mod hotplug;
 mod prepare;
@@ -64,6 +72,7 @@ use crate::net::{NicPlan, Subnet24, TapHandoff};
 use crate::pod::PodNetwork;
 use crate::records::{self, Existing, Record, Records};
 
+pub use containers::{copy_stdio, StdioOptions, StdioPaths};
 pub use vmm::ExitWatch;
 
 /// What a sandbox is asked to be, besides its configuration file.
@@ -216,6 +225,8 @@ pub struct Sandbox {
     facts: Option<SandboxFacts>,
     timings: BTreeMap<String, u64>,
     phase: Arc<Mutex<Phase>>,
+    /// The shared directory and the containers bound into it.
+    shared: containers::Shared,
 }
 
 impl Sandbox {
@@ -265,6 +276,7 @@ impl Sandbox {
             facts: None,
             timings: BTreeMap::new(),
             phase: Arc::new(Mutex::new(Phase::Preparing)),
+            shared: containers::Shared::default(),
         })
     }
 

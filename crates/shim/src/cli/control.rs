@@ -1,5 +1,6 @@
-//! The control socket of a running `sandbox run`: facts, NIC hotplug and unplug, one JSON line each
-//! way, served over the sandbox layer's API; and its client.
+//! The control socket of a running `sandbox run`: facts, NIC hotplug and unplug, containers
+//! (`sandbox exec`, [`super::exec`]; a signal to one; its processes), one JSON line each way,
+//! served over the sandbox layer's API; and its client.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,27 +10,48 @@ use slog::warn;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use tokio::task::JoinSet;
+
+use super::exec;
 use crate::facts::{ControlRequest, ControlResponse};
 use crate::sandbox::{state_dir, Sandbox};
 
-/// Serves the control socket, one request at a time, until the caller drops it (a signal)
-/// or the VM exits (both watched by the caller).
+/// Serves the control socket until the caller drops it (a signal) or the VM exits (both
+/// watched by the caller). Requests are answered one at a time, except that a container of
+/// `Exec` runs in a task of its own once started: its end is served like a request.
+/// Dropping this drops those tasks; the teardown deletes their containers.
 pub async fn serve(sb: &mut Sandbox, listener: UnixListener) -> Result<()> {
+    let mut running: JoinSet<exec::Finished> = JoinSet::new();
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                if let Err(e) = answer(sb, stream).await {
-                    warn!(sb.log(), "control request failed"; "error" => format!("{e:#}"));
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    if let Err(e) = answer(sb, stream, &mut running).await {
+                        warn!(sb.log(), "control request failed"; "error" => format!("{e:#}"));
+                    }
                 }
-            }
-            Err(e) => {
-                warn!(sb.log(), "accepting on the control socket"; "error" => e.to_string())
+                Err(e) => {
+                    warn!(sb.log(), "accepting on the control socket"; "error" => e.to_string())
+                }
+            },
+            Some(done) = running.join_next() => {
+                let finished = match done {
+                    Ok(f) => exec::finish(sb, f).await,
+                    Err(e) => Err(anyhow::anyhow!("an exec task failed: {e}")),
+                };
+                if let Err(e) = finished {
+                    warn!(sb.log(), "ending a container"; "error" => format!("{e:#}"));
+                }
             }
         }
     }
 }
 
-async fn answer(sb: &mut Sandbox, stream: UnixStream) -> Result<()> {
+async fn answer(
+    sb: &mut Sandbox,
+    stream: UnixStream,
+    running: &mut JoinSet<exec::Finished>,
+) -> Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     tokio::time::timeout(
@@ -50,6 +72,27 @@ async fn answer(sb: &mut Sandbox, stream: UnixStream) -> Result<()> {
         },
         Ok(ControlRequest::UnplugNic { nic }) => match sb.remove_nic(&nic).await {
             Ok(()) => ControlResponse::Unplugged(nic),
+            Err(e) => ControlResponse::Error(format!("{e:#}")),
+        },
+        // Answered by the task, once the container has ended.
+        Ok(ControlRequest::Exec(req)) => match exec::begin(sb, *req, w, running).await {
+            Ok(()) => return Ok(()),
+            Err((writer, e)) => {
+                w = writer;
+                ControlResponse::Error(format!("{e:#}"))
+            }
+        },
+        Ok(ControlRequest::Signal {
+            container_id,
+            signal,
+        }) => match sb.signal_process(&container_id, None, signal, false).await {
+            Ok(()) => ControlResponse::Signalled,
+            Err(e) => ControlResponse::Error(format!("{e:#}")),
+        },
+        Ok(ControlRequest::Ps { container_id }) => match sb.list_processes(&container_id).await {
+            Ok(ps) => ControlResponse::Processes(
+                ps.into_iter().map(|p| (p.pid, p.host_pid, p.cmd)).collect(),
+            ),
             Err(e) => ControlResponse::Error(format!("{e:#}")),
         },
     };

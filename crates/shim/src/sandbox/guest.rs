@@ -20,7 +20,7 @@ const GUEST_NIC_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Sandbox {
     /// From a running VM to a ready sandbox: waits for the guest agent (within the agent
-    /// timeout), gives the guest the addresses, MTU and routes of the NICs it booted with,
+    /// timeout), has it mount the share (when there is one), gives the guest the addresses, MTU and routes of the NICs it booted with,
     /// and gathers the facts ([`Sandbox::facts`]). Race it against the VM's exit
     /// ([`Sandbox::exit_watch`]).
     pub async fn wait_ready(&mut self) -> Result<()> {
@@ -43,6 +43,8 @@ impl Sandbox {
             .insert("agent_ready".to_string(), ms(t.elapsed()));
         info!(self.log, "guest agent ready"; "agent" => address.to_string(),
             "guest_uptime_ms" => health.uptime_ms, "ms" => ms(t.elapsed()));
+
+        self.mount_share().await?;
 
         let t = Instant::now();
         self.set_phase(Phase::GuestNetwork);

@@ -1,5 +1,5 @@
 //! Preparing a sandbox: its run directory and record, its namespace, the prepared VM and
-//! its cold devices (the agent's vsock, the NICs with their TAPs).
+//! its cold devices (the agent's vsock, the shared directory, the NICs with their TAPs).
 
 use std::path::Path;
 use std::time::Instant;
@@ -17,8 +17,9 @@ use crate::records::{ClaimError, NetnsRecord, Record, Records, TapRecord};
 impl Sandbox {
     /// Claims the run directory (its record says the id is taken), opens the given
     /// namespace or creates `kata-ID`, prepares the VM and adds its cold devices: the
-    /// agent's vsock when the backend's agent channel needs one, and one NIC per pod
-    /// interface, or the sandbox's own TAP in a free /24.
+    /// agent's vsock when the backend's agent channel needs one, the shared directory (a
+    /// shared mount point) with `shared_fs = "virtio-fs"`, and one NIC per pod interface,
+    /// or the sandbox's own TAP in a free /24.
     pub async fn prepare(&mut self) -> Result<()> {
         let t = Instant::now();
         // Run directory first, with its record: it also tells that the id is free. The
@@ -60,6 +61,7 @@ impl Sandbox {
                 .await
                 .context("Adding the vsock device of the agent channel")?;
         }
+        self.prepare_share().await?;
         self.pending = self.plug_nics().await?;
         self.timings.insert("prepare".to_string(), ms(t.elapsed()));
         Ok(())

@@ -1,7 +1,7 @@
-//! Ending a sandbox: the orderly teardown (the backend stops its VM, the endpoints detach,
-//! the TAPs go), then a sweep from the record ([`crate::cleanup::remove`]) that removes
-//! whatever the orderly part could not know of (a VMM spawned by a cancelled boot) and the
-//! files; and the forced teardown of a second signal, from the record alone.
+//! Ending a sandbox: the orderly teardown (the containers are deleted, the backend stops its
+//! VM, the endpoints detach, the TAPs go), then a sweep from the record ([`crate::cleanup::remove`]) that removes
+//! whatever the orderly part could not know of (a VMM spawned by a cancelled boot), the
+//! shared directory's mounts and the files; and the forced teardown of a second signal, from the record alone.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,8 +21,12 @@ impl Sandbox {
     pub async fn teardown(&mut self) -> Result<()> {
         let t = Instant::now();
         let mut problems: Vec<String> = Vec::new();
+        let alive = self.hv.state().await.is_alive();
+        if alive {
+            problems.extend(self.delete_containers().await);
+        }
         self.agent = None;
-        if self.hv.state().await.is_alive() {
+        if alive {
             if let Err(e) = self.hv.stop().await {
                 problems.push(format!("stopping the VM: {}", cleanup::chain(e)));
             }
