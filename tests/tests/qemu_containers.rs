@@ -16,8 +16,9 @@ use guest_agent::protocol::{
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use workspace_tests::containers::{
-    assert_guest_clean, backend, boot_with_share, busybox_rootfs, daemons_serving, guest_mounts,
-    guest_rootfs, guest_sh, process_json, read_to_end, sha256_file, spec_json, CALL,
+    assert_guest_clean, backend, boot_with_share, busybox_rootfs, container_processes,
+    daemons_serving, guest_mounts, guest_rootfs, guest_sh, process_json, read_to_end, sha256_file,
+    spec_json, CALL,
 };
 use workspace_tests::Sandbox;
 
@@ -165,7 +166,9 @@ async fn stdout_stderr_and_exit_code_of_a_container_are_reported_exactly() -> Re
 async fn agent_rss_kib(agent: &AgentClient) -> Result<u64> {
     let out = guest_sh(
         agent,
-        "grep VmRSS /proc/$(pidof guest-agent)/status | tr -s ' ' | cut -d' ' -f2",
+        // The shell's parent is the agent that ran it.
+        "grep -q '^Name:[[:space:]]*guest-agent$' /proc/$PPID/status && \
+         grep VmRSS /proc/$PPID/status | tr -s ' \t' ' ' | cut -d' ' -f2",
     )
     .await?;
     out.trim()
@@ -361,6 +364,18 @@ async fn ps_execs_into_a_running_container_and_a_terminal_shows_its_resized_size
     ensure!(
         listed.len() == 1 && listed[0].pid == 1 && listed[0].cmd.contains("sleep"),
         "{listed:?}"
+    );
+    // What the end-of-test checks look for is there while the container runs: its init in
+    // namespaces of its own, with the spec's mounts.
+    let seen = container_processes(&agent).await?;
+    ensure!(
+        seen == [format!("{} sleep", listed[0].host_pid)],
+        "{seen:?}"
+    );
+    let mounts = guest_sh(&agent, &format!("cat /proc/{}/mounts", listed[0].host_pid)).await?;
+    ensure!(
+        mounts.contains(" /dev/pts devpts ") && mounts.contains(" /proc proc "),
+        "{mounts}"
     );
 
     // A terminal: `stty size` before and after a resize.
