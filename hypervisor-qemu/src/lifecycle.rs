@@ -130,6 +130,10 @@ impl Backend for Qemu {
         let mut exited = child.exited.clone();
         let pid = child.pid;
         let began = Instant::now();
+        // The shares' daemons end when QEMU lets go of them: that is part of this stop.
+        for d in vm.virtiofsd.values() {
+            d.expect_exit();
+        }
         if let Some(qmp) = vm.qmp.clone() {
             // Graceful first: ACPI power button, then QEMU's own quit. A QEMU that does not
             // answer is killed without waiting more; one that exits ends the wait at once

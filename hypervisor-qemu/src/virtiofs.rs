@@ -292,6 +292,13 @@ impl Virtiofsd {
         ))
     }
 
+    /// Says that the daemon is about to end with its VM (QEMU is being stopped, and the
+    /// daemon exits when its vhost-user peer goes): its exit is then no failure.
+    pub(crate) fn expect_exit(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Stops the daemon (SIGKILL: it holds no state worth a graceful end; QEMU is gone or
     /// has let go of the device) and removes its socket.
     pub(crate) async fn stop(self) {
