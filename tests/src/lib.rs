@@ -432,6 +432,33 @@ impl Sandbox {
         self.agent.as_mut().expect("started")
     }
 
+    /// Runs `argv` in the guest through the agent's `exec` (20 s limit): its exit code,
+    /// stdout and stderr.
+    pub async fn guest_run(&mut self, argv: &[&str]) -> Result<guest_agent::protocol::ExecOutput> {
+        let out = self
+            .agent()
+            .exec(
+                guest_agent::protocol::ExecRequest {
+                    argv: argv.iter().map(|a| a.to_string()).collect(),
+                    timeout_ms: Some(20_000),
+                },
+                Duration::from_secs(30),
+            )
+            .await?;
+        Ok(out)
+    }
+
+    /// [`guest_run`](Self::guest_run) that must exit 0: its stdout.
+    pub async fn guest_ok(&mut self, argv: &[&str]) -> Result<String> {
+        let out = self.guest_run(argv).await?;
+        ensure!(
+            out.exit_code == Some(0),
+            "{argv:?} failed in the guest: {}",
+            out.stderr
+        );
+        Ok(out.stdout)
+    }
+
     /// Configures the guest NIC of `nic` through the agent.
     pub async fn configure(&mut self, nic: &TestNic) -> Result<String> {
         let done = self

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
-use guest_agent::protocol::ExecRequest;
 use hypervisor::{
     DeviceConfig, DeviceKind, Error, HypervisorConfig, SandboxSpec, SharedFsConfig, SharedFsKind,
 };
@@ -24,23 +23,12 @@ fn backend() -> Kept {
 
 /// Runs `argv` in the guest; its exit code, stdout and stderr.
 async fn guest_run(sb: &mut Sandbox, argv: &[&str]) -> Result<(Option<i32>, String, String)> {
-    let out = sb
-        .agent()
-        .exec(
-            ExecRequest {
-                argv: argv.iter().map(|a| a.to_string()).collect(),
-                timeout_ms: Some(20_000),
-            },
-            Duration::from_secs(30),
-        )
-        .await?;
+    let out = sb.guest_run(argv).await?;
     Ok((out.exit_code, out.stdout, out.stderr))
 }
 
 async fn guest_ok(sb: &mut Sandbox, argv: &[&str]) -> Result<String> {
-    let (code, out, err) = guest_run(sb, argv).await?;
-    ensure!(code == Some(0), "{argv:?} failed in the guest: {err}");
-    Ok(out)
+    sb.guest_ok(argv).await
 }
 
 /// Mounts share `tag` at `target` in the guest, retrying while the guest has not probed a

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use guest_agent::protocol::ExecRequest;
 use hypervisor::{
     Accelerator, Device, DeviceConfig, DeviceId, Error, Hypervisor, HypervisorConfig, PlugMode,
     SandboxSpec,
@@ -36,22 +35,7 @@ fn pattern_image(path: &Path) -> Result<String> {
 }
 
 async fn guest_exec(sb: &mut Sandbox, argv: &[&str]) -> Result<String> {
-    let out = sb
-        .agent()
-        .exec(
-            ExecRequest {
-                argv: argv.iter().map(|a| a.to_string()).collect(),
-                timeout_ms: Some(20_000),
-            },
-            Duration::from_secs(30),
-        )
-        .await?;
-    ensure!(
-        out.exit_code == Some(0),
-        "{argv:?} failed in the guest: {}",
-        out.stderr
-    );
-    Ok(out.stdout.trim().to_string())
+    Ok(sb.guest_ok(argv).await?.trim().to_string())
 }
 
 /// The configuration's `image` is the guest's first disk, read-only, with the host's bytes.
