@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: boots a sandbox VM with the shim, shows how QEMU is confined (its uid, seccomp
 # mode and root), pings the guest from its network namespace, hot-plugs a second NIC and
-# pings through it, then stops it with SIGTERM and checks that nothing is left: no QEMU
-# process, no namespace, no TAP, no run directory.
+# pings through it, runs a command in a container inside the sandbox (its busybox root
+# filesystem bound into the virtio-fs share), then stops it with SIGTERM and checks that
+# nothing is left: no QEMU or virtiofsd process, no namespace, no TAP, no mount, no run
+# directory.
 #
 # `make demo` first installs what is missing (`make deps`) and builds the guest
 # (`make guest-assets`). Needs root. Env: GUEST_DIR, CARGO, DEMO_CONFIG.
@@ -44,6 +46,11 @@ cleanup() {
     fi
     if [ $rc -ne 0 ] && [ -f "$LOG" ]; then
         echo "--- shim log ($LOG) ---" >&2; tail -n 30 "$LOG" >&2
+    fi
+    # Never delete through a mount: a bound root filesystem would lose its files.
+    if awk -v w="$WORK/" 'index($5, w) == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo; then
+        printf 'demo: mounts are left under %s; not removing it\n' "$WORK" >&2
+        return
     fi
     rm -rf "$WORK"
 }
@@ -97,6 +104,22 @@ say "ping $guest2 (hot-plugged NIC, via $tap2)"
 ip netns exec "$ns" ping -c 3 -W 2 "$guest2" | tail -n 2
 taps=$(ip -n "$ns" -o link show type tun | awk -F': ' '{print $2}' | tr '\n' ' ')
 
+say "running a command in a container inside the sandbox (sandbox exec)"
+shared=$RUN_ROOT/sandboxes/$ID/shared
+virtiofsd_pids=$(pgrep -f -- "--shared-dir=$shared" | tr '\n' ' ' || true)
+[ -n "$virtiofsd_pids" ] || die "no virtiofsd serves $shared"
+echo "  virtiofsd $virtiofsd_pids serves $shared (tag kataShared, guest /run/kata-containers/shared)"
+t=$(now)
+exec_out=$("$SHIM" sandbox exec --id "$ID" --run-root "$RUN_ROOT" --container hello -- \
+    sh -c 'echo hello from a container; hostname; cat /proc/1/cmdline | tr "\0" " "; echo; ls /') ||
+    die "sandbox exec failed"
+exec_ms=$(ms "$t")
+echo "$exec_out" | sed 's/^/  | /'
+echo "$exec_out" | head -n1 | grep -qx 'hello from a container' || die "unexpected container output"
+rc=0; "$SHIM" sandbox exec --id "$ID" --run-root "$RUN_ROOT" -- sh -c 'exit 7' || rc=$?
+[ $rc -eq 7 ] || die "the container's exit status 7 came back as $rc"
+echo "  sh -c 'exit 7' in a container: sandbox exec exited with $rc"
+
 say "stopping the sandbox (SIGTERM to $shim_pid)"
 t=$(now)
 kill -TERM "$shim_pid"
@@ -111,13 +134,16 @@ say "checking that nothing is left behind"
 left=()
 [ -d "/proc/$vmm_pid" ] && left+=("QEMU process $vmm_pid")
 pgrep -f "qemu-system.*-name sandbox-$ID" >/dev/null && left+=("a QEMU process for sandbox-$ID")
+for pid in $virtiofsd_pids; do [ -d "/proc/$pid" ] && left+=("virtiofsd process $pid"); done
+pgrep -f -- "--shared-dir=$shared" >/dev/null && left+=("a virtiofsd for $shared")
+grep -qF " $RUN_ROOT/" /proc/self/mountinfo && left+=("mounts under $RUN_ROOT: $(awk -v r="$RUN_ROOT/" 'index($5, r) == 1 { print $5 }' /proc/self/mountinfo | tr '\n' ' ')")
 ip netns list | grep -qw "$ns" && left+=("namespace $ns")
 [ -e "/run/netns/$ns" ] && left+=("/run/netns/$ns")
 for tap in $taps; do ip -o link show "$tap" >/dev/null 2>&1 && left+=("TAP $tap in the root namespace"); done
 [ -n "$(find "$RUN_ROOT" -mindepth 2 -print -quit 2>/dev/null)" ] && left+=("run files under $RUN_ROOT")
 [ -e "$READY" ] && left+=("ready file $READY")
 [ ${#left[@]} -eq 0 ] || die "left behind: ${left[*]}"
-echo "  no QEMU process, no namespace $ns, no TAP ($taps), no run directory"
+echo "  no QEMU or virtiofsd process, no namespace $ns, no TAP ($taps), no mount, no run directory"
 
 echo
 say "summary"
@@ -126,6 +152,7 @@ printf '  %-34s %6s ms\n' \
     "sandbox run -> ready (boot+agent)" "$ready_ms" \
     "ping guest eth0 (3 pings)" "$ping1_ms" \
     "hotplug NIC + guest address" "$hotplug_ms" \
+    "sandbox exec (create..delete)" "$exec_ms" \
     "SIGTERM -> everything removed" "$stop_ms" \
     "demo total" "$(ms "$t0")"
 say "OK"
