@@ -43,6 +43,12 @@ pub async fn remove(record: &Record, state_dir: &Path) -> Report {
         if !ep.netns.exists() {
             continue;
         }
+        // A TAP handed over as fds goes with its last one, after an RCU grace period (longer
+        // while a VMM that shared its memory exits); until then it cannot be opened to be
+        // deleted.
+        if !ep.persistent {
+            wait_tap_gone(&ep.netns, &ep.tap).await;
+        }
         let detached = async {
             let ns = endpoint::NetnsHandle::connect(&ep.netns).await?;
             endpoint::detach_planned(&ns, &ep.plan()).await
@@ -143,6 +149,23 @@ async fn kill_vmms(record: &Record, report: &mut Report) {
                 .push(format!("VMM process {} (killed)", vmm.pid)),
             Ok(false) => {}
             Err(e) => report.problems.push(e),
+        }
+    }
+}
+
+/// Waits up to [`TAP_GONE_LIMIT`] for TAP `name` in `netns` to go; a TAP that stays (or a
+/// namespace that cannot be read) is left to the deletion that follows, which reports it.
+async fn wait_tap_gone(netns: &Path, name: &str) {
+    let Ok(handle) = net::connect(netns).await else {
+        return;
+    };
+    let began = Instant::now();
+    while began.elapsed() < TAP_GONE_LIMIT {
+        match net::taps_in(&handle).await {
+            Ok(taps) if taps.iter().any(|t| t == name) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            _ => return,
         }
     }
 }
