@@ -257,6 +257,15 @@ pub async fn command(run_root: &Path, id: &str) -> Result<()> {
             // Claims are atomic with their record: a directory without one is no live
             // sandbox's, and lists nothing else to remove.
             eprintln!("sandbox {id}: no record ({why}); removing the run directory only");
+            // Mounts under it (a shared directory) are the sandbox's: unmounted first, so
+            // that the removal never reaches into a bound root filesystem.
+            let under = dir.clone();
+            match crate::net::blocking(move || mounts::unmount_all_under(&under)).await? {
+                Ok(done) => report
+                    .removed
+                    .extend(done.iter().map(|p| format!("mount {}", p.display()))),
+                Err(e) => bail!("Cleaning up sandbox {id}: {e:#} (run it again once fixed)"),
+            }
             remove_path(&dir, "run directory", &mut report);
         }
     }
@@ -278,4 +287,32 @@ pub async fn command(run_root: &Path, id: &str) -> Result<()> {
     }
     println!("sandbox {id}: cleaned up");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run directory whose record is gone still has its shared directory and a bound root
+    /// filesystem unmounted before it is removed: the bound files stay.
+    #[tokio::test]
+    async fn a_run_directory_without_a_record_is_unmounted_before_it_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = state_dir(root.path(), "u");
+        let shared = dir.join("shared");
+        let src = root.path().join("rootfs");
+        std::fs::create_dir_all(shared.join("c/rootfs")).unwrap();
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), "kept").unwrap();
+        mounts::make_shared_mount_point(&shared).expect("mounting (needs root)");
+        mounts::bind(&src, &shared.join("c/rootfs")).unwrap();
+
+        command(root.path(), "u").await.unwrap();
+        assert_eq!(
+            mounts::mounts_under(root.path()),
+            Vec::<std::path::PathBuf>::new()
+        );
+        assert!(!dir.exists(), "the run directory is left");
+        assert_eq!(std::fs::read_to_string(src.join("f")).unwrap(), "kept");
+    }
 }
