@@ -25,7 +25,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "ps", "sleep", "stty", "hostname", "id", "pwd", "ls", "grep", "true",
-    "touch",
+    "touch", "tty",
 ];
 
 fn busybox() -> Result<PathBuf> {
@@ -362,13 +362,43 @@ fn exec_ps_sees_only_the_container_processes() -> Result<()> {
     assert_nothing_left(&runtime, &rootfs)
 }
 
+/// Reads a pty master until `want` has been seen; returns everything read.
+fn read_until(master: &mut fs::File, want: &str) -> Result<String> {
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    while !seen.contains(want) {
+        let n = master
+            .read(&mut buf)
+            .with_context(|| format!("reading until {want:?}, after {seen:?}"))?;
+        ensure!(n > 0, "terminal closed before {want:?}: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    Ok(seen)
+}
+
+/// The terminal's name as `tty` printed it: a line `/dev/pts/N`.
+fn pts_name(out: &str) -> Result<String> {
+    out.lines()
+        .map(str::trim)
+        .find(|l| {
+            l.strip_prefix("/dev/pts/")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(str::to_string)
+        .with_context(|| format!("`tty` printed no /dev/pts/N: {out:?}"))
+}
+
+/// A terminal process's pty is the container's: `tty` names one of the container's own devpts
+/// instance (the init the first, /dev/pts/0; an exec'd process the next), stdin is a terminal,
+/// and `stty size` follows the size given and each resize, for the init and an exec'd process.
 #[test]
 fn terminal_stty_size_follows_resize() -> Result<()> {
     let _serial = serial();
     let fds = open_fds();
     let rootfs = Rootfs::new()?;
     let runtime = Runtime::new()?;
-    let spec = spec(spec_json(&["sh", "-c", "stty size; read line; stty size"]));
+    let script = "tty; test -t 0 && echo stdin-is-a-tty; stty size; read line; stty size";
+    let spec = spec(spec_json(&["sh", "-c", script]));
     let io = runtime.create(
         "tty",
         &rootfs.path(),
@@ -379,13 +409,39 @@ fn terminal_stty_size_follows_resize() -> Result<()> {
     let mut master = fs::File::from(io.stdout.context("pty master")?);
     let mut stdin = fs::File::from(io.stdin.context("pty stdin")?);
     runtime.start("tty")?;
-    let mut seen = String::new();
-    let mut buf = [0u8; 1024];
-    while !seen.contains("24 80") {
-        let n = master.read(&mut buf).context("reading the first size")?;
-        ensure!(n > 0, "terminal closed early: {seen:?}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let seen = read_until(&mut master, "24 80")?;
+    ensure!(pts_name(&seen)? == "/dev/pts/0", "init's tty: {seen:?}");
+    ensure!(seen.contains("stdin-is-a-tty"), "init: {seen:?}");
+
+    let exec_io = runtime.exec(
+        "tty",
+        "sh",
+        &process(&["sh", "-c", &script.replace("stdin-is", "exec-stdin-is")]),
+        Stdio::Terminal { rows: 30, cols: 90 },
+    )?;
+    ensure!(
+        exec_io.stderr.is_none(),
+        "a terminal has no separate stderr"
+    );
+    let mut exec_master = fs::File::from(exec_io.stdout.context("exec pty master")?);
+    let mut exec_stdin = fs::File::from(exec_io.stdin.context("exec pty stdin")?);
+    let exec_seen = read_until(&mut exec_master, "30 90")?;
+    ensure!(
+        pts_name(&exec_seen)? == "/dev/pts/1",
+        "exec's tty: {exec_seen:?}"
+    );
+    ensure!(
+        exec_seen.contains("exec-stdin-is-a-tty"),
+        "exec: {exec_seen:?}"
+    );
+    runtime.resize("tty", Some("sh"), 50, 120)?;
+    exec_stdin.write_all(b"go\n")?;
+    drop(exec_stdin);
+    let rest = read_all(Some(exec_master.into()));
+    ensure!(rest.contains("50 120"), "exec after resize: {rest:?}");
+    let status = runtime.wait("tty", Some("sh"))?;
+    ensure!(exited(0)(&status), "exec: {status:?}");
+
     runtime.resize("tty", None, 40, 100)?;
     stdin.write_all(b"go\n")?;
     drop(stdin);
@@ -552,6 +608,22 @@ fn bad_input_is_named_and_leaves_no_process_and_no_mount() -> Result<()> {
 
     let err = expect_err(runtime.start("bad"))?;
     ensure!(matches!(err, Error::UnknownContainer(_)), "{err:?}");
+
+    // A terminal is the container's pty: without a devpts at /dev/pts there is none to open.
+    let mut value = spec_json(&["true"]);
+    value["mounts"]
+        .as_array_mut()
+        .context("mounts")?
+        .retain(|m| m["type"] != "devpts");
+    let terminal = Stdio::Terminal { rows: 24, cols: 80 };
+    let err = expect_err(runtime.create("bad", &rootfs.path(), &spec(value), terminal))?;
+    ensure!(matches!(err, Error::Setup { .. }), "{err:?}");
+    ensure!(
+        err.to_string()
+            .contains("Opening the container's /dev/ptmx"),
+        "{err}"
+    );
+    assert_nothing_left(&runtime, &rootfs)?;
 
     // In a running container: a missing binary for exec, an unknown exec id.
     runtime.create(

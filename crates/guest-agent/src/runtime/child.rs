@@ -30,11 +30,11 @@ pub(crate) const FORKED: u32 = u32::MAX - 1;
 /// One prepared step of the child.
 #[derive(Debug)]
 pub(crate) enum Op {
-    /// Stdio onto 0, 1, 2; the status pipe onto 3, the start pipe onto 4; everything else closed;
-    /// a new session, and the terminal (if any) as controlling terminal.
+    /// Stdio onto 0, 1, 2 (closed where -1: a terminal comes later); the status pipe onto 3, the
+    /// start pipe onto 4, the console socket onto 5; everything else closed; a new session.
     Stdio {
         fds: [RawFd; 3],
-        tty: bool,
+        console: RawFd,
     },
     /// Every mount of the new namespace made private, so nothing propagates back to the agent's.
     /// An agent chrooted into a directory that is not a mount point cannot: its root's mounts
@@ -113,6 +113,21 @@ pub(crate) enum Op {
     SetCaps(CapSets),
     /// Finds the executable among the candidates (the `PATH` lookup, done inside the root).
     Lookup(Vec<CString>),
+    /// Opens the container's `/dev/ptmx`: a pty of the container's devpts instance.
+    OpenPtmx,
+    /// `TIOCSWINSZ` on the new pty's master.
+    TerminalSize {
+        rows: u16,
+        cols: u16,
+    },
+    /// `TIOCSPTLCK` with 0 (`unlockpt`).
+    UnlockPty,
+    /// `TIOCGPTPEER`: the slave, opened through the master (no path lookup).
+    OpenPtySlave,
+    /// The master to the runtime over the console socket (`SCM_RIGHTS`); both closed here after.
+    SendPtyMaster,
+    /// The pty slave onto 0, 1 and 2, and as the controlling terminal (`TIOCSCTTY`).
+    TerminalStdio,
     /// Reports readiness, then blocks until the start pipe gives a byte (end-of-file: exit).
     AwaitStart,
 }
@@ -164,10 +179,14 @@ impl ExecArrays {
     }
 }
 
-/// Where the child is: its status and start pipes (renumbered by `Stdio`) and the found binary.
+/// Where the child is: its status and start pipes and console socket (renumbered by `Stdio`),
+/// its pty's ends while the terminal is being set up, and the found binary.
 struct State {
     status: RawFd,
     start: RawFd,
+    console: RawFd,
+    master: RawFd,
+    slave: RawFd,
     exe: Option<*const c_char>,
 }
 
@@ -192,6 +211,9 @@ pub(crate) unsafe fn run(plan: &Plan, arrays: &ExecArrays, status: RawFd, start:
     let mut state = State {
         status,
         start,
+        console: -1,
+        master: -1,
+        slave: -1,
         exe: None,
     };
     for (index, op) in plan.ops.iter().enumerate() {
@@ -210,7 +232,7 @@ pub(crate) unsafe fn run(plan: &Plan, arrays: &ExecArrays, status: RawFd, start:
 
 fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
     match op {
-        Op::Stdio { fds, tty } => stdio(*fds, *tty, state),
+        Op::Stdio { fds, console } => stdio(*fds, *console, state),
         Op::MakeRootPrivate => {
             let none = None::<&CStr>;
             let flags = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
@@ -455,6 +477,69 @@ fn run_op(op: &Op, state: &mut State) -> Result<(), Errno> {
             }
             Err(last)
         }
+        Op::OpenPtmx => {
+            let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+            // SAFETY: open with a NUL-terminated literal path.
+            let fd = Errno::result(unsafe { libc::open(c"/dev/ptmx".as_ptr(), flags) })?;
+            state.master = above_stdio(fd)?;
+            Ok(())
+        }
+        Op::TerminalSize { rows, cols } => {
+            let size = libc::winsize {
+                ws_row: *rows,
+                ws_col: *cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCSWINSZ reads one winsize from a live local.
+            Errno::result(unsafe {
+                libc::ioctl(
+                    state.master,
+                    libc::TIOCSWINSZ,
+                    &size as *const libc::winsize,
+                )
+            })
+            .map(drop)
+        }
+        Op::UnlockPty => {
+            let unlock: libc::c_int = 0;
+            // SAFETY: TIOCSPTLCK reads one c_int from a live local.
+            Errno::result(unsafe {
+                libc::ioctl(
+                    state.master,
+                    libc::TIOCSPTLCK,
+                    &unlock as *const libc::c_int,
+                )
+            })
+            .map(drop)
+        }
+        Op::OpenPtySlave => {
+            let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+            // SAFETY: TIOCGPTPEER takes open flags as an integer and returns a new fd.
+            let fd = Errno::result(unsafe { libc::ioctl(state.master, libc::TIOCGPTPEER, flags) })?;
+            state.slave = above_stdio(fd)?;
+            Ok(())
+        }
+        Op::SendPtyMaster => {
+            send_fd(state.console, state.master)?;
+            // The process must not keep the master (the init holds its fds until start).
+            close(state.master);
+            close(state.console);
+            state.master = -1;
+            state.console = -1;
+            Ok(())
+        }
+        Op::TerminalStdio => {
+            for target in 0..3 {
+                // SAFETY: dup3 onto a stdio fd number in this child, which owns all its fds.
+                Errno::result(unsafe { libc::dup3(state.slave, target, 0) })?;
+            }
+            close(state.slave);
+            state.slave = -1;
+            // SAFETY: TIOCSCTTY on fd 0, the pty slave, with argument 0 (do not steal); this
+            // process leads a new session without a terminal (`Stdio` called setsid).
+            Errno::result(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }).map(drop)
+        }
         Op::AwaitStart => {
             report(state.status, READY, 0);
             let mut byte = [0u8; 1];
@@ -511,35 +596,96 @@ fn touch(path: &CString) -> Result<(), Errno> {
     Ok(())
 }
 
-fn stdio(fds: [RawFd; 3], tty: bool, state: &mut State) -> Result<(), Errno> {
-    // First copy every fd we keep above 4, so that placing them on 0..=4 clobbers none of them.
-    let keep = [fds[0], fds[1], fds[2], state.status, state.start];
-    let mut high = [-1; 5];
+fn stdio(fds: [RawFd; 3], console: RawFd, state: &mut State) -> Result<(), Errno> {
+    // First copy every fd we keep above 5, so that placing them on 0..=5 clobbers none of them.
+    let keep = [fds[0], fds[1], fds[2], state.status, state.start, console];
+    let mut high = [-1; 6];
     for (slot, fd) in high.iter_mut().zip(keep) {
         if fd >= 0 {
             // SAFETY: F_DUPFD_CLOEXEC on an open fd of this child.
-            *slot = Errno::result(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 5) })?;
+            *slot = Errno::result(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 6) })?;
         }
     }
     for (target, fd) in high.iter().enumerate() {
         if *fd >= 0 {
-            // Stdio is inherited by the program; the pipes stay close-on-exec.
+            // Stdio is inherited by the program; the pipes and the socket stay close-on-exec.
             let flags = if target < 3 { 0 } else { libc::O_CLOEXEC };
             // SAFETY: dup3 onto a small fd number in this child, which owns all its fds.
             Errno::result(unsafe { libc::dup3(*fd, target as RawFd, flags) })?;
+        } else if target < 3 {
+            // The agent's own stdio is not the container's (a terminal replaces it later).
+            close(target as RawFd);
         }
     }
     state.status = 3;
     state.start = if high[4] >= 0 { 4 } else { -1 };
-    // SAFETY: closes every fd above 4 of this child (the copies above, and whatever other
+    state.console = if high[5] >= 0 { 5 } else { -1 };
+    // SAFETY: closes every fd above 5 of this child (the copies above, and whatever other
     // threads of the parent had open when it was cloned).
-    Errno::result(unsafe { libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) })?;
-    setsid()?;
-    if tty {
-        // SAFETY: TIOCSCTTY on fd 0, the pty slave, with argument 0 (do not steal).
-        Errno::result(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })?;
+    Errno::result(unsafe { libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32) })?;
+    setsid().map(drop)
+}
+
+fn close(fd: RawFd) {
+    // SAFETY: closes an fd this child owns and no longer uses.
+    unsafe { libc::close(fd) };
+}
+
+/// Moves a new fd off 0, 1 and 2 (closed while a terminal is set up), so that placing the pty
+/// slave on them clobbers nothing; close-on-exec.
+fn above_stdio(fd: RawFd) -> Result<RawFd, Errno> {
+    if fd > 2 {
+        return Ok(fd);
     }
-    Ok(())
+    // SAFETY: F_DUPFD_CLOEXEC on an open fd of this child.
+    let moved = Errno::result(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) });
+    close(fd);
+    moved
+}
+
+/// An `SCM_RIGHTS` control message carrying one fd, laid out as `CMSG_SPACE(sizeof(int))`.
+#[repr(C)]
+struct FdControl {
+    header: libc::cmsghdr,
+    fd: libc::c_int,
+}
+
+// SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+const FD_SPACE: usize = unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as usize;
+// SAFETY: as above.
+const FD_LEN: usize = unsafe { libc::CMSG_LEN(size_of::<libc::c_int>() as u32) } as usize;
+const _: () = assert!(size_of::<FdControl>() == FD_SPACE);
+const _: () = assert!(std::mem::offset_of!(FdControl, fd) + size_of::<libc::c_int>() == FD_LEN);
+
+/// Sends `fd` with one byte over the stream socket `socket`; no allocation, a raw `sendmsg`.
+fn send_fd(socket: RawFd, fd: RawFd) -> Result<(), Errno> {
+    // SAFETY: all-zero is a valid cmsghdr and c_int (plain integers, and padding on some libcs).
+    let mut control: FdControl = unsafe { std::mem::zeroed() };
+    control.header.cmsg_len = FD_LEN as _;
+    control.header.cmsg_level = libc::SOL_SOCKET;
+    control.header.cmsg_type = libc::SCM_RIGHTS;
+    control.fd = fd;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: byte.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr (null pointers, zero lengths); the pointers set below
+    // point to live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (&mut control as *mut FdControl).cast();
+    msg.msg_controllen = size_of::<FdControl>() as _;
+    loop {
+        // SAFETY: sendmsg reads the message, its one iovec and its control data, all live locals.
+        match Errno::result(unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) }) {
+            Ok(1) => return Ok(()),
+            Ok(_) => return Err(Errno::EIO),
+            Err(Errno::EINTR) => {}
+            Err(errno) => return Err(errno),
+        }
+    }
 }
 
 /// `clone(2)` without a new stack (fork semantics). Returns 0 in the child and the child's pid

@@ -26,7 +26,11 @@
 //! from the agent's `/dev`, and the fd, stdio and ptmx links), creates `linux.devices`,
 //! `pivot_root`s into it and detaches the old root (an initramfs root cannot be pivoted: the new
 //! root is moved onto `/` and chrooted instead), writes `linux.sysctl`, applies
-//! `linux.readonlyPaths` and `linux.maskedPaths`, sets the hostname, rlimits, working directory,
+//! `linux.readonlyPaths` and `linux.maskedPaths`, sets the hostname, and with a terminal opens
+//! the container's `/dev/ptmx` (a pty of the container's own devpts instance, so `tty` names one
+//! of its `/dev/pts/N`), sizes and unlocks it, opens the slave (`TIOCGPTPEER`) as stdio and
+//! controlling terminal, and sends the master to the runtime over a socketpair made before the
+//! clone (`SCM_RIGHTS`, as runc's console socket). It sets the rlimits, working directory,
 //! no_new_privileges, capabilities, groups, gid and uid, and finds the executable on `PATH`. It
 //! then writes "ready" to a close-on-exec status pipe and blocks reading the start pipe; `start`
 //! writes a byte and reads the status pipe to end-of-file, which means `execve` succeeded.
@@ -44,7 +48,7 @@
 //! `exec` clones a child that joins the init's namespaces through its pidfd
 //! (`setns(pidfd, NEWNS|NEWPID|NEWUTS|NEWIPC)`) and forks with `CLONE_PARENT`, so the process in
 //! the container's PID namespace is the agent's own child; the intermediate reports its pid and
-//! exits. Each process is held by a pidfd, so signals (`pidfd_send_signal`) never reach a
+//! exits. A terminal is allocated as the init's is, in the joined mount namespace. Each process is held by a pidfd, so signals (`pidfd_send_signal`) never reach a
 //! recycled pid.
 //!
 //! # Reaping
@@ -95,7 +99,9 @@ pub enum Stdio {
         /// Whether the caller gets a write end for the process's stdin.
         stdin: bool,
     },
-    /// A new pty of this size; the process gets the slave as its controlling terminal.
+    /// A new pty of this size, allocated inside the container (its `/dev/ptmx`, so the slave is
+    /// one of the container's `/dev/pts/N`); the process gets the slave as stdin, stdout, stderr
+    /// and controlling terminal.
     Terminal {
         /// Rows.
         rows: u16,
@@ -227,6 +233,13 @@ fn sys<'a>(id: &'a str, step: &'static str) -> impl FnOnce(Errno) -> Error + 'a 
     }
 }
 
+/// Kills and reaps a process whose setup failed, returning `error`.
+fn kill_and_fail<T>(proc: &Proc, error: Error) -> Result<T> {
+    let _ = proc.signal(Signal::SIGKILL as i32);
+    proc.reap_now();
+    Err(error)
+}
+
 /// Clones a child that runs `plan`, returning its pid and pidfd. The child gets `status` (write
 /// end) and `start` (read end, or -1).
 fn spawn(
@@ -329,35 +342,41 @@ impl Runtime {
         let (pid, pidfd) = spawn(id, &plan, NAMESPACES, &status_w, Some(&start_r))?;
         drop((status_w, start_r));
         pair.close_child_ends();
-        let init = Arc::new(Proc::new(pid, pidfd, pair.master.take()));
+        let mut init = Proc::new(pid, pidfd, None);
         let arg0 = spec.process().as_ref().map(arg0).unwrap_or_default();
-        let failed = |error: Error| {
-            let _ = init.signal(Signal::SIGKILL as i32);
-            init.reap_now();
-            Err(error)
-        };
         match read_record(&status_r) {
             Ok(Some((READY, _))) => {}
             Ok(Some((code, errno))) => {
-                return failed(step_error(id, &plan.names, &arg0, code, errno))
+                return kill_and_fail(&init, step_error(id, &plan.names, &arg0, code, errno))
             }
             Ok(None) => {
-                return failed(Error::ProcessDied {
-                    id: id.to_string(),
-                    phase: "setup",
-                })
+                return kill_and_fail(
+                    &init,
+                    Error::ProcessDied {
+                        id: id.to_string(),
+                        phase: "setup",
+                    },
+                )
             }
-            Err(e) => return failed(sys(id, "Reading the init's status")(e)),
+            Err(e) => return kill_and_fail(&init, sys(id, "Reading the init's status")(e)),
+        }
+        match pair.receive_terminal(id) {
+            Ok(tty) => init.tty = tty,
+            Err(e) => return kill_and_fail(&init, e),
         }
         let pid_ns = match procfs::pid_ns(pid) {
             Ok(ns) => ns,
             Err(e) => {
-                return failed(Error::Proc {
-                    id: id.to_string(),
-                    source: e,
-                })
+                return kill_and_fail(
+                    &init,
+                    Error::Proc {
+                        id: id.to_string(),
+                        source: e,
+                    },
+                )
             }
         };
+        let init = Arc::new(init);
         self.reaper.watch(init.clone());
         let container = Arc::new(Container {
             init,
@@ -471,19 +490,19 @@ impl Runtime {
                 return Err(sys(id, "Opening a pidfd")(e));
             }
         };
-        let proc = Arc::new(Proc::new(pid, pidfd, pair.master.take()));
-        let failed = |error: Error| {
-            let _ = proc.signal(Signal::SIGKILL as i32);
-            proc.reap_now();
-            Err(error)
-        };
+        let mut proc = Proc::new(pid, pidfd, None);
         match read_record(&status_r) {
             Ok(None) => {}
             Ok(Some((code, errno))) => {
-                return failed(step_error(id, &plan.names, &arg0, code, errno))
+                return kill_and_fail(&proc, step_error(id, &plan.names, &arg0, code, errno))
             }
-            Err(e) => return failed(sys(id, "Reading the process's status")(e)),
+            Err(e) => return kill_and_fail(&proc, sys(id, "Reading the process's status")(e)),
         }
+        match pair.receive_terminal(id) {
+            Ok(tty) => proc.tty = tty,
+            Err(e) => return kill_and_fail(&proc, e),
+        }
+        let proc = Arc::new(proc);
         self.reaper.watch(proc.clone());
         execs.insert(exec_id.to_string(), proc);
         pair.io.pid = pid;

@@ -16,11 +16,60 @@ use super::Error;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Where the child's stdio comes from: the child ends of pipes or the pty slave.
+/// Where the child's stdio comes from: the child ends of pipes, or (with a terminal) a pty the
+/// child allocates in the container.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChildStdio {
+    /// The pipes' child ends; -1 each with a terminal.
     pub(crate) fds: [RawFd; 3],
-    pub(crate) tty: bool,
+    pub(crate) terminal: Option<ChildTerminal>,
+}
+
+/// A terminal to allocate in the container.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChildTerminal {
+    /// The child's end of the console socket the master goes back on.
+    pub(crate) socket: RawFd,
+    pub(crate) rows: u16,
+    pub(crate) cols: u16,
+}
+
+fn stdio_op(stdio: ChildStdio) -> (Op, String) {
+    (
+        Op::Stdio {
+            fds: stdio.fds,
+            console: stdio.terminal.map_or(-1, |t| t.socket),
+        },
+        "Setting up stdio".to_string(),
+    )
+}
+
+/// The terminal's steps, once the container's `/dev` is in place (the init's mounts done, or the
+/// container's mount namespace joined) and before credentials change.
+fn terminal_ops(stdio: ChildStdio, ops: &mut Vec<(Op, String)>) {
+    let Some(ChildTerminal { rows, cols, .. }) = stdio.terminal else {
+        return;
+    };
+    ops.extend([
+        (
+            Op::OpenPtmx,
+            "Opening the container's /dev/ptmx".to_string(),
+        ),
+        (
+            Op::TerminalSize { rows, cols },
+            format!("Setting the terminal size to {rows}x{cols}"),
+        ),
+        (Op::UnlockPty, "Unlocking the pty".to_string()),
+        (Op::OpenPtySlave, "Opening the pty slave".to_string()),
+        (
+            Op::SendPtyMaster,
+            "Sending the pty master to the runtime".to_string(),
+        ),
+        (
+            Op::TerminalStdio,
+            "Making the pty slave stdio and the controlling terminal".to_string(),
+        ),
+    ]);
 }
 
 fn finish(ops: Vec<(Op, String)>, process: &Process, id: &str) -> Result<Plan, Error> {
@@ -199,13 +248,7 @@ pub(crate) fn init_plan(
     };
     let root = cstring(id, "rootfs", rootfs.as_os_str().as_encoded_bytes())?;
     let mut ops = vec![
-        (
-            Op::Stdio {
-                fds: stdio.fds,
-                tty: stdio.tty,
-            },
-            "Setting up stdio".to_string(),
-        ),
+        stdio_op(stdio),
         (Op::ResetSignals, "Resetting signals".to_string()),
         (
             Op::MakeRootPrivate,
@@ -271,6 +314,7 @@ pub(crate) fn init_plan(
             format!("Setting hostname \"{hostname}\""),
         ));
     }
+    terminal_ops(stdio, &mut ops);
     process_ops(id, process, &mut ops)?;
     ops.push((Op::AwaitStart, "Waiting for start".to_string()));
     finish(ops, process, id)
@@ -298,15 +342,10 @@ pub(crate) fn exec_plan(
             Op::Fork,
             "Forking into the container's PID namespace".to_string(),
         ),
-        (
-            Op::Stdio {
-                fds: stdio.fds,
-                tty: stdio.tty,
-            },
-            "Setting up stdio".to_string(),
-        ),
+        stdio_op(stdio),
         (Op::ResetSignals, "Resetting signals".to_string()),
     ];
+    terminal_ops(stdio, &mut ops);
     process_ops(id, process, &mut ops)?;
     finish(ops, process, id)
 }
