@@ -41,6 +41,7 @@ const APPLETS: &[&str] = &[
     "true",
     "kill",
     "grep",
+    "tty",
 ];
 
 /// A static busybox: the one `make guest-assets` unpacked from Debian's `busybox-static`

@@ -378,14 +378,16 @@ async fn ps_execs_into_a_running_container_and_a_terminal_shows_its_resized_size
         "{mounts}"
     );
 
-    // A terminal: `stty size` before and after a resize.
+    // A terminal: the container's own pty (`tty` names its devpts instance's first, stdin is a
+    // terminal), `stty size` before and after a resize; an exec'd terminal gets the next pty.
     let stdio = StdioRequest {
         terminal: true,
         rows: Some(24),
         cols: Some(80),
         stdin: true,
     };
-    let spec = spec_json(&["sh", "-c", "stty size; read line; stty size"]);
+    let script = "tty; test -t 0 && echo stdin-is-a-tty; stty size; read line; stty size";
+    let spec = spec_json(&["sh", "-c", script]);
     let io = create(&agent, "tty", &spec, stdio).await?;
     ensure!(io.stderr.is_none(), "a terminal has no stderr stream");
     agent.start_container("tty", CALL).await?;
@@ -397,6 +399,35 @@ async fn ps_execs_into_a_running_container_and_a_terminal_shows_its_resized_size
         ensure!(n > 0, "the terminal ended before its first size: {seen:?}");
         seen.extend_from_slice(&buf[..n]);
     }
+    let first = String::from_utf8_lossy(&seen).replace('\r', "");
+    ensure!(
+        first.lines().any(|l| l == "/dev/pts/0") && first.contains("stdin-is-a-tty\n"),
+        "the init's terminal: {first:?}"
+    );
+    let exec_tty = exec(
+        &agent,
+        "tty",
+        "tty",
+        &["sh", "-c", "tty; test -t 0 && echo exec-stdin-is-a-tty"],
+        StdioRequest {
+            stdin: false,
+            ..stdio
+        },
+    )
+    .await?;
+    let (exec_out, exec_exit) = tokio::join!(
+        read_to_end(exec_tty.stdout),
+        agent.wait_process("tty", Some("tty"), EXIT)
+    );
+    let exec_out = String::from_utf8_lossy(&exec_out?).replace('\r', "");
+    ensure!(
+        exec_out == "/dev/pts/1\nexec-stdin-is-a-tty\n",
+        "the exec'd terminal: {exec_out:?}"
+    );
+    ensure!(
+        exec_exit?.exit_code == Some(0),
+        "the exec'd terminal's exit"
+    );
     agent
         .resize_pty(
             ResizePty {
