@@ -543,6 +543,10 @@ impl Sandbox {
     pub async fn teardown(mut self, pid: Option<u32>) -> Result<()> {
         // From here on the checks below decide; Drop must not kill a reused pid.
         self.vmm_pid = None;
+        // The agent's socket is closed before the fd checks, not when its tasks next run.
+        if let Some(mut agent) = self.agent.take() {
+            agent.close().await;
+        }
         self.hv.stop().await.context("stop")?;
         self.hv.cleanup().await.context("cleanup")?;
         match pid {

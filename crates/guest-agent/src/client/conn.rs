@@ -115,19 +115,35 @@ impl Shared {
 /// A live connection; dropping the last reference stops its tasks.
 pub(crate) struct Conn {
     pub(crate) shared: Arc<Shared>,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
+    reader: Option<JoinHandle<()>>,
+    writer: Option<JoinHandle<()>>,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.reader.abort();
-        self.writer.abort();
+        for task in [self.reader.take(), self.writer.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
         self.shared.close();
     }
 }
 
 impl Conn {
+    /// Stops the tasks and waits until they are gone, and with them the connection's socket
+    /// (dropping a `Conn` only asks them to stop).
+    pub(crate) async fn shut(mut self) {
+        for task in [self.reader.take(), self.writer.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
     /// Starts the tasks on `stream`. Must run inside a tokio runtime.
     pub(crate) fn start<S>(stream: S) -> Arc<Conn>
     where
@@ -145,8 +161,8 @@ impl Conn {
         let writer = tokio::spawn(write_lines(write, rx, Arc::clone(&shared)));
         Arc::new(Conn {
             shared,
-            reader,
-            writer,
+            reader: Some(reader),
+            writer: Some(writer),
         })
     }
 }

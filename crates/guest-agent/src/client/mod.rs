@@ -227,6 +227,16 @@ impl AgentClient {
         self.conn.as_ref().is_some_and(|c| !c.shared.is_closed())
     }
 
+    /// Closes this client's connection and waits until its socket is closed, when no clone
+    /// of the client shares it (a clone keeps it open until the clone is dropped).
+    pub async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if let Ok(conn) = Arc::try_unwrap(conn) {
+                conn.shut().await;
+            }
+        }
+    }
+
     /// Drops this client's connection, if any, and opens a new one. Streams of the old
     /// connection end with an error once nothing else holds it.
     pub async fn reconnect(&mut self) -> Result<()> {
