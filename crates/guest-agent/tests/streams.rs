@@ -671,3 +671,25 @@ async fn unknown_requests_and_calls_after_the_agent_went_away_are_errors() {
     assert!(matches!(error, ClientError::Closed), "{error:?}");
     agent.finish(client).await;
 }
+
+#[test]
+fn a_host_that_closes_with_answers_unread_ends_its_connection_cleanly() {
+    let (agent_end, mut host_end) = StdUnixStream::pair().unwrap();
+    let mut reader = agent_end.try_clone().unwrap();
+    let conn = Connection::new(Box::new(agent_end));
+    let service: Arc<dyn Service> = Processes::new(PROTOCOL_VERSION);
+    let served = thread::spawn(move || serve(&mut reader, &conn, &service, EofMeans::Closed));
+    host_end
+        .write_all(b"{\"id\":1,\"type\":\"health\"}\n")
+        .unwrap();
+    // The answer waits, unread, in the host's buffer when the host closes: the agent's next
+    // read is a connection reset, which is the host going away, not a failure.
+    let mut ready = [nix::poll::PollFd::new(
+        host_end.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let n = nix::poll::poll(&mut ready, nix::poll::PollTimeout::from(5000u16)).unwrap();
+    assert_eq!(n, 1, "the agent answered");
+    drop(host_end);
+    served.join().unwrap().expect("serve ends without an error");
+}

@@ -211,7 +211,13 @@ pub fn serve<R: Read>(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match reader.read(&mut buf) {
+            // A connection's host that went away; one that closed its socket with lines of
+            // ours still unread resets the connection rather than ending it.
             Ok(0) if eof == EofMeans::Closed => {
+                conn.reset_streams();
+                return Ok(());
+            }
+            Err(e) if eof == EofMeans::Closed && e.kind() == io::ErrorKind::ConnectionReset => {
                 conn.reset_streams();
                 return Ok(());
             }
