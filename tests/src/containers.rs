@@ -225,7 +225,9 @@ pub async fn read_to_end(stream: Option<OutputStream>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Pids of the virtiofsd processes serving `dir` (their command line names it).
+/// Pids of the virtiofsd processes serving `dir` (their command line names it). The Rust
+/// daemon with `--sandbox namespace` is two: the one the backend started, and the one it forks
+/// into its namespaces.
 pub fn daemons_serving(dir: &Path) -> Vec<u32> {
     let dir = dir.display().to_string();
     let mut pids = Vec::new();

@@ -13,6 +13,7 @@ use hypervisor::{
     DeviceConfig, DeviceKind, Error, HypervisorConfig, SandboxSpec, SharedFsConfig, SharedFsKind,
 };
 use hypervisor_qemu::QemuVm;
+use workspace_tests::containers::daemons_serving;
 use workspace_tests::qemu::{device_ids, Kept, Qemu};
 use workspace_tests::{error_chain, Backend, GuestAssets, Sandbox};
 
@@ -46,32 +47,6 @@ async fn mount_share(sb: &mut Sandbox, tag: &str, target: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// Pids of the virtiofsd processes serving `dir` (their command line names it). The Rust
-/// daemon with `--sandbox namespace` is two: the one the backend started, and the one it forks
-/// into its namespaces.
-fn daemons_serving(dir: &Path) -> Vec<u32> {
-    let dir = dir.display().to_string();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.first().is_some_and(|a| a.ends_with("virtiofsd"))
-            && args.iter().any(|a| a.ends_with(&format!("={dir}")))
-        {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 /// The virtiofsd files (socket, log) in a run directory.
