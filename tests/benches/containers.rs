@@ -27,7 +27,7 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use workspace_tests::containers::{boot_with_share, busybox_rootfs, guest_rootfs, spec_json, CALL};
 use workspace_tests::qemu::{Kept, Qemu};
-use workspace_tests::{require_root, run};
+use workspace_tests::{machine, require_root, run};
 
 const FIRST_BYTE: &str = "create + start -> first stdout byte";
 const THROUGHPUT: &str = "stdout throughput, first byte -> EOF, MB/s";
@@ -198,23 +198,6 @@ async fn runc_run(root: &Path, bundle: &Path, id: &str) -> Result<(Duration, Dur
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok((first.context("runc printed nothing")?, end, total))
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let kernel = run("uname", &["-r"]).unwrap_or_default();
-    format!(
-        "{} cores, {cpu}, kernel {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim()
-    )
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ use hypervisor_qemu::host::HostFeatures;
 use hypervisor_qemu::qmp::QmpClient;
 use serde_json::json;
 use workspace_tests::qemu::{Kept, Qemu};
-use workspace_tests::{require_root, run, unique_name, Backend, GuestAssets, Sandbox};
+use workspace_tests::{machine, require_root, run, unique_name, Backend, GuestAssets, Sandbox};
 
 /// How often the guest agent is asked whether a hot-plugged NIC is there and up.
 const POLL: Duration = Duration::from_millis(10);
@@ -337,23 +337,6 @@ async fn by_hand_once(s: &mut Samples, host: &HostChoice) -> Result<()> {
     run("ip", &["-n", &n, "link", "del", "tap2"]).ok();
     ns.delete()?;
     Ok(())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let kernel = run("uname", &["-r"]).unwrap_or_default();
-    format!(
-        "{} cores, {cpu}, kernel {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim()
-    )
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

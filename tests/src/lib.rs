@@ -596,6 +596,24 @@ impl Sandbox {
     }
 }
 
+/// The machine a benchmark ran on, for its report: cores, CPU model, kernel.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let kernel = run("uname", &["-r"]).unwrap_or_default();
+    format!(
+        "{} cores, {cpu}, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    )
+}
+
 /// Runs a command, returning stdout, failing with its stderr.
 pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd)
