@@ -25,34 +25,13 @@ use guest_agent::protocol::{CreateContainer, StdioRequest};
 use hypervisor::SharedFsKind;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
+use workspace_tests::bench::Samples;
 use workspace_tests::containers::{boot_with_share, busybox_rootfs, guest_rootfs, spec_json, CALL};
 use workspace_tests::qemu::{Kept, Qemu};
 use workspace_tests::{machine, require_root, run};
 
 const FIRST_BYTE: &str = "create + start -> first stdout byte";
 const THROUGHPUT: &str = "stdout throughput, first byte -> EOF, MB/s";
-
-#[derive(Default)]
-struct Samples(Vec<(&'static str, f64)>);
-
-impl Samples {
-    fn add(&mut self, name: &'static str, v: f64) {
-        self.0.push((name, v));
-    }
-    fn p50(&self, name: &str) -> Option<(f64, f64, f64, usize)> {
-        let mut v: Vec<f64> = self
-            .0
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|s| s.1)
-            .collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-        Some((v[v.len() / 2], v[0], v[v.len() - 1], v.len()))
-    }
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -98,7 +77,7 @@ async fn layer_start(agent: &AgentClient, id: &str, s: &mut Samples) -> Result<(
     let mut stdout = io.stdout.context("no stdout")?;
     let mut byte = [0u8; 1];
     ensure!(stdout.read(&mut byte).await? == 1, "no output from {id}");
-    s.add(FIRST_BYTE, ms(began.elapsed()));
+    s.add_value(FIRST_BYTE, ms(began.elapsed()));
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).await?;
     ensure!(
@@ -138,7 +117,7 @@ async fn layer_throughput(
     }
     let first = first.context("no output")?;
     ensure!(total == bytes, "read {total} of {bytes} bytes");
-    s.add(THROUGHPUT, mbps(bytes, first.elapsed()));
+    s.add_value(THROUGHPUT, mbps(bytes, first.elapsed()));
     let exit = agent
         .wait_process(id, None, Duration::from_secs(60))
         .await?;
@@ -253,13 +232,13 @@ async fn main() -> Result<()> {
             .with_context(|| format!("container start {i}"))?;
         runc_bundle(&bundle, &echo)?;
         let (first, _, _) = runc_run(&runc_root, &bundle, &format!("bench-start{i}")).await?;
-        anchor.add(FIRST_BYTE, ms(first));
+        anchor.add_value(FIRST_BYTE, ms(first));
     }
     layer_throughput(&agent, "throughput", bytes, &mut layer).await?;
     runc_bundle(&bundle, &zero_args(bytes))?;
     let (first, end, total) = runc_run(&runc_root, &bundle, "bench-throughput").await?;
     ensure!(total == bytes, "runc: read {total} of {bytes} bytes");
-    anchor.add(THROUGHPUT, mbps(bytes, end - first));
+    anchor.add_value(THROUGHPUT, mbps(bytes, end - first));
 
     let pid = sb.hv.pids().await?.vmm;
     sb.teardown(Some(pid)).await?;

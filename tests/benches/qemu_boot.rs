@@ -23,6 +23,7 @@ use hypervisor_qemu::cmdline::Accel;
 use hypervisor_qemu::host::HostFeatures;
 use hypervisor_qemu::qmp::QmpClient;
 use serde_json::json;
+use workspace_tests::bench::Samples;
 use workspace_tests::qemu::{Kept, Qemu};
 use workspace_tests::{machine, require_root, run, unique_name, Backend, GuestAssets, Sandbox};
 
@@ -41,31 +42,6 @@ fn layer_backend() -> Kept {
     Kept::new(Qemu::Q35)
         .logger(|| slog::Logger::root(slog::Discard, slog::o!()))
         .adjust(|config| config.agent_channel = AgentChannelKind::VirtioSerial)
-}
-
-#[derive(Default)]
-struct Samples(Vec<(&'static str, f64)>);
-
-impl Samples {
-    fn add(&mut self, name: &'static str, d: Duration) {
-        self.0.push((name, d.as_secs_f64() * 1e3));
-    }
-    fn add_value(&mut self, name: &'static str, v: f64) {
-        self.0.push((name, v));
-    }
-    fn p50(&self, name: &str) -> Option<(f64, f64, f64, usize)> {
-        let mut v: Vec<f64> = self
-            .0
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|s| s.1)
-            .collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-        Some((v[v.len() / 2], v[0], v[v.len() - 1], v.len()))
-    }
 }
 
 async fn ping_until(ns: &str, addr: &str, limit: Duration) -> Result<()> {
@@ -377,7 +353,7 @@ async fn main() -> Result<()> {
     println!("| metric | this layer p50 (min-max) | by hand p50 (min-max) |");
     println!("| --- | --- | --- |");
     let mut seen = Vec::new();
-    for name in layer.0.iter().chain(by_hand.0.iter()).map(|s| s.0) {
+    for name in layer.names().chain(by_hand.names()) {
         if seen.contains(&name) {
             continue;
         }

@@ -5,6 +5,7 @@
 //! namespace it creates and removes, and checks what a user could observe: ping answers from
 //! the namespace, the guest agent's view, `/proc/PID/fd`, leftover devices and files.
 
+pub mod bench;
 pub mod cni;
 pub mod containers;
 pub mod qemu;
