@@ -17,7 +17,8 @@ packages=(
     gcc binutils                 # the freestanding test guest (make test-guest)
     libc6-dev                    # static link of the guest agent (crt-static)
     libseccomp-dev libcap-ng-dev # build of the Rust virtiofsd (below)
-    runc                         # the host anchor of the containers benchmark
+    runc                         # the host anchor of the containers benchmark; containerd's runc runtime
+    containerd                   # the containerd the shim tests run privately (and its ctr)
 )
 
 sudo=""
