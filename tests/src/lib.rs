@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cni;
+pub mod containerd;
 pub mod containers;
 pub mod qemu;
 pub mod scenarios;
