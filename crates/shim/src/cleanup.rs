@@ -232,9 +232,10 @@ pub fn chain(e: impl std::error::Error + Send + Sync + 'static) -> String {
     format!("{:#}", anyhow::Error::from(e))
 }
 
-/// `sandbox cleanup --id ID`: removes a sandbox whose shim is gone, and prints what it
-/// removed. Refuses while the owner runs; succeeds, saying so, when there is nothing.
-pub async fn command(run_root: &Path, id: &str) -> Result<()> {
+/// Removes the sandbox `id` if its shim is gone (what `sandbox cleanup` and containerd's
+/// `delete` do): from its record, or, without one, its run directory (unmounted first). A
+/// sandbox whose shim runs is left alone: the report is then empty, as when there is nothing.
+pub async fn dead(run_root: &Path, id: &str) -> Result<Report> {
     let dir = state_dir(run_root, id);
     let mut report = Report::default();
     let parent = dir.parent().expect("a run directory has a parent");
@@ -242,12 +243,7 @@ pub async fn command(run_root: &Path, id: &str) -> Result<()> {
         remove_path(&stale, "unfinished run directory", &mut report);
     }
     match records::existing(&dir) {
-        Existing::None => {}
-        Existing::Alive(r) => bail!(
-            "sandbox {id} is owned by a running shim (pid {}): stop it with SIGTERM (kill -TERM {}); it removes everything itself",
-            r.owner.pid,
-            r.owner.pid
-        ),
+        Existing::None | Existing::Alive(_) => {}
         Existing::Dead(r) => {
             let done = remove(&r, &dir).await;
             report.removed.extend(done.removed);
@@ -269,6 +265,20 @@ pub async fn command(run_root: &Path, id: &str) -> Result<()> {
             remove_path(&dir, "run directory", &mut report);
         }
     }
+    Ok(report)
+}
+
+/// `sandbox cleanup --id ID`: removes a sandbox whose shim is gone, and prints what it
+/// removed. Refuses while the owner runs; succeeds, saying so, when there is nothing.
+pub async fn command(run_root: &Path, id: &str) -> Result<()> {
+    if let Existing::Alive(r) = records::existing(&state_dir(run_root, id)) {
+        bail!(
+            "sandbox {id} is owned by a running shim (pid {}): stop it with SIGTERM (kill -TERM {}); it removes everything itself",
+            r.owner.pid,
+            r.owner.pid
+        );
+    }
+    let report = dead(run_root, id).await?;
     if report.removed.is_empty() && report.problems.is_empty() {
         println!(
             "sandbox {id}: nothing to clean up (no run directory under {})",

@@ -63,3 +63,59 @@ pub fn init(format: LogFormat, level: LogLevel) -> (slog::Logger, slog_async::As
     );
     (log, guard)
 }
+
+/// The logger of the shim daemon containerd starts: logfmt lines (`time="..." level=info
+/// msg="..." key=value`, containerd's own format) on the `log` FIFO containerd reads in the
+/// bundle directory and copies to its log. Without a reader (no containerd), records are
+/// dropped. A write that fails (containerd restarted) drops the record, never the shim.
+pub fn fifo(path: &std::path::Path, level: LogLevel) -> (slog::Logger, slog_async::AsyncGuard) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .and_then(|f| {
+            // Non-blocking only to open without a reader; writes then wait for room.
+            let flags = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETFL)?;
+            let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+            flags.remove(nix::fcntl::OFlag::O_NONBLOCK);
+            nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+            Ok(f)
+        });
+    let writer: Box<dyn std::io::Write + Send> = match file {
+        Ok(f) => Box::new(f),
+        Err(_) => Box::new(std::io::sink()),
+    };
+    let drain = slog_logfmt::Logfmt::new(writer)
+        .set_prefix(logfmt_prefix)
+        .print_msg(true)
+        .build()
+        .ignore_res()
+        .filter_level(level.slog())
+        .fuse();
+    let (drain, guard) = slog_async::Async::new(drain)
+        .chan_size(4096)
+        .build_with_guard();
+    let log = slog::Logger::root(
+        drain.fuse(),
+        slog::o!("source" => "containerd-shim-kata-v2", "pid" => std::process::id()),
+    );
+    (log, guard)
+}
+
+/// `time="RFC 3339" level=LEVEL ` in logrus's words.
+fn logfmt_prefix(w: &mut dyn std::io::Write, record: &slog::Record) -> slog::Result {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let level = match record.level() {
+        slog::Level::Critical => "fatal",
+        slog::Level::Error => "error",
+        slog::Level::Warning => "warning",
+        slog::Level::Info => "info",
+        slog::Level::Debug => "debug",
+        slog::Level::Trace => "trace",
+    };
+    write!(w, "time=\"{now}\" level={level} ")?;
+    Ok(())
+}

@@ -21,7 +21,8 @@
 //!   it kept in its run directory ([`records`], [`cleanup`]);
 //! - `sandbox check [--config FILE]` says whether this host can run one.
 //!
-//! The containerd shim v2 protocol (`start`, `delete`, ttrpc) is not part of this build.
+//! Run by containerd (`-namespace NS -address A -id ID start`, `delete`, and the daemon `start`
+//! spawns), it is the shim v2 runtime `io.containerd.kata.v2`: see [`task`].
 //!
 //! Backend `cfg`s live only in [`backend`], the factory. Libraries below this binary return
 //! typed errors; `anyhow` is used here, at the edge.
@@ -46,6 +47,7 @@ mod pod;
 mod procfs;
 mod records;
 mod sandbox;
+mod task;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,7 +62,7 @@ use crate::logging::{LogFormat, LogLevel};
 /// Default parent of run directories.
 const DEFAULT_RUN_ROOT: &str = "/run/containerd-shim-kata-v2";
 
-/// The containerd shim v2 runtime for VM sandboxes (operator commands only in this build).
+/// The containerd shim v2 runtime for VM sandboxes, and its operator commands.
 #[derive(Debug, Parser)]
 #[command(name = "containerd-shim-kata-v2")]
 struct Cli {
@@ -79,10 +81,6 @@ enum Command {
     /// Operate one sandbox VM from the command line.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
-    /// containerd entry point: not implemented in this build.
-    Start,
-    /// containerd entry point: not implemented in this build.
-    Delete,
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,24 +266,10 @@ fn version_text() -> String {
     )
 }
 
-const NOT_IMPLEMENTED: &str = "the containerd shim v2 protocol is not implemented in this build: use `containerd-shim-kata-v2 sandbox run --config FILE`";
-
-/// containerd runs shims as `containerd-shim-kata-v2 -namespace NS -address A ... start`,
-/// with Go-style single-dash flags clap does not parse.
-fn is_containerd_invocation(args: &[String]) -> bool {
-    args.iter().skip(1).any(|a| {
-        a.len() > 2
-            && a.starts_with('-')
-            && !a.starts_with("--")
-            && a[1..].chars().all(|c| c.is_ascii_alphabetic() || c == '-')
-    })
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    if is_containerd_invocation(&args) {
-        eprintln!("containerd-shim-kata-v2: {NOT_IMPLEMENTED}");
-        return ExitCode::from(2);
+    if task::is_containerd_invocation(&args) {
+        return task::main(&args, std::path::Path::new(DEFAULT_RUN_ROOT));
     }
     let version = version_text();
     let matches = Cli::command()
@@ -334,7 +318,6 @@ fn main() -> ExitCode {
 
 async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
     match command {
-        Command::Start | Command::Delete => bail!(NOT_IMPLEMENTED),
         Command::Sandbox(SandboxCommand::Run(a)) => {
             let opts = cli::run::RunOptions {
                 config: a.config,
@@ -435,18 +418,6 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn containerd_style_flags_are_recognized() {
-        let argv = |s: &str| -> Vec<String> { s.split(' ').map(String::from).collect() };
-        assert!(is_containerd_invocation(&argv(
-            "shim -namespace k8s.io -address /run/c.sock -id x start"
-        )));
-        assert!(!is_containerd_invocation(&argv(
-            "shim sandbox run -c f.toml"
-        )));
-        assert!(!is_containerd_invocation(&argv("shim --version")));
-    }
 
     #[test]
     fn the_cli_is_consistent() {

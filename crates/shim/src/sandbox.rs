@@ -72,7 +72,9 @@ use crate::net::{NicPlan, Subnet24, TapHandoff};
 use crate::pod::PodNetwork;
 use crate::records::{self, Existing, Record, Records};
 
-pub use containers::{copy_stdio, StdioOptions, StdioPaths};
+pub use containers::{
+    copy_stdio, ProcessHandle, SharedMount, StdioOptions, StdioPaths, GUEST_SHARE_DIR,
+};
 pub use vmm::ExitWatch;
 
 /// What a sandbox is asked to be, besides its configuration file.
@@ -325,6 +327,21 @@ impl Sandbox {
                 .with_context(|| format!("Writing the ready file {}", ready.display()))?;
         }
         Ok(facts)
+    }
+
+    /// The VMM's pid once it runs (this process's for an in-process backend).
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm_pid
+    }
+
+    /// Pauses the VM (every vCPU).
+    pub async fn pause(&self) -> Result<()> {
+        self.hv.pause().await.context("Pausing the VM")
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self) -> Result<()> {
+        self.hv.resume().await.context("Resuming the VM")
     }
 
     fn netns_path(&self) -> &Path {

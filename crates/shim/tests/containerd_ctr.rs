@@ -57,6 +57,15 @@ fn kata_containerd_with(config: &Path, images: &[&Image]) -> Containerd {
     ctrd
 }
 
+/// A private containerd (runc only), with `images` imported.
+fn runc_containerd(images: &[&Image]) -> Containerd {
+    let ctrd = Containerd::start(Options::default()).unwrap();
+    for image in images {
+        ctrd.import(image).unwrap();
+    }
+    ctrd
+}
+
 /// `ctr run --rm --runtime RUNTIME [FLAGS] IMAGE ID ARGS`, with `stdin`.
 fn run_rm(
     ctrd: &Containerd,
@@ -127,9 +136,7 @@ fn wait_file_in_task(ctrd: &Containerd, id: &str, file: &str, want: &str) {
 fn runc_runs_the_offline_image_with_its_config_and_exit_code() {
     let image = configured_image();
     let plain = Image::busybox("1");
-    let ctrd = Containerd::start(Options::default()).unwrap();
-    ctrd.import(&plain).unwrap();
-    ctrd.import(&image).unwrap();
+    let ctrd = runc_containerd(&[&plain, &image]);
     let id = unique_name("rc");
 
     let out = run_rm(
@@ -251,10 +258,23 @@ fn kata_run_pipes_stdin_through_cat() {
 }
 
 #[test]
+fn runc_detached_task_is_listed_exec_d_and_killed_with_sigterm_then_sigkill() {
+    let image = Image::busybox("1");
+    let ctrd = runc_containerd(&[&image]);
+    detached_task_is_listed_exec_d_and_killed(ctrd, RUNC_RUNTIME, &image);
+}
+
+#[test]
 fn kata_detached_task_is_listed_exec_d_and_killed_with_sigterm_then_sigkill() {
     let _vm = vm_lock();
     let image = Image::busybox("1");
     let ctrd = kata_containerd(&[&image]);
+    detached_task_is_listed_exec_d_and_killed(ctrd, KATA_RUNTIME, &image);
+}
+
+/// `run -d`, `task ls`, `task ps`, `task exec`, `task kill` (SIGTERM, caught; then SIGKILL),
+/// `task delete`.
+fn detached_task_is_listed_exec_d_and_killed(ctrd: Containerd, runtime: &str, image: &Image) {
     let id = unique_name("kt");
 
     // The init catches SIGTERM (it writes a file) and stays, so only SIGKILL ends it.
@@ -266,7 +286,7 @@ fn kata_detached_task_is_listed_exec_d_and_killed_with_sigterm_then_sigkill() {
                 "run",
                 "-d",
                 "--runtime",
-                KATA_RUNTIME,
+                runtime,
                 &image.name,
                 &id,
                 "sh",
@@ -340,10 +360,22 @@ fn shell_words(cmd: &std::process::Command) -> String {
 }
 
 #[test]
+fn runc_run_with_a_terminal_gives_the_container_a_tty() {
+    let image = Image::busybox("1");
+    let ctrd = runc_containerd(&[&image]);
+    run_with_a_terminal(ctrd, RUNC_RUNTIME, &image);
+}
+
+#[test]
 fn kata_run_with_a_terminal_gives_the_container_a_tty() {
     let _vm = vm_lock();
     let image = Image::busybox("1");
     let ctrd = kata_containerd(&[&image]);
+    run_with_a_terminal(ctrd, KATA_RUNTIME, &image);
+}
+
+/// `run -t` under `script`: the container's stdin is a terminal, `tty` names it.
+fn run_with_a_terminal(ctrd: Containerd, runtime: &str, image: &Image) {
     let id = unique_name("kt");
 
     // ctr -t needs a terminal on its stdin: `script` gives it one.
@@ -352,7 +384,7 @@ fn kata_run_with_a_terminal_gives_the_container_a_tty() {
         "--rm",
         "-t",
         "--runtime",
-        KATA_RUNTIME,
+        runtime,
         &image.name,
         &id,
         "sh",
@@ -461,10 +493,22 @@ fn kata_shim_killed_is_reported_exited_and_task_delete_leaves_nothing() {
 }
 
 #[test]
+fn runc_task_survives_a_containerd_restart() {
+    let image = Image::busybox("1");
+    let ctrd = runc_containerd(&[&image]);
+    task_survives_a_containerd_restart(ctrd, RUNC_RUNTIME, &image);
+}
+
+#[test]
 fn kata_task_survives_a_containerd_restart() {
     let _vm = vm_lock();
     let image = Image::busybox("1");
-    let mut ctrd = kata_containerd(&[&image]);
+    let ctrd = kata_containerd(&[&image]);
+    task_survives_a_containerd_restart(ctrd, KATA_RUNTIME, &image);
+}
+
+/// `run -d`, a containerd restart, then the same shim serves the task.
+fn task_survives_a_containerd_restart(mut ctrd: Containerd, runtime: &str, image: &Image) {
     let id = unique_name("kt");
 
     let out = ctrd
@@ -473,7 +517,7 @@ fn kata_task_survives_a_containerd_restart() {
                 "run",
                 "-d",
                 "--runtime",
-                KATA_RUNTIME,
+                runtime,
                 &image.name,
                 &id,
                 "sleep",

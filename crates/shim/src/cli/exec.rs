@@ -155,7 +155,7 @@ async fn create(
         bail!("no root filesystem given and the configuration has no kernel");
     };
     let spec = minimal_spec(&req.args, req.terminal, &req.container_id)?;
-    sb.create_container(&req.container_id, &rootfs, &spec, stdio)
+    sb.create_container(&req.container_id, &rootfs, &[], &spec, stdio)
         .await
 }
 

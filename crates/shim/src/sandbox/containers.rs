@@ -67,6 +67,16 @@ impl StdioOptions {
     }
 }
 
+/// A host file or directory bound into a container's directory of the share, beside its root
+/// filesystem (the spec's bind mounts of host files: CRI's `/etc/hosts`...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedMount {
+    /// The host path.
+    pub source: PathBuf,
+    /// Where it goes, relative to the container's directory of the share (`mounts/0`).
+    pub rel: String,
+}
+
 /// Files or FIFOs a process's stdio is copied to and from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StdioPaths {
@@ -204,12 +214,14 @@ impl Sandbox {
     }
 
     /// Creates container `container_id` from the host directory `rootfs_dir` (bound into
-    /// the share) and the OCI spec `spec_json` (config.json text; its `root.path` is not
-    /// read). Its init waits for [`Sandbox::start_container`]. A failure leaves no mount.
+    /// the share), the host paths of `extra` (bound beside it) and the OCI spec `spec_json`
+    /// (config.json text; its `root.path` is not read). Its init waits for
+    /// [`Sandbox::start_container`]. A failure leaves no mount.
     pub async fn create_container(
         &mut self,
         container_id: &str,
         rootfs_dir: &Path,
+        extra: &[SharedMount],
         spec_json: &str,
         stdio: StdioOptions,
     ) -> Result<ProcessStdio> {
@@ -242,6 +254,21 @@ impl Sandbox {
                 .with_context(|| format!("Creating {}", target.display()))?;
             let (src, dst) = (rootfs_dir.to_path_buf(), target.clone());
             net::blocking(move || mounts::bind(&src, &dst)).await??;
+            for m in extra {
+                let dst = dir.join(&m.rel);
+                if let Some(parent) = dst.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("Creating {}", parent.display()))?;
+                }
+                if m.source.is_dir() {
+                    std::fs::create_dir_all(&dst)
+                } else {
+                    std::fs::File::create(&dst).map(drop)
+                }
+                .with_context(|| format!("Creating {}", dst.display()))?;
+                let src = m.source.clone();
+                net::blocking(move || mounts::bind(&src, &dst)).await??;
+            }
             let request = CreateContainer {
                 container_id: container_id.to_string(),
                 rootfs: format!("{GUEST_SHARE_DIR}/{container_id}/rootfs"),
