@@ -19,6 +19,7 @@ packages=(
     libseccomp-dev libcap-ng-dev # build of the Rust virtiofsd (below)
     runc                         # the host anchor of the containers benchmark; containerd's runc runtime
     containerd                   # the containerd the shim tests run privately (and its ctr)
+    protobuf-compiler            # protoc: the CRI test's client (k8s-cri) generates its code when built
 )
 
 sudo=""

@@ -232,9 +232,11 @@ impl Containerd {
         );
         if let Some(cri) = &self.opts.cri {
             let p = "plugins.\"io.containerd.grpc.v1.cri\"";
+            // `restrict_oom_score_adj`: the plugin gives the pause container -998, which
+            // needs CAP_SYS_RESOURCE; a machine without it (a container) fails its creation.
             let _ = write!(
                 t,
-                "\n[{p}]\n  sandbox_image = \"{}\"\n\
+                "\n[{p}]\n  sandbox_image = \"{}\"\n  restrict_oom_score_adj = true\n\
                  \n[{p}.containerd]\n  default_runtime_name = \"runc\"\n  snapshotter = \"overlayfs\"\n\
                  \n[{p}.containerd.runtimes.runc]\n  runtime_type = \"{RUNC_RUNTIME}\"\n\
                  \n[{p}.containerd.runtimes.kata]\n  runtime_type = \"{KATA_RUNTIME}\"\n",

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cni;
 pub mod containerd;
 pub mod containers;
+pub mod cri;
 pub mod qemu;
 pub mod scenarios;
 
