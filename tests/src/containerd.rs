@@ -162,6 +162,8 @@ impl std::fmt::Debug for Containerd {
 const READY: Duration = Duration::from_secs(30);
 /// How long containerd gets to exit after SIGTERM before SIGKILL.
 const STOP: Duration = Duration::from_secs(20);
+/// How long what a test left may take to go (a shim exits a moment after its last answer).
+const LINGER: Duration = Duration::from_secs(10);
 
 impl Containerd {
     /// Writes the configuration, starts containerd and waits until it answers.
@@ -480,11 +482,21 @@ impl Containerd {
         left
     }
 
-    /// Stops containerd, checks nothing is left of tasks `ids` ([`Containerd::leftovers`]) and
-    /// removes the temp dir. What is left fails this, with containerd's log.
+    /// Stops containerd, checks nothing is left of tasks `ids` ([`Containerd::leftovers`], given
+    /// up to 10 s to go) and removes the temp dir. What is left fails this, with containerd's
+    /// log.
     pub fn finish(mut self, ids: &[&str]) -> Result<()> {
         self.stop()?;
-        let left = self.leftovers(ids);
+        // A shim exits a moment after its last answer: what is left gets up to 10 s to go.
+        let began = Instant::now();
+        let mut left = self.leftovers(ids);
+        while !left.is_empty() && began.elapsed() < LINGER {
+            std::thread::sleep(Duration::from_millis(100));
+            left = self.leftovers(ids);
+        }
+        if began.elapsed() > Duration::from_millis(500) {
+            eprintln!("leftovers took {:?} to go", began.elapsed());
+        }
         let log = self.log();
         self.clean_up();
         ensure!(
