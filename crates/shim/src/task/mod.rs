@@ -81,9 +81,13 @@ fn serve(flags: &flags::Flags, run_root: &Path) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
-    let result = runtime
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(serve_async(&log, flags, run_root)));
+    let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
+        let served = rt.block_on(serve_async(&log, flags, run_root));
+        // A copy may be blocked opening a FIFO whose other end never came: it must not
+        // keep the daemon alive (dropping the runtime would wait for it).
+        rt.shutdown_background();
+        served
+    });
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

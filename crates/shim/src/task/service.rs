@@ -584,7 +584,8 @@ impl Task for Service {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        info!(self.log, "exec"; "container" => &req.id, "exec" => &req.exec_id);
+        info!(self.log, "exec"; "container" => &req.id, "exec" => &req.exec_id,
+            "stdin" => !req.stdin.is_empty(), "terminal" => req.terminal);
         let mut state = self.state.lock().await;
         let c = state.container(&req.id)?;
         if c.execs.contains_key(&req.exec_id) {
@@ -632,17 +633,12 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
+    /// Nothing to do: a process's stdin is copied from containerd's FIFO until the FIFO's
+    /// end, which containerd's client makes (closing its end) before it sends CloseIO; the
+    /// copy then closes the stdin in the guest once everything read is written. Closing it
+    /// at once here would race with input still in the FIFO.
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
-        let mut state = self.state.lock().await;
-        let p = state.process(&req.id, &req.exec_id)?;
-        if !req.stdin || p.exited().is_some() || !p.started {
-            return Ok(Empty::new());
-        }
-        let exec = (!req.exec_id.is_empty()).then_some(req.exec_id.as_str());
-        if let Err(e) = state.sandbox()?.close_stdin(&req.id, exec).await {
-            // The process may have ended meanwhile.
-            warn!(self.log, "closing stdin"; "container" => &req.id, "error" => format!("{e:#}"));
-        }
+        self.state.lock().await.process(&req.id, &req.exec_id)?;
         Ok(Empty::new())
     }
 
