@@ -59,6 +59,22 @@ impl Cri {
     }
 }
 
+/// Runs one CRI call on `rt`: its answer, or an error naming `what` when the call fails or
+/// takes longer than `limit` (a runtime that hangs fails the test instead of stalling it).
+pub fn call<T>(
+    rt: &tokio::runtime::Runtime,
+    what: &str,
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    // The timer is made inside the runtime.
+    match rt.block_on(async { tokio::time::timeout(limit, call).await }) {
+        Ok(Ok(answer)) => Ok(answer.into_inner()),
+        Ok(Err(status)) => bail!("{what} failed ({:?}): {}", status.code(), status.message()),
+        Err(_) => bail!("{what} did not answer within {limit:?}"),
+    }
+}
+
 /// Writes `DIR/10-NAME.conflist`: a `bridge` network (bridge `BRIDGE`, gateway on it) with
 /// `host-local` IPAM on `subnet`, its leases in `data_dir`; what containerd's CRI plugin
 /// runs `/usr/lib/cni/bridge` with for every pod.

@@ -37,6 +37,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// How long a container gets to print its first lines (a VM boots under TCG first).
 const LOG_LIMIT: Duration = Duration::from_secs(120);
+/// How long a CRI call that may start or stop a VM gets (a VM boots under TCG).
+const VM_LIMIT: Duration = Duration::from_secs(240);
+/// How long any other CRI call gets.
+const CALL_LIMIT: Duration = Duration::from_secs(30);
 /// How long the pod gets to answer ping.
 const PING_LIMIT: Duration = Duration::from_secs(60);
 
@@ -121,11 +125,11 @@ fn pod_flow(handler: Handler, net: u8) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let mut client = rt.block_on(Cri::connect(&containerd.address()))?;
+    let client = rt.block_on(Cri::connect(&containerd.address()))?;
     let mut pods: Vec<Pod> = Vec::new();
     let flow = run_pod(
         &rt,
-        &mut client,
+        &client,
         &containerd,
         handler,
         &tag,
@@ -138,14 +142,23 @@ fn pod_flow(handler: Handler, net: u8) -> Result<()> {
     if flow.is_err() {
         // Best effort, so that containerd's end leaves no VM behind the failure.
         for pod in &pods {
+            let mut runtime = client.runtime.clone();
             let id = pod.id.clone();
-            let _ = rt.block_on(client.runtime.stop_pod_sandbox(api::StopPodSandboxRequest {
+            let stop = api::StopPodSandboxRequest {
                 pod_sandbox_id: id.clone(),
-            }));
-            let _ = rt.block_on(
-                client
-                    .runtime
-                    .remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: id }),
+            };
+            let _ = cri::call(
+                &rt,
+                "StopPodSandbox",
+                CALL_LIMIT,
+                runtime.stop_pod_sandbox(stop),
+            );
+            let remove = api::RemovePodSandboxRequest { pod_sandbox_id: id };
+            let _ = cri::call(
+                &rt,
+                "RemovePodSandbox",
+                CALL_LIMIT,
+                runtime.remove_pod_sandbox(remove),
             );
         }
     }
@@ -209,7 +222,7 @@ fn pod_flow(handler: Handler, net: u8) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn run_pod(
     rt: &tokio::runtime::Runtime,
-    client: &mut Cri,
+    client: &Cri,
     containerd: &Containerd,
     handler: Handler,
     tag: &str,
@@ -219,12 +232,15 @@ fn run_pod(
     subnet: &str,
     pods: &mut Vec<Pod>,
 ) -> Result<()> {
-    let version = rt
-        .block_on(client.runtime.version(api::VersionRequest {
+    let mut runtime = client.runtime.clone();
+    let version = cri::call(
+        rt,
+        "Version",
+        CALL_LIMIT,
+        runtime.version(api::VersionRequest {
             version: "v1".into(),
-        }))
-        .context("CRI Version")?
-        .into_inner();
+        }),
+    )?;
     ensure!(
         version.runtime_name == "containerd" && version.runtime_api_version == "v1",
         "not containerd's CRI v1: {version:?}"
@@ -232,50 +248,46 @@ fn run_pod(
     wait_network_ready(rt, client)?;
 
     // RunPodSandbox: the plugin makes the pod's namespace, runs the bridge plugin in it and
-    // starts the pause container with the handler's runtime.
+    // starts the pause container with the handler's runtime (for kata: the VM).
     let pod_config = cri::pod_config(tag, logs);
     let began = Instant::now();
-    let pod_id = rt
-        .block_on(client.runtime.run_pod_sandbox(api::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: handler.name().into(),
-        }))
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
+    let run = api::RunPodSandboxRequest {
+        config: Some(pod_config.clone()),
+        runtime_handler: handler.name().into(),
+    };
+    let pod_id =
+        cri::call(rt, "RunPodSandbox", VM_LIMIT, runtime.run_pod_sandbox(run))?.pod_sandbox_id;
     eprintln!(
         "RunPodSandbox ({}) took {:?}",
         handler.name(),
         began.elapsed()
     );
-    let status = rt
-        .block_on(
-            client
-                .runtime
-                .pod_sandbox_status(api::PodSandboxStatusRequest {
-                    pod_sandbox_id: pod_id.clone(),
-                    verbose: true,
-                }),
-        )
-        .context("PodSandboxStatus")?
-        .into_inner();
+    let status = cri::call(
+        rt,
+        "PodSandboxStatus",
+        CALL_LIMIT,
+        runtime.pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.clone(),
+            verbose: true,
+        }),
+    )?;
     let netns = sandbox_netns(&status.info).context("the pod's network namespace")?;
+    pods.push(Pod {
+        id: pod_id.clone(),
+        netns: netns.clone(),
+    });
     let sandbox = status.status.context("PodSandboxStatus has no status")?;
+    ensure!(
+        sandbox.state == api::PodSandboxState::SandboxReady as i32,
+        "the pod is not ready: {sandbox:?}"
+    );
+    ensure!(sandbox.runtime_handler == handler.name(), "{sandbox:?}");
     let ip = sandbox
         .network
         .as_ref()
         .map(|n| n.ip.clone())
         .filter(|ip| !ip.is_empty())
         .context("the pod has no IP")?;
-    pods.push(Pod {
-        id: pod_id.clone(),
-        netns: netns.clone(),
-    });
-    ensure!(
-        sandbox.state == api::PodSandboxState::SandboxReady as i32,
-        "the pod is not ready: {sandbox:?}"
-    );
-    ensure!(sandbox.runtime_handler == handler.name(), "{sandbox:?}");
     let prefix = subnet.trim_end_matches("0/24");
     ensure!(
         ip.starts_with(prefix),
@@ -302,31 +314,31 @@ fn run_pod(
             "echo hello from $CONTAINER_NAME; busybox ip -o -4 addr show eth0; exec sleep infinity",
         ],
     );
-    let mut ids = Vec::new();
     for config in [c1, c2] {
         let name = config
             .metadata
             .as_ref()
             .map(|m| m.name.clone())
             .unwrap_or_default();
-        let id = rt
-            .block_on(
-                client
-                    .runtime
-                    .create_container(api::CreateContainerRequest {
-                        pod_sandbox_id: pod_id.clone(),
-                        config: Some(config),
-                        sandbox_config: Some(pod_config.clone()),
-                    }),
-            )
-            .with_context(|| format!("CreateContainer {name}"))?
-            .into_inner()
-            .container_id;
-        rt.block_on(client.runtime.start_container(api::StartContainerRequest {
-            container_id: id.clone(),
-        }))
-        .with_context(|| format!("StartContainer {name}"))?;
-        ids.push((name, id));
+        let create = api::CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        };
+        let id = cri::call(
+            rt,
+            &format!("CreateContainer {name}"),
+            VM_LIMIT,
+            runtime.create_container(create),
+        )?
+        .container_id;
+        let start = api::StartContainerRequest { container_id: id };
+        cri::call(
+            rt,
+            &format!("StartContainer {name}"),
+            VM_LIMIT,
+            runtime.start_container(start),
+        )?;
     }
 
     // The container logs: CRI log lines in the files the pod config names.
@@ -343,16 +355,19 @@ fn run_pod(
     })?;
     eprintln!("c1's log: {c1_log:?}; c2's log: {c2_log:?}");
 
-    let listed = rt
-        .block_on(client.runtime.list_containers(api::ListContainersRequest {
-            filter: Some(api::ContainerFilter {
-                pod_sandbox_id: pod_id.clone(),
-                ..Default::default()
-            }),
-        }))
-        .context("ListContainers")?
-        .into_inner()
-        .containers;
+    let in_pod = || api::ListContainersRequest {
+        filter: Some(api::ContainerFilter {
+            pod_sandbox_id: pod_id.clone(),
+            ..Default::default()
+        }),
+    };
+    let listed = cri::call(
+        rt,
+        "ListContainers",
+        CALL_LIMIT,
+        runtime.list_containers(in_pod()),
+    )?
+    .containers;
     ensure!(listed.len() == 2, "the pod lists {listed:?}");
     for c in &listed {
         ensure!(
@@ -370,56 +385,56 @@ fn run_pod(
 
     // StopPodSandbox stops both containers and the pod, and tears down its network;
     // RemovePodSandbox removes them.
-    rt.block_on(client.runtime.stop_pod_sandbox(api::StopPodSandboxRequest {
+    let stop = api::StopPodSandboxRequest {
         pod_sandbox_id: pod_id.clone(),
-    }))
-    .context("StopPodSandbox")?;
-    let listed = rt
-        .block_on(client.runtime.list_containers(api::ListContainersRequest {
-            filter: Some(api::ContainerFilter {
-                pod_sandbox_id: pod_id.clone(),
-                ..Default::default()
-            }),
-        }))
-        .context("ListContainers after StopPodSandbox")?
-        .into_inner()
-        .containers;
+    };
+    cri::call(
+        rt,
+        "StopPodSandbox",
+        VM_LIMIT,
+        runtime.stop_pod_sandbox(stop),
+    )?;
+    let listed = cri::call(
+        rt,
+        "ListContainers after StopPodSandbox",
+        CALL_LIMIT,
+        runtime.list_containers(in_pod()),
+    )?
+    .containers;
+    ensure!(listed.len() == 2, "the pod lists {listed:?}");
     for c in &listed {
         ensure!(
             c.state == api::ContainerState::ContainerExited as i32,
             "a container is not exited after StopPodSandbox: {c:?}"
         );
     }
-    rt.block_on(
-        client
-            .runtime
-            .remove_pod_sandbox(api::RemovePodSandboxRequest {
-                pod_sandbox_id: pod_id.clone(),
-            }),
-    )
-    .context("RemovePodSandbox")?;
-    let left = rt
-        .block_on(
-            client
-                .runtime
-                .list_pod_sandbox(api::ListPodSandboxRequest { filter: None }),
-        )
-        .context("ListPodSandbox")?
-        .into_inner()
-        .items;
+    let remove = api::RemovePodSandboxRequest {
+        pod_sandbox_id: pod_id.clone(),
+    };
+    cri::call(
+        rt,
+        "RemovePodSandbox",
+        VM_LIMIT,
+        runtime.remove_pod_sandbox(remove),
+    )?;
+    let left = cri::call(
+        rt,
+        "ListPodSandbox",
+        CALL_LIMIT,
+        runtime.list_pod_sandbox(api::ListPodSandboxRequest { filter: None }),
+    )?
+    .items;
     ensure!(
         left.is_empty(),
         "pods left after RemovePodSandbox: {left:?}"
     );
-    let left = rt
-        .block_on(
-            client
-                .runtime
-                .list_containers(api::ListContainersRequest { filter: None }),
-        )
-        .context("ListContainers after RemovePodSandbox")?
-        .into_inner()
-        .containers;
+    let left = cri::call(
+        rt,
+        "ListContainers after RemovePodSandbox",
+        CALL_LIMIT,
+        runtime.list_containers(api::ListContainersRequest { filter: None }),
+    )?
+    .containers;
     ensure!(
         left.is_empty(),
         "containers left after RemovePodSandbox: {left:?}"
@@ -477,15 +492,18 @@ fn sandbox_netns(info: &std::collections::HashMap<String, String>) -> Result<Pat
 
 /// Waits until the CRI plugin reports its network ready (it has loaded the CNI
 /// configuration), at most 10 s.
-fn wait_network_ready(rt: &tokio::runtime::Runtime, client: &mut Cri) -> Result<()> {
+fn wait_network_ready(rt: &tokio::runtime::Runtime, client: &Cri) -> Result<()> {
+    let mut runtime = client.runtime.clone();
     let began = Instant::now();
     loop {
-        let status = rt
-            .block_on(client.runtime.status(api::StatusRequest { verbose: false }))
-            .context("CRI Status")?
-            .into_inner()
-            .status
-            .context("CRI Status has no status")?;
+        let status = cri::call(
+            rt,
+            "Status",
+            CALL_LIMIT,
+            runtime.status(api::StatusRequest { verbose: false }),
+        )?
+        .status
+        .context("CRI Status has no status")?;
         let ready = status
             .conditions
             .iter()
