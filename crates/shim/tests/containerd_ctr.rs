@@ -568,6 +568,7 @@ fn task_survives_a_containerd_restart(mut ctrd: Containerd, runtime: &str, image
 
 /// A `ctr run --rm` that must fail with `needle` in its output, leaving nothing.
 fn assert_run_fails_naming(ctrd: Containerd, out: Ran, needle: &str, id: &str) {
+    eprintln!("{out}");
     assert_ne!(out.code(), Some(0), "{out}");
     assert!(
         out.stderr.contains(needle) || out.stdout.contains(needle),
