@@ -417,10 +417,23 @@ fn run_with_a_terminal(ctrd: Containerd, runtime: &str, image: &Image) {
 }
 
 #[test]
+fn runc_shim_killed_is_reported_exited_and_task_delete_leaves_nothing() {
+    let image = Image::busybox("1");
+    let ctrd = runc_containerd(&[&image]);
+    shim_killed_is_reported_exited(ctrd, RUNC_RUNTIME, &image);
+}
+
+#[test]
 fn kata_shim_killed_is_reported_exited_and_task_delete_leaves_nothing() {
     let _vm = vm_lock();
     let image = Image::busybox("1");
     let ctrd = kata_containerd(&[&image]);
+    shim_killed_is_reported_exited(ctrd, KATA_RUNTIME, &image);
+}
+
+/// `kill -9` of the task's shim: containerd publishes the task's exit; `task delete` then
+/// leaves nothing.
+fn shim_killed_is_reported_exited(ctrd: Containerd, runtime: &str, image: &Image) {
     let id = unique_name("kt");
 
     let out = ctrd
@@ -429,7 +442,7 @@ fn kata_shim_killed_is_reported_exited_and_task_delete_leaves_nothing() {
                 "run",
                 "-d",
                 "--runtime",
-                KATA_RUNTIME,
+                runtime,
                 &image.name,
                 &id,
                 "sleep",
@@ -493,6 +506,11 @@ fn kata_shim_killed_is_reported_exited_and_task_delete_leaves_nothing() {
         "{deleted}"
     );
     ctrd.ctr_ok(&["container", "rm", &id]).unwrap();
+    if runtime == RUNC_RUNTIME {
+        // runc's shim leaves its socket when killed (containerd removes a stale one when a
+        // shim starts on it again); this shim's `delete` is asked to do better.
+        let _ = std::fs::remove_file(ctrd.shim_socket(&id));
+    }
 
     assert_nothing_listed(&ctrd);
     ctrd.finish(&[&id]).unwrap();
