@@ -284,7 +284,7 @@ fn detached_task_is_listed_exec_d_and_killed(ctrd: Containerd, runtime: &str, im
 
     // The init catches SIGTERM (it writes a file) and stays, so only SIGKILL ends it.
     let script = "trap 'echo term >> /tmp/got-term' TERM; \
-                  while true; do sleep 1000 & wait; done";
+                  while true; do sleep 1000 & echo started > /tmp/ready; wait; done";
     let out = ctrd
         .ctr_output(
             &[
@@ -313,7 +313,8 @@ fn detached_task_is_listed_exec_d_and_killed(ctrd: Containerd, runtime: &str, im
     assert_eq!(row.status, "RUNNING", "{tasks:?}");
     assert_ne!(row.pid, 0, "{tasks:?}");
 
-    // task ps: the init and its sleep.
+    // task ps: the init and its sleep, once it started.
+    wait_file_in_task(&ctrd, &id, "/tmp/ready", "started\n");
     let ps = ctrd.ctr_ok(&["task", "ps", &id]).unwrap();
     let pids: Vec<&str> = ps
         .lines()
