@@ -395,10 +395,16 @@ fn run_with_a_terminal(ctrd: Containerd, runtime: &str, image: &Image) {
         &id,
         "sh",
         "-c",
-        "tty; test -t 0 && echo stdin-is-a-terminal; exit 5",
+        "tty; test -t 0 && echo stdin-is-a-terminal; \
+         n=0; until s=$(stty size 2>/dev/null) && [ \"$s\" != '0 0' ]; do \
+           n=$((n+1)); [ $n -gt 100 ] && break; sleep 0.1; done; \
+         stty size; exit 5",
     ]);
     let mut script = std::process::Command::new("script");
-    script.args(["-q", "-e", "-c", &shell_words(&ctr), "/dev/null"]);
+    // A terminal of 30 rows and 100 columns, which ctr passes on (ResizePty) once the task
+    // started: the container waits for it, at most 10 s.
+    let command = format!("stty rows 30 cols 100 && {}", shell_words(&ctr));
+    script.args(["-q", "-e", "-c", &command, "/dev/null"]);
     let out = run_with_timeout(script, Some(b""), VM_CALL).unwrap();
     assert_eq!(out.code(), Some(5), "{out}");
     // Terminal output: CR LF line ends (and what `script` echoes of its stdin first).
@@ -412,6 +418,10 @@ fn run_with_a_terminal(ctrd: Containerd, runtime: &str, image: &Image) {
         "no /dev/pts/0 from tty: {out}"
     );
     assert!(lines.contains(&"stdin-is-a-terminal"), "{out}");
+    assert!(
+        lines.contains(&"30 100"),
+        "stty size did not say 30 100: {out}"
+    );
 
     assert_nothing_listed(&ctrd);
     ctrd.finish(&[&id]).unwrap();
@@ -456,6 +466,25 @@ fn shim_killed_is_reported_exited(ctrd: Containerd, runtime: &str, image: &Image
     assert_eq!(out.code(), Some(0), "{out}");
     ctrd.wait_task_status(&id, "RUNNING", Duration::from_secs(10))
         .unwrap();
+
+    if runtime == KATA_RUNTIME {
+        // What the running sandbox holds, as the end check sees it: this test can fail.
+        let held = ctrd.leftovers(&[&id]);
+        eprintln!("the running sandbox holds:\n  {}", held.join("\n  "));
+        for what in [
+            "shim process",
+            "qemu-system",
+            "virtiofsd",
+            &format!("/run/netns/kata-{id}"),
+            &format!("sandboxes/{id} exists"),
+            "mount ",
+        ] {
+            assert!(
+                held.iter().any(|l| l.contains(what)),
+                "the leftover check does not see {what:?} of the running sandbox: {held:#?}"
+            );
+        }
+    }
 
     // containerd's events, from before the kill.
     let events_log = ctrd.dir().join("events.log");
