@@ -180,6 +180,36 @@ fn runc_runs_the_offline_image_with_its_config_and_exit_code() {
 }
 
 #[test]
+fn containerd_asked_for_a_network_namespace_runs_in_it_and_only_in_it() {
+    require_root();
+    let ns = netdev::NetNs::create(&unique_name("cn")).unwrap();
+    let ctrd = Containerd::start(Options {
+        netns: Some(ns.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap();
+    let pid = ctrd.pid().expect("running");
+    let inode = |path: &str| {
+        std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap()
+    };
+    assert_eq!(
+        inode(&format!("/proc/{pid}/ns/net")),
+        inode(ns.path().to_str().unwrap()),
+        "containerd is not in {}",
+        ns.path().display()
+    );
+    // Its mounts stay the test's: the same mount namespace.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap()
+    );
+    ctrd.finish(&[]).unwrap();
+    ns.delete().unwrap();
+}
+
+#[test]
 fn kata_run_rm_prints_hi_and_exits_7() {
     let _vm = vm_lock();
     let image = Image::busybox("1");
