@@ -17,7 +17,9 @@
 //! [`Containerd::leftovers`] lists what a test left: shim, QEMU and virtiofsd processes,
 //! `/run/netns/kata-<id>`, the shim's run directories, shim sockets, mounts under the temp dir
 //! or the shim's run root. [`Containerd::finish`] stops containerd and fails when anything is
-//! left.
+//! left. Dropped without `finish` (a test that failed half-way), it deletes its namespace's
+//! tasks and containers through containerd, stops it, and kills a shim still running and
+//! cleans up after it with the shim's own `delete`, as containerd does after a dead shim.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -420,6 +422,13 @@ impl Containerd {
     /// Processes of the shims this containerd started (their command line names its
     /// address): `(pid, command line)`.
     pub fn shim_processes(&self) -> Vec<(u32, String)> {
+        self.shims()
+            .into_iter()
+            .map(|(pid, argv)| (pid, argv.join(" ")))
+            .collect()
+    }
+
+    fn shims(&self) -> Vec<(u32, Vec<String>)> {
         let address = self.address().display().to_string();
         processes()
             .into_iter()
@@ -431,7 +440,6 @@ impl Containerd {
                         .starts_with("containerd-shim")
                 }) && argv.iter().any(|a| a.contains(&address))
             })
-            .map(|(pid, argv)| (pid, argv.join(" ")))
             .collect()
     }
 
@@ -512,15 +520,75 @@ impl Containerd {
         Ok(())
     }
 
-    /// Kills what is left of this containerd (it, its shims), unmounts what is mounted under
-    /// the temp dir and removes it unless something stays mounted there.
+    /// Through containerd, while it runs: deletes every task (`task delete -f`) and container
+    /// of the namespace, so their shims tear their sandboxes down. For a test that failed
+    /// half-way.
+    fn delete_everything(&self) {
+        if self.child.is_none() {
+            return;
+        }
+        for task in self.tasks().unwrap_or_default() {
+            let _ = self.ctr_output(
+                &["task", "delete", "-f", &task.id],
+                None,
+                Duration::from_secs(60),
+            );
+        }
+        let containers = self
+            .ctr_output(&["container", "ls", "-q"], None, Duration::from_secs(10))
+            .map(|out| out.stdout)
+            .unwrap_or_default();
+        for id in containers.split_whitespace() {
+            let _ = self.ctr_output(&["container", "rm", id], None, Duration::from_secs(60));
+        }
+    }
+
+    /// Kills what is left of this containerd (it, and its shims, each then cleaned up with its
+    /// own `delete` as containerd would), unmounts what is mounted under the temp dir and
+    /// removes it unless something stays mounted there.
     fn clean_up(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for (pid, _) in self.shim_processes() {
+        // A shim still running is killed, then cleaned up as containerd does after a dead
+        // shim: `SHIM -namespace NS -address A -id ID delete` in the task's bundle.
+        for (pid, argv) in self.shims() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let began = Instant::now();
+            while Path::new(&format!("/proc/{pid}")).exists() && began.elapsed() < STOP {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let flag = |name: &str| {
+                argv.iter()
+                    .position(|a| a == name)
+                    .and_then(|i| argv.get(i + 1))
+                    .cloned()
+            };
+            let (Some(ns), Some(id)) = (flag("-namespace"), flag("-id")) else {
+                continue;
+            };
+            let bundle = self
+                .dir()
+                .join("state/io.containerd.runtime.v2.task")
+                .join(&ns)
+                .join(&id);
+            let mut delete = Command::new(&argv[0]);
+            delete
+                .args(["-namespace", &ns, "-address"])
+                .arg(self.address())
+                .args(["-id", &id, "delete"])
+                .current_dir(if bundle.is_dir() {
+                    &bundle
+                } else {
+                    Path::new("/")
+                })
+                .envs(self.opts.env.iter().map(|(k, v)| (k, v)));
+            match run_with_timeout(delete, None, Duration::from_secs(60)) {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!("cleaning up after shim {pid}: {out}"),
+                Err(e) => eprintln!("cleaning up after shim {pid}: {e:#}"),
+            }
         }
         // runc's root for the namespace, which its shim leaves (empty).
         let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&self.namespace));
@@ -558,6 +626,7 @@ impl Drop for Containerd {
                 self.log()
             );
         }
+        self.delete_everything();
         let _ = self.stop();
         self.clean_up();
     }
