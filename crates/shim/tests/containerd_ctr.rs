@@ -307,8 +307,8 @@ fn kata_detached_task_is_listed_exec_d_and_killed_with_sigterm_then_sigkill() {
     detached_task_is_listed_exec_d_and_killed(ctrd, KATA_RUNTIME, &image);
 }
 
-/// `run -d`, `task ls`, `task ps`, `task exec`, `task kill` (SIGTERM, caught; then SIGKILL),
-/// `task delete`.
+/// `run -d`, `task ls`, `task ps`, `task exec` (with and without a terminal), `task pause` and
+/// `resume`, `task kill` (SIGTERM, caught; then SIGKILL), `task delete`.
 fn detached_task_is_listed_exec_d_and_killed(ctrd: Containerd, runtime: &str, image: &Image) {
     let id = unique_name("kt");
 
@@ -373,6 +373,31 @@ fn detached_task_is_listed_exec_d_and_killed(ctrd: Containerd, runtime: &str, im
     assert_eq!(out.code(), Some(3), "{out}");
     assert_eq!(out.stdout, "exec-out\n", "{out}");
     assert!(out.stderr.contains("exec-err"), "{out}");
+
+    // task exec -t: the exec'd process has a terminal of its own.
+    let exec = ctrd.ctr(&[
+        "task",
+        "exec",
+        "-t",
+        "--exec-id",
+        "e2",
+        &id,
+        "sh",
+        "-c",
+        "tty; test -t 0 && echo stdin-is-a-terminal; exit 4",
+    ]);
+    let mut script = std::process::Command::new("script");
+    script.args(["-q", "-e", "-c", &shell_words(&exec), "/dev/null"]);
+    let out = run_with_timeout(script, Some(b""), VM_CALL).unwrap();
+    assert_eq!(out.code(), Some(4), "{out}");
+    assert!(out.stdout.contains("/dev/pts/"), "{out}");
+    assert!(out.stdout.contains("stdin-is-a-terminal"), "{out}");
+
+    // task pause and resume.
+    ctrd.ctr_ok(&["task", "pause", &id]).unwrap();
+    assert_eq!(ctrd.task_status(&id).unwrap().as_deref(), Some("PAUSED"));
+    ctrd.ctr_ok(&["task", "resume", &id]).unwrap();
+    assert_eq!(ctrd.task_status(&id).unwrap().as_deref(), Some("RUNNING"));
 
     // SIGTERM (task kill's default) reaches the init, which stays.
     ctrd.ctr_ok(&["task", "kill", &id]).unwrap();
