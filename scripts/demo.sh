@@ -4,7 +4,9 @@
 # pings through it, runs a command in a container inside the sandbox (its busybox root
 # filesystem bound into the virtio-fs share), then stops it with SIGTERM and checks that
 # nothing is left: no QEMU or virtiofsd process, no namespace, no TAP, no mount, no run
-# directory.
+# directory. Then containerd runs a container in a VM through the shim: a private containerd
+# (its own root, state and sockets in the demo's temp dir) and `ctr run --rm --runtime
+# io.containerd.kata.v2`, and again nothing is left.
 #
 # `make demo` first installs what is missing (`make deps`) and builds the guest
 # (`make guest-assets`). Needs root. Env: GUEST_DIR, CARGO, DEMO_CONFIG.
@@ -32,8 +34,16 @@ field() { sed -n "s/.*\"$1\":\"\\{0,1\\}\\([^\",]*\\).*/\\1/p" "${2:-/dev/stdin}
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, TAP devices): run sudo make demo"
 
 shim_pid=""
+containerd_pid=""
 cleanup() {
     local rc=$?
+    if [ -n "$containerd_pid" ] && kill -0 "$containerd_pid" 2>/dev/null; then
+        kill -TERM "$containerd_pid" 2>/dev/null || true
+        wait "$containerd_pid" 2>/dev/null || true
+    fi
+    if [ $rc -ne 0 ] && [ -f "$WORK/containerd.log" ]; then
+        echo "--- containerd log (with the shim's) ---" >&2; tail -n 30 "$WORK/containerd.log" >&2
+    fi
     if [ -n "$shim_pid" ] && kill -0 "$shim_pid" 2>/dev/null; then
         say "cleaning up after a failure: SIGTERM to the shim ($shim_pid)"
         kill -TERM "$shim_pid" 2>/dev/null || true
@@ -145,6 +155,48 @@ for tap in $taps; do ip -o link show "$tap" >/dev/null 2>&1 && left+=("TAP $tap 
 [ ${#left[@]} -eq 0 ] || die "left behind: ${left[*]}"
 echo "  no QEMU or virtiofsd process, no namespace $ns, no TAP ($taps), no mount, no run directory"
 
+say "containerd: a private one (root, state and sockets in $WORK/containerd)"
+CTD=$WORK/containerd
+mkdir -p "$CTD"
+cat >"$CTD/config.toml" <<EOF
+version = 2
+root = "$CTD/root"
+state = "$CTD/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$CTD/containerd.sock"
+[ttrpc]
+  address = "$CTD/containerd.sock.ttrpc"
+EOF
+# containerd finds io.containerd.kata.v2 as containerd-shim-kata-v2 on its PATH and passes
+# its environment (KATA_CONF_FILE: the configuration) to the shim.
+PATH=$(dirname "$SHIM"):$PATH KATA_CONF_FILE=$CONFIG containerd --config "$CTD/config.toml" \
+    >"$WORK/containerd.log" 2>&1 &
+containerd_pid=$!
+ctr() { command ctr --address "$CTD/containerd.sock" "$@"; }
+for _ in $(seq 100); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
+ctr version >/dev/null || die "containerd did not start"
+CID=demo-ctr-$$
+say "ctr run --rm --runtime io.containerd.kata.v2 (root filesystem: $GUEST_DIR/rootfs)"
+t=$(now)
+rc=0
+ctr_out=$(ctr run --rm --runtime io.containerd.kata.v2 --rootfs "$GUEST_DIR/rootfs" "$CID" \
+    sh -c 'echo hello from containerd; uname -r; exit 7' </dev/null) || rc=$?
+ctr_ms=$(ms "$t")
+echo "$ctr_out" | sed 's/^/  | /'
+echo "$ctr_out" | head -n1 | grep -qx 'hello from containerd' || die "unexpected output from ctr run"
+[ $rc -eq 7 ] || die "ctr run exited with $rc, not the container's 7"
+echo "  the container runs the guest's kernel ($(echo "$ctr_out" | sed -n 2p); the host's is $(uname -r)); ctr exited with 7"
+kill -TERM "$containerd_pid"; wait "$containerd_pid" 2>/dev/null || true; containerd_pid=""
+left=()
+pgrep -f "containerd-shim-kata-v2 .*-id $CID" >/dev/null && left+=("shim of $CID")
+pgrep -f "qemu-system.*-name sandbox-$CID" >/dev/null && left+=("QEMU of $CID")
+[ -e "/run/netns/kata-$CID" ] && left+=("namespace kata-$CID")
+[ -e "/run/containerd-shim-kata-v2/sandboxes/$CID" ] && left+=("run directory of $CID")
+grep -qF " $CTD/" /proc/self/mountinfo && left+=("mounts under $CTD")
+[ ${#left[@]} -eq 0 ] || die "left behind: ${left[*]}"
+echo "  no shim, QEMU, namespace, mount or run directory left"
+
 echo
 say "summary"
 printf '  %-34s %6s ms\n' \
@@ -154,5 +206,6 @@ printf '  %-34s %6s ms\n' \
     "hotplug NIC + guest address" "$hotplug_ms" \
     "sandbox exec (create..delete)" "$exec_ms" \
     "SIGTERM -> everything removed" "$stop_ms" \
+    "ctr run --rm (VM boot..removed)" "$ctr_ms" \
     "demo total" "$(ms "$t0")"
 say "OK"
