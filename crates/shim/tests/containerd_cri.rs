@@ -77,6 +77,8 @@ struct Pod {
     id: String,
     /// The pod's network namespace (`/var/run/netns/cni-...`), from the sandbox's spec.
     netns: PathBuf,
+    /// Its containers' ids.
+    containers: Vec<String>,
 }
 
 fn pod_flow(handler: Handler, net: u8) -> Result<()> {
@@ -178,13 +180,22 @@ fn pod_flow(handler: Handler, net: u8) -> Result<()> {
     // no mount under its temp dir or the shim's run root, no run directory; then the pod's
     // and the node's namespaces hold nothing of the pod.
     let pod = pods.pop().context("the flow made a pod")?;
-    let shim_socket = cri::shim_socket(&containerd, &pod.id);
-    containerd.finish(&[&pod.id])?;
-    ensure!(
-        !shim_socket.exists(),
-        "the pod's shim socket {} is left",
-        shim_socket.display()
-    );
+    let ids: Vec<&str> = [pod.id.as_str()]
+        .into_iter()
+        .chain(pod.containers.iter().map(String::as_str))
+        .collect();
+    let shim_sockets: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| cri::shim_socket(&containerd, id))
+        .collect();
+    containerd.finish(&ids)?;
+    for socket in shim_sockets {
+        ensure!(
+            !socket.exists(),
+            "a shim socket {} is left",
+            socket.display()
+        );
+    }
     ensure!(
         !pod.netns.exists(),
         "the pod's network namespace {} is left",
@@ -275,6 +286,7 @@ fn run_pod(
     pods.push(Pod {
         id: pod_id.clone(),
         netns: netns.clone(),
+        containers: Vec::new(),
     });
     let sandbox = status.status.context("PodSandboxStatus has no status")?;
     ensure!(
@@ -332,6 +344,9 @@ fn run_pod(
             runtime.create_container(create),
         )?
         .container_id;
+        if let Some(pod) = pods.last_mut() {
+            pod.containers.push(id.clone());
+        }
         let start = api::StartContainerRequest { container_id: id };
         cri::call(
             rt,
