@@ -21,7 +21,7 @@ SHIM_FEATSETS := "" "--features qemu" "--features dragonball" "--features qemu,d
 
 export GUEST_DIR
 
-.PHONY: help build test check demo bench soak footprint guest-assets test-guest deps tools clean
+.PHONY: help build install test check demo bench soak footprint guest-assets test-guest deps tools clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,6 +30,9 @@ help: ## Show the targets
 build: ## Build the shim (release) with HYPERVISOR's backends
 	$(CARGO) build --release -p containerd-shim-kata-v2 $(SHIM_FEATURES)
 	@echo "built target/release/containerd-shim-kata-v2 with: $(FEATURES)"
+
+install: build guest-assets ## Install the shim, the guest and a default configuration in Kata's places (DESTDIR, PREFIX)
+	@HYPERVISOR=$(HYPERVISOR) scripts/install.sh
 
 deps: ## Install the Debian packages the tests and demo need
 	@scripts/install-deps.sh
