@@ -192,7 +192,7 @@ left=()
 pgrep -f "containerd-shim-kata-v2 .*-id $CID" >/dev/null && left+=("shim of $CID")
 pgrep -f "qemu-system.*-name sandbox-$CID" >/dev/null && left+=("QEMU of $CID")
 [ -e "/run/netns/kata-$CID" ] && left+=("namespace kata-$CID")
-[ -e "/run/containerd-shim-kata-v2/sandboxes/$CID" ] && left+=("run directory of $CID")
+[ -e "/run/kata/sandboxes/$CID" ] && left+=("run directory of $CID")
 grep -qF " $CTD/" /proc/self/mountinfo && left+=("mounts under $CTD")
 [ ${#left[@]} -eq 0 ] || die "left behind: ${left[*]}"
 echo "  no shim, QEMU, namespace, mount or run directory left"

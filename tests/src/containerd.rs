@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use crate::containers::busybox_rootfs;
 
 /// The shim's run root (sandbox records, VM directories).
-pub const SHIM_RUN_ROOT: &str = "/run/containerd-shim-kata-v2";
+pub const SHIM_RUN_ROOT: &str = "/run/kata";
 /// containerd's runtime name of the shim under test.
 pub const KATA_RUNTIME: &str = "io.containerd.kata.v2";
 /// containerd's runtime name of runc.

@@ -59,8 +59,9 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use crate::facts::{ControlRequest, ControlResponse};
 use crate::logging::{LogFormat, LogLevel};
 
-/// Default parent of run directories.
-const DEFAULT_RUN_ROOT: &str = "/run/containerd-shim-kata-v2";
+/// Default parent of run directories: short, since a 64-character containerd id and a
+/// socket name under `vm/ID/` must fit a Unix socket path (108 bytes).
+const DEFAULT_RUN_ROOT: &str = "/run/kata";
 
 /// The containerd shim v2 runtime for VM sandboxes, and its operator commands.
 #[derive(Debug, Parser)]

@@ -77,6 +77,11 @@ pub use containers::{
 };
 pub use vmm::ExitWatch;
 
+/// Room of a Unix socket path (`sun_path`), its final NUL included.
+const SUN_PATH_MAX: usize = 108;
+/// The longest socket name a backend binds in its run directory.
+const LONGEST_SOCKET: &str = "virtiofsd-fs99.sock";
+
 /// What a sandbox is asked to be, besides its configuration file.
 #[derive(Debug, Clone)]
 pub struct SandboxOptions {
@@ -254,6 +259,15 @@ impl Sandbox {
         };
         spec.validate()
             .with_context(|| format!("Checking sandbox id {id:?}"))?;
+        // The backend binds its sockets (QMP, agent, virtiofsd-fsN.sock) in vm/ID/.
+        let longest = vm_root(&opts.run_root).join(&id).join(LONGEST_SOCKET);
+        if longest.as_os_str().len() >= SUN_PATH_MAX {
+            bail!(
+                "socket paths under {} would be longer than a Unix socket path may be ({} bytes) with sandbox id {id:?}: use a shorter run root (--run-root) or id",
+                opts.run_root.display(),
+                SUN_PATH_MAX
+            );
+        }
         Ok(Sandbox {
             log: sb_log,
             backend: cfg.backend,

@@ -1,5 +1,5 @@
 //! The built binary's command line: version, backend selection, configuration errors,
-//! containerd entry points. Hermetic: no root, no VM.
+//! containerd's entry points with bad input. Hermetic: no root, no VM.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -229,28 +229,111 @@ fn an_unset_guest_dir_is_named_with_its_line() {
     );
 }
 
+/// containerd's command line, run in `bundle`.
+fn containerd_shim(bundle: &Path, args: &[&str]) -> Output {
+    Command::new(SHIM)
+        .args(args)
+        .current_dir(bundle)
+        .env_remove("GUEST_DIR")
+        .output()
+        .expect("running the shim")
+}
+
 #[test]
-fn containerd_entry_points_say_they_are_not_implemented() {
-    for args in [
+fn start_without_a_bundle_spec_names_it_and_starts_nothing() {
+    let bundle = tempfile::tempdir().unwrap();
+    let id = format!("nospec{}", std::process::id());
+    let out = containerd_shim(
+        bundle.path(),
         &[
             "-namespace",
-            "k8s.io",
+            "t",
             "-address",
-            "/run/containerd.sock",
+            "/nonexistent/c.sock",
             "-id",
-            "x",
+            &id,
             "start",
-        ][..],
-        &["delete"][..],
-    ] {
-        let out = shim(args);
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("Reading the OCI spec") && stderr.contains("config.json"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "an address was printed: {stdout}");
+    let left: Vec<_> = std::fs::read_dir(bundle.path()).unwrap().collect();
+    assert!(left.is_empty(), "start left {left:?} in the bundle");
+}
+
+#[test]
+fn delete_of_a_task_with_nothing_left_answers_and_can_repeat() {
+    let bundle = tempfile::tempdir().unwrap();
+    let id = format!("gone{}", std::process::id());
+    for _ in 0..2 {
+        let out = containerd_shim(
+            bundle.path(),
+            &[
+                "-namespace",
+                "t",
+                "-address",
+                "/nonexistent/c.sock",
+                "-id",
+                &id,
+                "delete",
+            ],
+        );
         let (_, stderr) = text(&out);
-        assert!(!out.status.success(), "{args:?}");
+        assert!(out.status.success(), "{stderr}");
+        // DeleteResponse { exit_status: 137, exited_at: now }: field 2 = varint 137.
         assert!(
-            stderr.contains("not implemented in this build") && stderr.contains("sandbox run"),
-            "{args:?}: {stderr}"
+            out.stdout.windows(3).any(|w| w == [0x10, 0x89, 0x01]),
+            "no exit status 137 in {:?}",
+            out.stdout
         );
     }
+}
+
+#[test]
+fn containerd_flags_with_mistakes_are_refused() {
+    let bundle = tempfile::tempdir().unwrap();
+    let out = containerd_shim(bundle.path(), &["-namespace", "t", "-frobnicate", "start"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("frobnicate"), "{stderr}");
+    let out = containerd_shim(bundle.path(), &["-namespace", "t", "-id", "x", "restart"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("unknown action \"restart\""), "{stderr}");
+}
+
+#[test]
+fn a_run_root_too_long_for_socket_paths_is_refused_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "c.toml",
+        "[hypervisor.qemu]\nkernel = \"${CONFIG_DIR}/vmlinuz\"\ninitrd = \"${CONFIG_DIR}/initrd\"\n",
+    );
+    let run_root = dir.path().join("r".repeat(60));
+    let id = "a".repeat(64);
+    let out = shim(&[
+        "sandbox",
+        "run",
+        "--config",
+        &config,
+        "--id",
+        &id,
+        "--run-root",
+        run_root.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("longer than a Unix socket path may be") && stderr.contains("--run-root"),
+        "{stderr}"
+    );
+    assert!(!run_root.exists(), "{} was created", run_root.display());
 }
 
 #[test]
