@@ -1,5 +1,5 @@
 //! The sandbox layer: one sandbox VM and everything made for it, whatever front-end drives
-//! it (`sandbox run` in [`crate::cli::run`]; the containerd task service is to be a second).
+//! it (`sandbox run` in [`crate::cli::run`], the containerd task service in [`crate::task`]).
 //!
 //! A [`Sandbox`] owns its network namespace (created `kata-ID`, or given), the TAPs of its
 //! NICs and their host addressing ([`crate::net`]), the pod endpoints of a namespace CNI
@@ -20,7 +20,7 @@
 //!    [`Sandbox::create_container`], [`Sandbox::start_container`], [`Sandbox::exec_process`],
 //!    [`Sandbox::signal_process`], [`Sandbox::process`] (a [`containers::ProcessHandle`] to wait from a
 //!    task), [`Sandbox::list_processes`], [`Sandbox::resize_pty`],
-//!    [`Sandbox::close_stdin`], [`Sandbox::delete_container`]; [`copy_stdio`] copies a
+//!    [`Sandbox::delete_container`]; [`copy_stdio`] copies a
 //!    process's stdio to and from files or FIFOs (see the `containers` module);
 //! 6. [`Sandbox::teardown`] (or [`Sandbox::force_teardown`]) at the end, also after a
 //!    failure or a cancelled step: it deletes the containers left and removes exactly what

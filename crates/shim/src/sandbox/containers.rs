@@ -365,7 +365,6 @@ impl Sandbox {
     }
 
     /// Resizes a process's terminal.
-    #[allow(dead_code)] // For the containerd task service (ResizePty); no operator command.
     pub async fn resize_pty(
         &self,
         container_id: &str,
@@ -383,15 +382,6 @@ impl Sandbox {
             .resize_pty(request, REQUEST_TIMEOUT)
             .await
             .with_context(|| format!("Resizing the terminal in container {container_id}"))
-    }
-
-    /// Closes a process's stdin once what was sent is written.
-    #[allow(dead_code)] // For the containerd task service (CloseIO); no operator command.
-    pub async fn close_stdin(&self, container_id: &str, exec_id: Option<&str>) -> Result<()> {
-        self.agent()?
-            .close_stdin(container_id, exec_id, REQUEST_TIMEOUT)
-            .await
-            .with_context(|| format!("Closing stdin in container {container_id}"))
     }
 
     /// Deletes the container in the guest (what is left of it is killed), unmounts its root
