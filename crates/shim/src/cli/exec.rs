@@ -84,7 +84,10 @@ pub async fn begin(
             let mut process = Process::default();
             process.set_args(Some(req.args.clone()));
             process.set_terminal(Some(req.terminal));
-            sb.exec_process(&id, exec_id, &process, stdio).await
+            match serde_json::to_value(&process) {
+                Ok(process) => sb.exec_process(&id, exec_id, &process, stdio).await,
+                Err(e) => Err(e.into()),
+            }
         }
         None => create(sb, &req, stdio).await,
     };

@@ -306,18 +306,18 @@ impl Sandbox {
             .with_context(|| format!("Starting container {container_id}"))
     }
 
-    /// Runs `process` (an OCI process) in the running container, at once.
+    /// Runs `process` (an OCI process, as JSON) in the running container, at once.
     pub async fn exec_process(
         &self,
         container_id: &str,
         exec_id: &str,
-        process: &oci_spec::runtime::Process,
+        process: &serde_json::Value,
         stdio: StdioOptions,
     ) -> Result<ProcessStdio> {
         let request = ExecProcess {
             container_id: container_id.to_string(),
             exec_id: exec_id.to_string(),
-            process: serde_json::to_value(process)?,
+            process: process.clone(),
             stdio: stdio.request(),
         };
         self.agent()?

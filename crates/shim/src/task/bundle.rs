@@ -7,13 +7,16 @@
 //! rewritten to the guest's view ([`guest_spec`]). A bind of the pod's `/dev/shm` becomes a
 //! tmpfs of the container's own. Namespace paths name host namespaces: the guest runtime makes
 //! its own (containers share the VM's network), so they are left as they are.
+//!
+//! The spec is handled as JSON, not as typed OCI structures: what the shim does not touch
+//! reaches the guest exactly as containerd wrote it (the guest runtime reads it typed).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_shim_protos::api::Mount as RootfsMount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
+use serde_json::{json, Value};
 
 use crate::sandbox::SharedMount;
 
@@ -34,32 +37,32 @@ pub enum Kind {
     },
 }
 
-/// The bundle's `config.json`, read and parsed.
-pub fn read_spec(bundle: &Path) -> Result<(Spec, String)> {
+/// The bundle's `config.json`, read and parsed (an object).
+pub fn read_spec(bundle: &Path) -> Result<Value> {
     let path = bundle.join("config.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("Reading the OCI spec {}", path.display()))?;
-    let spec: Spec = serde_json::from_str(&text)
+    let spec: Value = serde_json::from_str(&text)
         .with_context(|| format!("Parsing the OCI spec {}", path.display()))?;
-    Ok((spec, text))
+    if !spec.is_object() {
+        bail!("the OCI spec {} is not a JSON object", path.display());
+    }
+    Ok(spec)
 }
 
 /// What the container is, from its CRI annotations.
-pub fn kind(spec: &Spec) -> Kind {
-    let annotations = spec.annotations().clone().unwrap_or_default();
-    match (
-        annotations.get(CONTAINER_TYPE).map(String::as_str),
-        annotations.get(SANDBOX_ID),
-    ) {
+pub fn kind(spec: &Value) -> Kind {
+    let annotation = |key: &str| spec["annotations"][key].as_str();
+    match (annotation(CONTAINER_TYPE), annotation(SANDBOX_ID)) {
         (Some("container"), Some(sandbox_id)) if !sandbox_id.is_empty() => Kind::Member {
-            sandbox_id: sandbox_id.clone(),
+            sandbox_id: sandbox_id.to_string(),
         },
         _ => Kind::Sandbox,
     }
 }
 
 /// The id of the VM a bundle's container runs in: its own, or its pod's.
-pub fn sandbox_id(spec: &Spec, id: &str) -> String {
+pub fn sandbox_id(spec: &Value, id: &str) -> String {
     match kind(spec) {
         Kind::Sandbox => id.to_string(),
         Kind::Member { sandbox_id } => sandbox_id,
@@ -67,24 +70,27 @@ pub fn sandbox_id(spec: &Spec, id: &str) -> String {
 }
 
 /// The network namespace the spec joins (the pod's, made by CRI), if it names one.
-pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
+pub fn netns_path(spec: &Value) -> Option<PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
         .iter()
-        .find(|n| n.typ() == LinuxNamespaceType::Network)
-        .and_then(|n| n.path().clone())
+        .find(|n| n["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The root filesystem directory: `<bundle>/rootfs` with containerd's mounts mounted on it
 /// (returned as mounted by us), or the spec's `root.path` when there are none.
-pub fn mount_rootfs(bundle: &Path, spec: &Spec, mounts: &[RootfsMount]) -> Result<(PathBuf, bool)> {
+pub fn mount_rootfs(
+    bundle: &Path,
+    spec: &Value,
+    mounts: &[RootfsMount],
+) -> Result<(PathBuf, bool)> {
     if mounts.is_empty() {
-        let root = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
+        let root = spec["root"]["path"]
+            .as_str()
+            .map(PathBuf::from)
             .ok_or_else(|| anyhow!("the bundle has no root filesystem: no rootfs mounts and no root.path in its spec"))?;
         let root = if root.is_absolute() {
             root
@@ -188,48 +194,43 @@ pub fn unmount_rootfs(bundle: &Path) -> Result<bool> {
 /// The spec as the guest runs it, with the host files its bind mounts name: each is bound
 /// into the share at `mounts/N` of the container's directory (`guest_dir` is that directory
 /// as the guest sees it).
-pub fn guest_spec(spec: &Spec, guest_dir: &str) -> Result<(String, Vec<SharedMount>)> {
+pub fn guest_spec(spec: &Value, guest_dir: &str) -> Result<(String, Vec<SharedMount>)> {
     let mut spec = spec.clone();
     let mut shared = Vec::new();
-    let mut mounts: Vec<Mount> = Vec::new();
-    for m in spec.mounts().clone().unwrap_or_default() {
-        let options = m.options().clone().unwrap_or_default();
-        let bind = m.typ().as_deref() == Some("bind")
-            || options.iter().any(|o| o == "bind" || o == "rbind");
-        let Some(source) = m.source().clone().filter(|s| bind && s.is_absolute()) else {
-            mounts.push(m);
-            continue;
-        };
-        if m.destination() == Path::new("/dev/shm") {
-            mounts.push(
-                MountBuilder::default()
-                    .destination("/dev/shm")
-                    .typ("tmpfs")
-                    .source("shm")
-                    .options(
-                        ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]
-                            .map(String::from)
-                            .to_vec(),
-                    )
-                    .build()
-                    .context("Building the /dev/shm mount")?,
-            );
-            continue;
+    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        for m in mounts.iter_mut() {
+            let bind = m["type"] == "bind"
+                || m["options"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
+            let Some(source) = m["source"]
+                .as_str()
+                .map(PathBuf::from)
+                .filter(|s| bind && s.is_absolute())
+            else {
+                continue;
+            };
+            let destination = m["destination"].as_str().unwrap_or_default().to_string();
+            if destination == "/dev/shm" {
+                *m = json!({
+                    "destination": "/dev/shm",
+                    "type": "tmpfs",
+                    "source": "shm",
+                    "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+                });
+                continue;
+            }
+            if !source.exists() {
+                bail!(
+                    "mount source {} (for {destination}) does not exist",
+                    source.display()
+                );
+            }
+            let rel = format!("mounts/{}", shared.len());
+            m["source"] = Value::String(format!("{guest_dir}/{rel}"));
+            shared.push(SharedMount { source, rel });
         }
-        if !source.exists() {
-            bail!(
-                "mount source {} (for {}) does not exist",
-                source.display(),
-                m.destination().display()
-            );
-        }
-        let rel = format!("mounts/{}", shared.len());
-        let mut m = m.clone();
-        m.set_source(Some(PathBuf::from(format!("{guest_dir}/{rel}"))));
-        mounts.push(m);
-        shared.push(SharedMount { source, rel });
     }
-    spec.set_mounts(Some(mounts));
     Ok((serde_json::to_string(&spec)?, shared))
 }
 
@@ -237,8 +238,8 @@ pub fn guest_spec(spec: &Spec, guest_dir: &str) -> Result<(String, Vec<SharedMou
 mod tests {
     use super::*;
 
-    fn spec(json: serde_json::Value) -> Spec {
-        serde_json::from_value(json).unwrap()
+    fn spec(json: Value) -> Value {
+        json
     }
 
     #[test]

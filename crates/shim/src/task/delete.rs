@@ -35,7 +35,7 @@ pub fn run(flags: &Flags, run_root: &Path) -> Result<()> {
     let report = rt.block_on(cleanup::dead(run_root, &flags.id))?;
     // The socket of a shim that died stays behind: nobody answers on it.
     let sandbox_id = bundle::read_spec(&bundle_dir)
-        .map(|(spec, _)| bundle::sandbox_id(&spec, &flags.id))
+        .map(|spec| bundle::sandbox_id(&spec, &flags.id))
         .unwrap_or_else(|_| flags.id.clone());
     let socket = start::socket_path(&flags.address, &flags.namespace, &sandbox_id);
     if socket.exists() && UnixStream::connect(&socket).is_err() {

@@ -80,8 +80,8 @@ pub struct Process {
     pub started: bool,
     /// Its end, once known.
     pub exit: watch::Sender<Option<Exit>>,
-    /// An exec's process spec, until it starts.
-    pub spec: Option<oci_spec::runtime::Process>,
+    /// An exec's process spec (OCI JSON), until it starts.
+    pub spec: Option<serde_json::Value>,
     /// The copy of its streams, started at create (the init) and handed to its waiter.
     pub copy: Option<JoinHandle<Result<(u64, u64)>>>,
 }

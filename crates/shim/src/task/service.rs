@@ -165,7 +165,7 @@ impl Service {
     async fn boot(
         &self,
         req: &CreateTaskRequest,
-        spec: &oci_spec::runtime::Spec,
+        spec: &serde_json::Value,
     ) -> anyhow::Result<Sandbox> {
         let began = Instant::now();
         let file = config::find(req.options.as_ref())?;
@@ -209,7 +209,7 @@ impl Service {
     async fn create_task(&self, req: CreateTaskRequest) -> TaskResult<CreateTaskResponse> {
         let id = req.id.clone();
         let bundle_dir = PathBuf::from(&req.bundle);
-        let (spec, _) = bundle::read_spec(&bundle_dir)?;
+        let spec = bundle::read_spec(&bundle_dir)?;
         let mut state = self.state.lock().await;
         if state.containers.contains_key(&id) {
             return Err(TaskError::AlreadyExists(format!("container {id} exists")));
@@ -272,7 +272,7 @@ impl Service {
         sb: &mut Sandbox,
         req: &CreateTaskRequest,
         bundle_dir: &Path,
-        spec: &oci_spec::runtime::Spec,
+        spec: &serde_json::Value,
         io: &Io,
     ) -> anyhow::Result<(Container, u32)> {
         let (rootfs, mounted) = bundle::mount_rootfs(bundle_dir, spec, &req.rootfs)?;
@@ -595,13 +595,12 @@ impl Task for Service {
             ))
             .into());
         }
-        let spec: oci_spec::runtime::Process =
-            serde_json::from_slice(&req.spec.value).map_err(|e| {
-                TaskError::Other(anyhow!(
-                    "Reading the process spec of exec {}: {e}",
-                    req.exec_id
-                ))
-            })?;
+        let spec: serde_json::Value = serde_json::from_slice(&req.spec.value).map_err(|e| {
+            TaskError::Other(anyhow!(
+                "Reading the process spec of exec {}: {e}",
+                req.exec_id
+            ))
+        })?;
         let io = Io {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

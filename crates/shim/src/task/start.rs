@@ -43,7 +43,7 @@ pub fn run(flags: &Flags) -> Result<()> {
         bail!("start needs -id and -namespace");
     }
     let bundle = flags.bundle()?;
-    let (spec, _) = bundle::read_spec(&bundle)?;
+    let spec = bundle::read_spec(&bundle)?;
     let sandbox_id = bundle::sandbox_id(&spec, &flags.id);
     let path = socket_path(&flags.address, &flags.namespace, &sandbox_id);
     let address = format!("unix://{}", path.display());
