@@ -44,6 +44,11 @@ const WALL: &str = "wall: ctr invoked -> ctr returns";
 const SHIM_START: &str = "shim start: ctr invoked -> shim `serving` (log)";
 const VM_READY: &str = "VM ready: `serving` -> `sandbox ready` (log)";
 const VM_READY_MS: &str = "  `sandbox ready` ms (from the Create request)";
+const TO_BOOTING: &str = "  `serving` -> `booting` (log)";
+const TO_VMM: &str = "  `booting` -> `VMM running` (log)";
+const TO_AGENT: &str = "  `VMM running` -> `guest agent ready` (log)";
+const GUEST_UPTIME: &str = "    guest uptime at `guest agent ready` (the guest's clock)";
+const TO_READY: &str = "  `guest agent ready` -> `sandbox ready` (log)";
 const READY_CREATE: &str = "container create: `sandbox ready` -> /tasks/create";
 const TO_CREATE: &str = "ctr invoked -> /tasks/create";
 const CONTAINER_START: &str = "container start: /tasks/create -> /tasks/start";
@@ -51,11 +56,15 @@ const RUNS_ECHO: &str = "echo runs: /tasks/start -> /tasks/exit";
 const EXIT_DELETE: &str = "exit to delete: /tasks/exit -> /tasks/delete";
 const DELETE_RETURN: &str = "  /tasks/delete -> ctr returns";
 const EXIT_RETURN: &str = "  /tasks/exit -> ctr returns";
-const SPANS: [&str; 11] = [
+const SPANS: [&str; 16] = [
     WALL,
     SHIM_START,
     VM_READY,
     VM_READY_MS,
+    TO_BOOTING,
+    TO_VMM,
+    TO_AGENT,
+    TO_READY,
     READY_CREATE,
     TO_CREATE,
     CONTAINER_START,
@@ -234,6 +243,16 @@ fn run_rm(
         s.add(VM_READY, span(shim.serving, shim.ready)?);
         s.add_value(VM_READY_MS, shim.ready_ms);
         s.add(READY_CREATE, span(shim.ready, at.create)?);
+        // The steps between, when the shim logged them all.
+        if let [Some(booting), Some(vmm), Some(agent)] = shim.steps {
+            s.add(TO_BOOTING, span(shim.serving, booting)?);
+            s.add(TO_VMM, span(booting, vmm)?);
+            s.add(TO_AGENT, span(vmm, agent)?);
+            s.add(TO_READY, span(agent, shim.ready)?);
+        }
+        if let Some(uptime) = shim.guest_uptime_ms {
+            s.add_value(GUEST_UPTIME, uptime);
+        }
     }
     Ok(())
 }
@@ -541,6 +560,10 @@ struct ShimLog {
     serving: SystemTime,
     ready: SystemTime,
     ready_ms: f64,
+    /// `booting`, `VMM running`, `guest agent ready`, if logged.
+    steps: [Option<SystemTime>; 3],
+    /// The `guest_uptime_ms` of `guest agent ready`, if logged.
+    guest_uptime_ms: Option<f64>,
 }
 
 impl ShimLog {
@@ -565,10 +588,27 @@ impl ShimLog {
         let ready_ms = logfmt_value(ready, "ms")
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no ms in {ready:?}"))?;
+        let step = |m: &str| {
+            log.lines()
+                .filter(shim)
+                .find(|l| msg(l, m))
+                .and_then(|l| time(l).ok())
+        };
         Ok(ShimLog {
             serving: time(serving)?,
             ready: time(ready)?,
             ready_ms,
+            guest_uptime_ms: log
+                .lines()
+                .filter(shim)
+                .find(|l| msg(l, "guest agent ready"))
+                .and_then(|l| logfmt_value(l, "guest_uptime_ms"))
+                .and_then(|v| v.parse().ok()),
+            steps: [
+                step("booting"),
+                step("VMM running"),
+                step("guest agent ready"),
+            ],
         })
     }
 }
