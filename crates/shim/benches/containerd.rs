@@ -64,6 +64,7 @@ const SPANS: [&str; 16] = [
     TO_BOOTING,
     TO_VMM,
     TO_AGENT,
+    GUEST_UPTIME,
     TO_READY,
     READY_CREATE,
     TO_CREATE,
