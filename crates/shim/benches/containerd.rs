@@ -549,6 +549,10 @@ fn event_time(line: &str, ns: &str, topic: &str, id: &str) -> Result<Option<Syst
         return Ok(None);
     }
     let offset = f[2];
+    ensure!(
+        offset.len() == 5 && offset.is_ascii(),
+        "no -0700 offset in {line:?}"
+    );
     let stamp = format!("{}T{}{}:{}", f[0], f[1], &offset[..3], &offset[3..]);
     parse_rfc3339(&stamp)
         .map(Some)
