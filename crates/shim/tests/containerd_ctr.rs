@@ -737,3 +737,57 @@ fn kata_configuration_that_fails_to_load_is_named_and_leaves_nothing() {
     let out = run_rm(&ctrd, KATA_RUNTIME, &[], &image, &id, &["true"], None);
     assert_run_fails_naming(ctrd, out, "broken-configuration.toml", &id);
 }
+
+/// QEMU killed under a running task: the shim reports the task's end (status 255: what the
+/// container's was is unknown), `ctr task delete` and `container rm` work, and the sandbox
+/// goes with the task (the shim tears down what is left and exits).
+#[test]
+fn kata_vm_killed_ends_the_task_and_delete_leaves_nothing() {
+    let _vm = vm_lock();
+    let image = Image::busybox("1");
+    let ctrd = kata_containerd(&[&image]);
+    let id = unique_name("kt");
+    let out = ctrd
+        .ctr_output(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                KATA_RUNTIME,
+                &image.name,
+                &id,
+                "sleep",
+                "1000",
+            ],
+            None,
+            VM_CALL,
+        )
+        .unwrap();
+    assert_eq!(out.code(), Some(0), "{out}");
+    ctrd.wait_task_status(&id, "RUNNING", Duration::from_secs(10))
+        .unwrap();
+    let qemu = workspace_tests::run(
+        "pgrep",
+        &["-f", &format!("qemu-system.*-name sandbox-{id}")],
+    )
+    .unwrap();
+    let qemu: i32 = qemu.trim().parse().expect("one QEMU for the sandbox");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    ctrd.wait_task_status(&id, "STOPPED", Duration::from_secs(60))
+        .unwrap();
+    let deleted = ctrd
+        .ctr_output(&["task", "delete", &id], None, VM_CALL)
+        .unwrap();
+    assert_eq!(deleted.code(), Some(0), "{deleted}");
+    assert!(
+        deleted.stderr.contains("exit with non-zero exit code 255"),
+        "{deleted}"
+    );
+    ctrd.ctr_ok(&["container", "rm", &id]).unwrap();
+    assert_nothing_listed(&ctrd);
+    ctrd.finish(&[&id]).unwrap();
+}
