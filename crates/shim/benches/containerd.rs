@@ -26,7 +26,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use workspace_tests::bench::Samples;
@@ -645,42 +645,9 @@ fn logfmt_value(line: &str, key: &str) -> Option<String> {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`.
+/// An RFC 3339 time (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`).
 fn parse_rfc3339(s: &str) -> Result<SystemTime> {
-    let bad = || format!("not an RFC 3339 time: {s:?}");
-    let num = |r: &str| -> Result<i64> { r.parse().with_context(bad) };
-    ensure!(s.len() >= 20 && s.as_bytes()[10] == b'T', "{}", bad());
-    let (y, mo, d) = (num(&s[0..4])?, num(&s[5..7])?, num(&s[8..10])?);
-    let (h, mi, sec) = (num(&s[11..13])?, num(&s[14..16])?, num(&s[17..19])?);
-    let rest = &s[19..];
-    let zone_at = rest.find(['Z', '+', '-']).with_context(bad)?;
-    let (frac, zone) = rest.split_at(zone_at);
-    let nanos = match frac.strip_prefix('.') {
-        Some(digits) if !digits.is_empty() && digits.len() <= 9 => {
-            num(digits)? * 10i64.pow(9 - digits.len() as u32)
-        }
-        None if frac.is_empty() => 0,
-        _ => bail!("{}", bad()),
-    };
-    let offset = match zone {
-        "Z" => 0,
-        z if z.len() == 6 => {
-            let sign = if z.starts_with('-') { -1 } else { 1 };
-            sign * (num(&z[1..3])? * 3600 + num(&z[4..6])? * 60)
-        }
-        _ => bail!("{}", bad()),
-    };
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    let secs = u64::try_from(secs).with_context(bad)?;
-    Ok(UNIX_EPOCH + Duration::new(secs, nanos as u32))
-}
-
-/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("not an RFC 3339 time: {s:?}"))?;
+    Ok(t.into())
 }
