@@ -59,6 +59,11 @@ pub enum RequestBody {
     Exec(ExecRequest),
     /// Mounts a virtio-fs share; answered with [`Done`].
     MountShare(MountShare),
+    /// Sets the guest's wall clock (a VM restored from a template wakes with the
+    /// template's); answered with [`Done`].
+    SetClock(SetClock),
+    /// Sets the guest's hostname; answered with [`Done`].
+    SetHostname(SetHostname),
     /// Creates a container whose init waits for `start_container`; answered with
     /// [`ProcessCreated`].
     CreateContainer(CreateContainer),
@@ -98,6 +103,8 @@ impl RequestBody {
             RequestBody::ConfigureInterface(_) => "configure_interface",
             RequestBody::Exec(_) => "exec",
             RequestBody::MountShare(_) => "mount_share",
+            RequestBody::SetClock(_) => "set_clock",
+            RequestBody::SetHostname(_) => "set_hostname",
             RequestBody::CreateContainer(_) => "create_container",
             RequestBody::StartContainer(_) => "start_container",
             RequestBody::ExecProcess(_) => "exec_process",
@@ -109,6 +116,20 @@ impl RequestBody {
             RequestBody::DeleteContainer(_) => "delete_container",
         }
     }
+}
+
+/// Arguments of `set_clock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetClock {
+    /// The time to set, in milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+}
+
+/// Arguments of `set_hostname`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetHostname {
+    /// The hostname (1 to 64 bytes, no NUL).
+    pub hostname: String,
 }
 
 /// Arguments of `configure_interface`.

@@ -311,6 +311,32 @@ impl AgentClient {
         self.call(RequestBody::ListInterfaces, timeout).await
     }
 
+    /// `set_clock`: sets the guest's wall clock to the host's now.
+    pub async fn sync_clock(&self, timeout: Duration) -> Result<()> {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let _: crate::protocol::Done = self
+            .call(
+                RequestBody::SetClock(crate::protocol::SetClock { unix_ms }),
+                timeout,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `set_hostname`: sets the guest's hostname.
+    pub async fn set_hostname(&self, hostname: &str, timeout: Duration) -> Result<()> {
+        let request = crate::protocol::SetHostname {
+            hostname: hostname.to_string(),
+        };
+        let _: crate::protocol::Done = self
+            .call(RequestBody::SetHostname(request), timeout)
+            .await?;
+        Ok(())
+    }
+
     /// `configure_interface`: addresses, MTU and routes of the NIC with `config.mac`.
     pub async fn configure_interface(
         &self,

@@ -8,6 +8,8 @@ use guest_agent::protocol::{
 };
 use guest_agent::server::{RequestContext, Service};
 
+use crate::identity;
+
 use crate::{exec, interfaces, netconf, share};
 
 /// Executes requests. Shared by all transports and request threads.
@@ -92,6 +94,8 @@ impl Service for Handler {
             }
             RequestBody::Exec(request) => reply(id, exec::run(&request)),
             RequestBody::MountShare(mount) => reply(id, share::mount(&mount)),
+            RequestBody::SetClock(clock) => reply(id, identity::set_clock(&clock)),
+            RequestBody::SetHostname(name) => reply(id, identity::set_hostname(&name)),
             body => reply(id, self.containers(body, ctx)),
         }
     }

@@ -10,6 +10,7 @@
 mod containers;
 mod exec;
 mod handler;
+mod identity;
 mod interfaces;
 mod netconf;
 mod share;
