@@ -28,8 +28,32 @@ pub struct ShimConfig {
     pub backend: BackendKind,
     /// The VM's configuration.
     pub hypervisor: HypervisorConfig,
+    /// VM templates (`[factory]`).
+    pub factory: Factory,
     /// Keys and tables this shim does not know; they were ignored.
     pub warnings: Vec<ConfigWarning>,
+}
+
+/// Kata's `[factory]`: sandboxes started from a VM template (booted once, saved, restored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Factory {
+    /// `enable_template`: start sandboxes from a template of their configuration.
+    pub enable_template: bool,
+    /// `template_path`: where templates are kept (best on tmpfs: their memory files are
+    /// mapped by every clone).
+    pub template_path: PathBuf,
+}
+
+/// Kata's default `template_path`.
+pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
+
+impl Default for Factory {
+    fn default() -> Self {
+        Factory {
+            enable_template: false,
+            template_path: PathBuf::from(DEFAULT_TEMPLATE_PATH),
+        }
+    }
 }
 
 /// A key that was ignored.
@@ -136,6 +160,7 @@ pub fn parse(
 
     let mut hypervisors: Vec<(String, &dyn TableLike, Option<Range<usize>>)> = Vec::new();
     let mut runtime_choice: Option<(String, Option<Range<usize>>)> = None;
+    let mut factory = Factory::default();
     for (key, item) in root.iter() {
         let span = root.get_key_value(key).and_then(|(k, _)| k.span());
         match key {
@@ -161,6 +186,25 @@ pub fn parse(
                             kspan,
                             "unknown key, ignored",
                         ));
+                    }
+                }
+            }
+            "factory" => {
+                let table = cx.table(key, item, span.clone())?;
+                for (k, v) in table.iter() {
+                    let kspan = table.get_key_value(k).and_then(|(k, _)| k.span());
+                    match k {
+                        "enable_template" => {
+                            factory.enable_template = cx.bool("factory.enable_template", v)?
+                        }
+                        "template_path" => {
+                            factory.template_path = cx.path("factory.template_path", v)?
+                        }
+                        _ => warnings.push(cx.warning(
+                            &format!("factory.{k}"),
+                            kspan,
+                            "unknown key, ignored",
+                        )),
                     }
                 }
             }
@@ -231,6 +275,7 @@ pub fn parse(
         file: file.to_path_buf(),
         backend,
         hypervisor,
+        factory,
         warnings,
     })
 }

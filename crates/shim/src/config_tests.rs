@@ -378,3 +378,31 @@ fn shared_fs_keys_map_as_kata_names_them_and_default_to_none() {
         assert!(err.to_string().contains(key), "{line}: {err}");
     }
 }
+
+#[test]
+fn the_factory_table_sets_templates() {
+    let c = parse_str("[hypervisor.qemu]\nkernel = \"/k\"\n").unwrap();
+    assert_eq!(c.factory, Factory::default());
+    assert_eq!(c.factory.template_path, Path::new("/run/vc/vm/template"));
+    let c = parse_str(
+        "[hypervisor.qemu]\nkernel = \"/k\"\n[factory]\nenable_template = true\ntemplate_path = \"/run/t\"\nvm_cache_number = 3\n",
+    )
+    .unwrap();
+    assert!(c.factory.enable_template);
+    assert_eq!(c.factory.template_path, Path::new("/run/t"));
+    let w: Vec<_> = c
+        .warnings
+        .iter()
+        .map(|w| (w.key.as_str(), w.line))
+        .collect();
+    assert_eq!(w, [("factory.vm_cache_number", 6)]);
+    let err =
+        parse_str("[hypervisor.qemu]\nkernel = \"/k\"\n[factory]\nenable_template = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains(":4: factory.enable_template"), "{err}");
+    let err = parse_str("[hypervisor.qemu]\nkernel = \"/k\"\n[factory]\ntemplate_path = \"t\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("factory.template_path"), "{err}");
+}
