@@ -222,6 +222,7 @@ impl Backend for Dragonball {
             agent_channel: AgentChannelSource::VsockDevice { guest_cid: 3 },
             shared_fs: false,
             shared_fs_hotplug: false,
+            templates: false,
         }
     }
 

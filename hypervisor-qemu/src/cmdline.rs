@@ -162,6 +162,25 @@ pub enum AgentArgs {
     },
 }
 
+/// A VM's part in a template ([`hypervisor::Boot`]): guest RAM in a file, a `vmgenid`
+/// device, and for a clone an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateArgs {
+    /// The template's source: RAM in `mem_path`, mapped shared (the template's memory file).
+    Source {
+        /// The memory file as QEMU opens it (`/proc/self/fd/N`).
+        mem_path: PathBuf,
+    },
+    /// A clone: RAM mapped private (copy-on-write) from `mem_path`, a new generation id, and
+    /// `-incoming defer` (the state comes over QMP `migrate-incoming`).
+    Clone {
+        /// The template's memory file as QEMU opens it (`/proc/self/fd/N`).
+        mem_path: PathBuf,
+        /// The clone's `vmgenid` GUID.
+        vmgenid: String,
+    },
+}
+
 /// Everything the command line is built from.
 #[derive(Debug, Clone)]
 pub struct CmdlineSpec {
@@ -205,6 +224,8 @@ pub struct CmdlineSpec {
     pub shared_memory: bool,
     /// Cold-plugged shared filesystems.
     pub shares: Vec<SharedFsArgs>,
+    /// The VM's part in a template, if any (never with `shared_memory`).
+    pub template: Option<TemplateArgs>,
 }
 
 impl CmdlineSpec {
@@ -234,7 +255,7 @@ impl CmdlineSpec {
                 self.accel.as_str()
             ),
         };
-        if self.shared_memory {
+        if self.shared_memory || self.template.is_some() {
             machine.push_str(",memory-backend=mem");
         }
         push(&["-name", &format!("sandbox-{}", self.name)]);
@@ -260,6 +281,15 @@ impl CmdlineSpec {
                     self.memory_mib
                 ),
             ]);
+        }
+        match &self.template {
+            Some(TemplateArgs::Source { mem_path }) => {
+                push(&["-object", &memory_file(self.memory_mib, mem_path, true)])
+            }
+            Some(TemplateArgs::Clone { mem_path, .. }) => {
+                push(&["-object", &memory_file(self.memory_mib, mem_path, false)])
+            }
+            None => {}
         }
         push(&["-smp", &self.vcpus.to_string()]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
@@ -300,6 +330,17 @@ impl CmdlineSpec {
                     &format!("{},guest-cid={cid}", self.machine.virtio("vhost-vsock")),
                 ]);
             }
+        }
+
+        match &self.template {
+            Some(TemplateArgs::Source { .. }) => {
+                push(&["-device", "vmgenid,id=vmgenid0,guid=auto"]);
+            }
+            Some(TemplateArgs::Clone { vmgenid, .. }) => {
+                push(&["-device", &format!("vmgenid,id=vmgenid0,guid={vmgenid}")]);
+                push(&["-incoming", "defer"]);
+            }
+            None => {}
         }
 
         for nic in &self.nics {
@@ -422,6 +463,16 @@ fn blockdev_arg(b: &BlockArgs) -> String {
     )
 }
 
+/// `memory-backend-file` for guest RAM in `path`: mapped shared (a template's source, whose
+/// pages are the template) or private (a clone: copy-on-write over the template's pages).
+fn memory_file(memory_mib: u32, path: &std::path::Path, share: bool) -> String {
+    format!(
+        "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share={}",
+        path.display().to_string().replace(',', ",,"),
+        on_off(share)
+    )
+}
+
 /// The path under which QEMU opens an fd of fd set `set`.
 pub fn fdset_path(set: u32) -> PathBuf {
     PathBuf::from(format!("/dev/fdset/{set}"))
@@ -460,7 +511,42 @@ mod tests {
             root_ports: vec![("rp0".into(), 0x1c)],
             shared_memory: false,
             shares: vec![],
+            template: None,
         }
+    }
+
+    #[test]
+    fn a_template_source_has_its_ram_in_a_shared_file_and_a_vmgenid() {
+        let mut s = spec();
+        s.template = Some(TemplateArgs::Source {
+            mem_path: "/proc/self/fd/9".into(),
+        });
+        let a = s.args();
+        assert_eq!(after(&a, "-machine"), ["q35,accel=tcg,memory-backend=mem"]);
+        assert_eq!(
+            after(&a, "-object"),
+            ["memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/9,share=on"]
+        );
+        assert!(after(&a, "-device").contains(&"vmgenid,id=vmgenid0,guid=auto"));
+        assert!(after(&a, "-incoming").is_empty());
+    }
+
+    #[test]
+    fn a_clone_maps_the_template_private_with_a_new_vmgenid_and_waits_for_its_state() {
+        let mut s = spec();
+        s.template = Some(TemplateArgs::Clone {
+            mem_path: "/proc/self/fd/9".into(),
+            vmgenid: "9b1c8b5e-0c0a-4f7e-a1d2-3c4d5e6f7a8b".into(),
+        });
+        let a = s.args();
+        assert_eq!(after(&a, "-machine"), ["q35,accel=tcg,memory-backend=mem"]);
+        assert_eq!(
+            after(&a, "-object"),
+            ["memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/9,share=off"]
+        );
+        assert!(after(&a, "-device")
+            .contains(&"vmgenid,id=vmgenid0,guid=9b1c8b5e-0c0a-4f7e-a1d2-3c4d5e6f7a8b"));
+        assert_eq!(after(&a, "-incoming"), ["defer"]);
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub fn run_as(config: &HypervisorConfig) -> std::result::Result<Option<RunAs>, C
 
 /// Whether `who` may access a file with `meta` for `want` (`0o4` read, `0o2` write, as for
 /// "other").
-fn may_access(meta: &std::fs::Metadata, who: &RunAs, want: u32) -> bool {
+pub(crate) fn may_access(meta: &std::fs::Metadata, who: &RunAs, want: u32) -> bool {
     let mode = meta.mode();
     let bits = if meta.uid() == who.uid {
         mode >> 6

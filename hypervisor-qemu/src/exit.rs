@@ -30,7 +30,7 @@ pub(crate) async fn connect_or_exit(run: &RunDir, child: &QemuProcess) -> Result
     }
 }
 
-fn early_exit(child: &QemuProcess) -> Error {
+pub(crate) fn early_exit(child: &QemuProcess) -> Error {
     let status = (*child.exited.borrow()).unwrap_or_else(|| ExitStatus::from_raw(0));
     let output = child.output.text();
     let why = if output.trim().is_empty() {

@@ -81,12 +81,14 @@ pub mod qmp;
 mod reconcile;
 mod restore;
 mod share;
+mod template;
 mod unplug;
 pub mod virtiofs;
 
 pub use confine::{check_confinement, ConfinementCheck, ConfinementState};
 pub use hotplug::IMAGE_DEVICE_ID;
 pub use restore::restore;
+pub use template::MigrationFailed;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
@@ -288,6 +290,8 @@ impl Qemu {
             agent_channel: AgentChannelSource::Builtin,
             shared_fs,
             shared_fs_hotplug: shared_fs && pci,
+            // vhost-user needs guest RAM shared; a template's clones map it private.
+            templates: !shared_fs,
         }
     }
 

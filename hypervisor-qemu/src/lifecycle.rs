@@ -91,6 +91,8 @@ impl Backend for Qemu {
             accel,
             matches!(agent, AgentAddress::Vsock { .. }),
         )?;
+        // Likewise a template role's files.
+        crate::template::check(&spec.config)?;
         // Likewise a virtio-fs daemon that is missing or is not virtiofsd.
         let daemon = crate::virtiofs::resolve(&spec.config).await?;
         if let Some(d) = &daemon {
@@ -175,7 +177,24 @@ impl Backend for Qemu {
         ctx: Context<'_>,
         device: Device,
     ) -> Result<DeviceInfo> {
+        if ctx.spec.config.boot.template_dir().is_some()
+            && device.config.kind() == hypervisor::DeviceKind::Network
+        {
+            // A clone must have the template's devices; a NIC is the clone's own.
+            return Err(Self::unsupported(
+                "a cold-plugged NIC in a VM template or its clone",
+                "templates have no NIC, so that every clone can have its own: hot-plug the NIC after start",
+            ));
+        }
         self.plug(vm, ctx, device, PlugMode::Cold).await
+    }
+
+    async fn save_template(
+        &self,
+        vm: &mut QemuSandbox,
+        ctx: Context<'_>,
+    ) -> Result<hypervisor::TemplateFiles> {
+        self.save(vm, ctx).await
     }
 
     async fn hot_plug(
@@ -272,6 +291,7 @@ impl Qemu {
             .unwrap_or_else(|| run.dir.join("console.log"));
         let files =
             crate::confine::StartFiles::open(&spec.config, &run, &console, &inner.cold, &mut fds)?;
+        let template = crate::template::open(&spec.config, &mut fds)?;
 
         // Before the cold devices are taken: a start refused here can be retried with them.
         let mut ports = Vec::new();
@@ -366,6 +386,7 @@ impl Qemu {
             root_ports: ports.iter().map(|p| (p.id.clone(), p.slot)).collect(),
             shared_memory: inner.daemon.is_some(),
             shares,
+            template: template.as_ref().map(|t| t.args.clone()),
         };
         let binary = self.binary(&spec.config);
         let args = cmd.args();
@@ -416,6 +437,14 @@ impl Qemu {
         let events = qmp.subscribe();
         let qmp = Arc::new(qmp);
         let vcpus = vcpu_threads(&qmp, self.opts.qmp_timeout).await;
+        if let Some(incoming) = template.and_then(|t| t.incoming) {
+            let left = timeout.saturating_sub(began.elapsed());
+            if let Err(e) = self.restore_template(&qmp, &child, incoming, left).await {
+                kill_and_reap(&child).await;
+                stop_all(daemons).await;
+                return Err(e);
+            }
+        }
         spawn_exit_watch(ctx.lifecycle.clone(), &child, events, self.log.clone());
         spawned.disarm();
         for info in cold_infos {

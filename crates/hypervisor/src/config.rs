@@ -81,6 +81,60 @@ impl SharedFsKind {
     }
 }
 
+/// How the VM comes to run: booted cold, booted as a template's source, or started from a
+/// template ([`HypervisorConfig::boot`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Boot {
+    /// A normal boot.
+    #[default]
+    Cold,
+    /// Boot cold with guest RAM in `dir/memory` (a file mapped shared, e.g. on tmpfs) so that
+    /// [`Hypervisor::save_template`](crate::Hypervisor::save_template) can save it as a
+    /// template. `dir` must exist.
+    TemplateSource {
+        /// The template's directory.
+        dir: PathBuf,
+    },
+    /// Start from the template in `dir`: RAM mapped copy-on-write (private) from
+    /// `dir/memory`, device state restored from `dir/state`; running when `start` returns.
+    /// The configuration must be the template's (the caller checks that), and devices beyond
+    /// the template's are hot-plugged after start.
+    FromTemplate {
+        /// The template's directory.
+        dir: PathBuf,
+    },
+}
+
+impl Boot {
+    /// The template directory of a template role; `None` for a cold boot.
+    pub fn template_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Boot::Cold => None,
+            Boot::TemplateSource { dir } | Boot::FromTemplate { dir } => Some(dir),
+        }
+    }
+}
+
+/// The files of a saved template ([`Hypervisor::save_template`](crate::Hypervisor::save_template)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateFiles {
+    /// Guest RAM (`dir/memory`).
+    pub memory: PathBuf,
+    /// The saved device state (`dir/state`).
+    pub state: PathBuf,
+}
+
+impl TemplateFiles {
+    /// The files of the template in `dir`.
+    pub fn in_dir(dir: &std::path::Path) -> TemplateFiles {
+        TemplateFiles {
+            memory: dir.join("memory"),
+            state: dir.join("state"),
+        }
+    }
+}
+
 /// The VM's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -138,6 +192,8 @@ pub struct HypervisorConfig {
     /// The cache mode of the shares the runtime creates (Kata's `virtio_fs_cache`); each
     /// device carries its own ([`crate::device::SharedFsConfig::cache`]).
     pub virtio_fs_cache: crate::device::SharedFsCache,
+    /// How the VM comes to run ([`Boot`]); a cold boot unless set.
+    pub boot: Boot,
 }
 
 impl Default for HypervisorConfig {
@@ -165,6 +221,7 @@ impl Default for HypervisorConfig {
             virtio_fs_daemon: None,
             virtio_fs_extra_args: Vec::new(),
             virtio_fs_cache: crate::device::SharedFsCache::default(),
+            boot: Boot::Cold,
         }
     }
 }
@@ -250,6 +307,42 @@ impl HypervisorConfig {
         }
         if self.rootless {
             RootlessUser::parse(&self.rootless_user)?;
+        }
+        self.validate_boot()
+    }
+
+    /// The template role's checks: an absolute directory; a template to start from has its
+    /// files; no virtio-fs (vhost-user needs guest RAM shared, clones map it private).
+    fn validate_boot(&self) -> Result<(), ConfigError> {
+        let Some(dir) = self.boot.template_dir() else {
+            return Ok(());
+        };
+        if !dir.is_absolute() {
+            return Err(ConfigError::new(
+                "boot.dir",
+                format!("{} is not an absolute path", dir.display()),
+            ));
+        }
+        if self.shared_fs == SharedFsKind::VirtioFs {
+            return Err(ConfigError::new(
+                "boot",
+                "a VM template cannot be made or used with shared_fs = \"virtio-fs\" (vhost-user needs guest RAM shared, a template's clones map it private); set shared_fs = \"none\" or boot cold",
+            ));
+        }
+        if let Boot::FromTemplate { .. } = self.boot {
+            let files = TemplateFiles::in_dir(dir);
+            for (what, p) in [("memory", &files.memory), ("state", &files.state)] {
+                if !p.is_file() {
+                    return Err(ConfigError::new(
+                        "boot.dir",
+                        format!(
+                            "{} has no template {what} file ({} is missing); make the template first",
+                            dir.display(),
+                            p.display()
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -490,6 +583,49 @@ mod tests {
         let mut c = good();
         c.rootless_user = "0:0".into();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn template_roles_need_an_absolute_dir_its_files_and_no_virtio_fs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = good();
+        c.boot = Boot::TemplateSource {
+            dir: "template".into(),
+        };
+        assert_eq!(c.validate().unwrap_err().field, "boot.dir");
+        c.boot = Boot::TemplateSource {
+            dir: dir.path().into(),
+        };
+        c.validate().unwrap();
+        c.shared_fs = SharedFsKind::VirtioFs;
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.field, "boot");
+        assert!(err.problem.contains("shared_fs"), "{err}");
+        c.shared_fs = SharedFsKind::None;
+        c.boot = Boot::FromTemplate {
+            dir: dir.path().into(),
+        };
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.field, "boot.dir");
+        assert!(err.problem.contains("memory"), "{err}");
+        std::fs::write(dir.path().join("memory"), b"").unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.problem.contains("state"), "{err}");
+        std::fs::write(dir.path().join("state"), b"").unwrap();
+        c.validate().unwrap();
+        c.shared_fs = SharedFsKind::VirtioFs;
+        assert_eq!(c.validate().unwrap_err().field, "boot");
+    }
+
+    #[test]
+    fn boot_defaults_to_cold_and_reads_as_a_tagged_table() {
+        let c: HypervisorConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(c.boot, Boot::Cold);
+        let c: HypervisorConfig = serde_json::from_str(
+            r#"{"kernel": "/k", "boot": {"kind": "from_template", "dir": "/t"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.boot, Boot::FromTemplate { dir: "/t".into() });
     }
 
     #[test]

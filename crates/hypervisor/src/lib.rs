@@ -65,7 +65,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use config::{Accelerator, AgentChannelKind, HypervisorConfig, SharedFsKind};
+pub use config::{
+    Accelerator, AgentChannelKind, Boot, HypervisorConfig, SharedFsKind, TemplateFiles,
+};
 pub use device::{
     Device, DeviceConfig, DeviceId, DeviceInfo, DeviceKind, MacAddress, SharedFsCache,
     SharedFsConfig,
@@ -138,6 +140,10 @@ pub struct Capabilities {
     /// Shared filesystems can be added to and removed from a running guest.
     #[serde(default)]
     pub shared_fs_hotplug: bool,
+    /// VM templates: a VM booted with [`Boot::TemplateSource`] can be saved
+    /// ([`Hypervisor::save_template`]) and new VMs started from it ([`Boot::FromTemplate`]).
+    #[serde(default)]
+    pub templates: bool,
 }
 
 /// How a backend provides the guest agent's channel ([`Capabilities::agent_channel`]).
@@ -400,6 +406,13 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
 
     /// A serializable snapshot to re-attach from after a runtime restart.
     async fn save_state(&self) -> Result<SavedState>;
+
+    /// Saves a running VM booted with [`Boot::TemplateSource`] as a template: pauses it and
+    /// saves its device state beside its RAM file in the template directory. The VM is left
+    /// `Paused`; the caller then stops it. Another state or boot is
+    /// [`Error::InvalidState`]; a backend without templates ([`Capabilities::templates`])
+    /// returns [`Error::Unsupported`].
+    async fn save_template(&self) -> Result<TemplateFiles>;
 
     /// Releases everything the backend created on the host: stops the VM if needed, then
     /// removes sockets, run directories and devices it owns. Idempotent.

@@ -64,6 +64,8 @@ pub enum Operation {
     AddDevice,
     /// [`Hypervisor::remove_device`](crate::Hypervisor::remove_device).
     RemoveDevice,
+    /// [`Hypervisor::save_template`](crate::Hypervisor::save_template).
+    SaveTemplate,
 }
 
 impl fmt::Display for Operation {
@@ -76,6 +78,7 @@ impl fmt::Display for Operation {
             Operation::Stop => "stop",
             Operation::AddDevice => "add a device",
             Operation::RemoveDevice => "remove a device",
+            Operation::SaveTemplate => "save a template",
         })
     }
 }
@@ -105,6 +108,7 @@ impl VmState {
             (S::Paused, O::Resume) => S::Running,
             (S::Created | S::Prepared | S::Running | S::Paused | S::Stopped, O::Stop) => S::Stopped,
             (S::Prepared | S::Running, O::AddDevice | O::RemoveDevice) => self,
+            (S::Running, O::SaveTemplate) => S::Paused,
             _ => {
                 return Err(Error::InvalidState {
                     operation: op,

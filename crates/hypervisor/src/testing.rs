@@ -20,7 +20,7 @@ use crate::device::{Device, DeviceConfig, DeviceId, DeviceInfo, GuestLocation};
 use crate::error::{Error, Result};
 use crate::state::PlugMode;
 use crate::vm::{Backend, Context, Vm};
-use crate::{AgentAddress, Capabilities, ExitReason, VmExit, VmmPids};
+use crate::{AgentAddress, Capabilities, ExitReason, TemplateFiles, VmExit, VmmPids};
 
 /// A call the fake backend received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +41,8 @@ pub enum Call {
     Remove(DeviceId),
     /// `cleanup`.
     Cleanup,
+    /// `save_template`.
+    SaveTemplate,
 }
 
 #[derive(Debug, Default)]
@@ -168,6 +170,31 @@ impl Backend for Fake {
     async fn resume(&self, _vm: &mut (), _ctx: Context<'_>) -> Result<()> {
         self.call(Call::Resume);
         Ok(())
+    }
+
+    /// With [`Capabilities::templates`], writes empty template files (the core checked the
+    /// state and the boot); otherwise the default's "unsupported".
+    async fn save_template(&self, _vm: &mut (), ctx: Context<'_>) -> Result<TemplateFiles> {
+        self.call(Call::SaveTemplate);
+        let dir = ctx
+            .spec
+            .config
+            .boot
+            .template_dir()
+            .expect("checked: a template source");
+        if !self.caps.templates {
+            return Err(crate::vm::unsupported(
+                "fake",
+                "saving a template",
+                "templates are off in this fake's capabilities",
+            ));
+        }
+        let files = TemplateFiles::in_dir(dir);
+        for f in [&files.memory, &files.state] {
+            std::fs::write(f, b"")
+                .map_err(|e| Error::backend(format!("Writing {}", f.display()), e))?;
+        }
+        Ok(files)
     }
 
     async fn cold_plug(

@@ -28,11 +28,13 @@ use crate::error::{ConfigError, Error, Result};
 use crate::lifecycle::{Lifecycle, STOPPING};
 use crate::state::{Operation, PlugMode, VmState};
 use crate::{
-    AgentAddress, Capabilities, ExitReason, Hypervisor, HypervisorConfig, SandboxSpec, SavedState,
-    VmExit, VmmPids,
+    AgentAddress, Boot, Capabilities, ExitReason, Hypervisor, HypervisorConfig, SandboxSpec,
+    SavedState, TemplateFiles, VmExit, VmmPids,
 };
 
 mod backend;
+#[cfg(test)]
+mod template_tests;
 
 pub use backend::{unsupported, Backend, Context};
 
@@ -462,6 +464,34 @@ impl<B: Backend> Hypervisor for Vm<B> {
             devices,
             backend_data: data,
         })
+    }
+
+    async fn save_template(&self) -> Result<TemplateFiles> {
+        let mut inner = self.inner.lock().await;
+        let from = self.life.state();
+        let next = self.life.check(Operation::SaveTemplate)?;
+        let booted = inner.prepared.as_ref().map(|p| &p.spec.config.boot);
+        if !matches!(booted, Some(Boot::TemplateSource { .. })) {
+            return Err(ConfigError::new(
+                "boot",
+                "only a VM booted as a template source (boot = template_source) can be saved as a template",
+            )
+            .into());
+        }
+        let (sandbox, ctx) = inner.steps(&self.life).expect("checked: running");
+        let step = format!("Saving the {} VM as a template", self.backend.name());
+        let files = self
+            .life
+            .unless_stopping(
+                self.backend.save_template(sandbox, ctx),
+                self.stopping(step),
+            )
+            .await?;
+        // Compare-and-set: a VM that exited meanwhile stays Stopped.
+        if !self.life.transition(from, next) {
+            return Err(self.life.exited_or_state(Operation::SaveTemplate));
+        }
+        Ok(files)
     }
 
     async fn cleanup(&self) -> Result<()> {

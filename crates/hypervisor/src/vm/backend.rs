@@ -12,7 +12,7 @@ use crate::device::{Device, DeviceId, DeviceInfo};
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::state::PlugMode;
-use crate::{AgentAddress, Capabilities, HypervisorConfig, SandboxSpec, VmmPids};
+use crate::{AgentAddress, Capabilities, HypervisorConfig, SandboxSpec, TemplateFiles, VmmPids};
 
 /// What a backend's steps are given: the sandbox and its lifecycle.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +78,22 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
             self.name(),
             "resume",
             "the backend cannot pause a VM",
+        ))
+    }
+
+    /// Saves the running VM, booted with [`Boot::TemplateSource`](crate::Boot::TemplateSource),
+    /// as a template in its directory, and leaves its vCPUs stopped. Called only in state
+    /// `Running` with that boot; the core moves the VM to `Paused` when it succeeds.
+    async fn save_template(
+        &self,
+        vm: &mut Self::Sandbox,
+        ctx: Context<'_>,
+    ) -> Result<TemplateFiles> {
+        let _ = (vm, ctx);
+        Err(unsupported(
+            self.name(),
+            "saving a template",
+            "the backend has no VM templates; boot cold",
         ))
     }
 

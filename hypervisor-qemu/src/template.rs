@@ -1,0 +1,377 @@
+//! VM templates on QEMU ([`hypervisor::Boot`]).
+//!
+//! A template's source boots cold with its RAM in the template's `memory` file, mapped shared
+//! (`memory-backend-file,share=on`), and a `vmgenid` device. Saving it stops its vCPUs and
+//! migrates its device state, without the RAM (the `x-ignore-shared` capability: shared RAM is
+//! already in the file), to the template's `state` file through an fd passed with `getfd`
+//! (QEMU's `-sandbox spawn=deny` rules out `exec:`). A clone starts with the same machine and
+//! the same cold devices, its RAM mapped private (copy-on-write) from the memory file, a new
+//! random `vmgenid` GUID (so the guest reseeds its RNG when it runs on) and `-incoming defer`;
+//! start then restores the state from the `state` file (`migrate-incoming` from an fd QEMU
+//! inherited), waits for the migration to complete, and lets the guest run (`cont`).
+//!
+//! QEMU opens no template file by path: the runtime opens both and QEMU gets fds. The memory
+//! file is named `/proc/self/fd/N` (QEMU 7.2 opens a memory backend's `mem-path` with a plain
+//! `open`, which knows no fd sets); that happens before QEMU chroots. QEMU reopens it
+//! read-write there (a private mapping never writes to it), so an unprivileged QEMU
+//! (`rootless`) needs read and write access to it, which prepare checks.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hypervisor::vm::Context;
+use hypervisor::{Boot, ConfigError, Error, HypervisorConfig, Result, TemplateFiles};
+use serde_json::{json, Value};
+use slog::{info, warn};
+
+use crate::exit::early_exit;
+use crate::process::QemuProcess;
+use crate::qmp::QmpClient;
+use crate::{cmdline::TemplateArgs, Qemu, QemuSandbox};
+
+/// The `getfd` name of the state file while a template is saved.
+const STATE_FD_NAME: &str = "template-state";
+
+/// Mode of the files a template source creates.
+const FILE_MODE: u32 = 0o600;
+
+/// What `start` hands QEMU for a VM with a template role.
+#[derive(Debug)]
+pub(crate) struct StartTemplate {
+    /// The command line's part.
+    pub args: TemplateArgs,
+    /// A clone's state file: its fd number in QEMU, and its path for errors.
+    pub incoming: Option<(i32, PathBuf)>,
+}
+
+/// Checks, at prepare, what QEMU will need of a template role's files: a clone's memory file
+/// has the configured size, and an unprivileged QEMU may open the memory file read-write.
+pub(crate) fn check(config: &HypervisorConfig) -> Result<()> {
+    let (Boot::TemplateSource { dir } | Boot::FromTemplate { dir }) = &config.boot else {
+        return Ok(());
+    };
+    let files = TemplateFiles::in_dir(dir);
+    if let Boot::FromTemplate { .. } = config.boot {
+        let len = std::fs::metadata(&files.memory)
+            .map_err(|e| {
+                ConfigError::new(
+                    "boot.dir",
+                    format!("{} cannot be read ({e})", files.memory.display()),
+                )
+            })?
+            .len();
+        let want = u64::from(config.memory_mib) << 20;
+        if len != want {
+            return Err(ConfigError::new(
+                "boot.dir",
+                format!(
+                    "the template's memory file {} holds {len} bytes, not the {} MiB of memory_mib: the template was made for another configuration",
+                    files.memory.display(),
+                    config.memory_mib
+                ),
+            )
+            .into());
+        }
+    }
+    if let Some(who) = crate::confine::run_as(config)? {
+        let meta = if files.memory.exists() {
+            std::fs::metadata(&files.memory)
+        } else {
+            std::fs::metadata(dir)
+        };
+        let meta = meta.map_err(|e| {
+            ConfigError::new(
+                "boot.dir",
+                format!("{} cannot be read ({e})", dir.display()),
+            )
+        })?;
+        if !crate::confine::may_access(&meta, &who, 0o6) {
+            return Err(ConfigError::new(
+                "boot.dir",
+                format!(
+                    "QEMU's user {}:{} (rootless_user {:?}) cannot open the template's memory file in {} read-write; give that user access, or turn rootless off",
+                    who.uid,
+                    who.gid,
+                    config.rootless_user,
+                    dir.display()
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Opens a template role's files for QEMU, their fds into `fds`: the source's memory file
+/// (created 0600 and sized), or a clone's memory and state files. `None` for a cold boot.
+pub(crate) fn open(
+    config: &HypervisorConfig,
+    fds: &mut netdev::ChildFds,
+) -> Result<Option<StartTemplate>> {
+    let by_fd = |fds: &mut netdev::ChildFds, f: File| {
+        PathBuf::from(format!("/proc/self/fd/{}", fds.push(OwnedFd::from(f))))
+    };
+    match &config.boot {
+        Boot::Cold => Ok(None),
+        Boot::TemplateSource { dir } => {
+            let files = TemplateFiles::in_dir(dir);
+            let failed = |e| {
+                Error::backend(
+                    format!(
+                        "Creating the template's memory file {}",
+                        files.memory.display()
+                    ),
+                    e,
+                )
+            };
+            let memory = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(FILE_MODE)
+                .open(&files.memory)
+                .map_err(failed)?;
+            memory
+                .set_len(u64::from(config.memory_mib) << 20)
+                .map_err(failed)?;
+            Ok(Some(StartTemplate {
+                args: TemplateArgs::Source {
+                    mem_path: by_fd(fds, memory),
+                },
+                incoming: None,
+            }))
+        }
+        Boot::FromTemplate { dir } => {
+            let files = TemplateFiles::in_dir(dir);
+            let open = |p: &Path| {
+                File::open(p).map_err(|e| {
+                    Error::backend(format!("Opening the template's file {}", p.display()), e)
+                })
+            };
+            let memory = open(&files.memory)?;
+            let state = open(&files.state)?;
+            Ok(Some(StartTemplate {
+                args: TemplateArgs::Clone {
+                    mem_path: by_fd(fds, memory),
+                    vmgenid: random_guid()?,
+                },
+                incoming: Some((fds.push(OwnedFd::from(state)), files.state)),
+            }))
+        }
+    }
+}
+
+/// A random (version 4) GUID for a clone's `vmgenid`.
+fn random_guid() -> Result<String> {
+    let mut b = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Error::backend("Drawing a generation id for the clone", e))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// `migrate-set-capabilities`: `x-ignore-shared` (RAM in the template's file is not
+/// migrated) and `events` (QEMU says when the migration ends).
+async fn set_capabilities(qmp: &QmpClient, timeout: Duration) -> crate::qmp::Result<Value> {
+    let caps = json!({ "capabilities": [
+        { "capability": "x-ignore-shared", "state": true },
+        { "capability": "events", "state": true },
+    ]});
+    qmp.execute("migrate-set-capabilities", Some(caps), timeout)
+        .await
+}
+
+/// Why a migration ended other than completed: QEMU's `error-desc` from `query-migrate`.
+#[derive(Debug, thiserror::Error)]
+#[error("the migration ended as {status}: {desc}")]
+pub struct MigrationFailed {
+    /// QEMU's migration status (`failed`, `cancelled`).
+    pub status: String,
+    /// QEMU's own text, or that it gave none.
+    pub desc: String,
+}
+
+/// Waits for the migration in progress to end, on `events` subscribed before it began.
+async fn wait_migration(
+    qmp: &QmpClient,
+    events: &mut crate::qmp::QmpEvents,
+    timeout: Duration,
+) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let ended = |d: &Value| {
+        matches!(
+            d["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        )
+    };
+    let ev = qmp.wait_event(events, "MIGRATION", ended, timeout).await?;
+    let status = ev.data["status"].as_str().unwrap_or_default().to_string();
+    if status == "completed" {
+        return Ok(());
+    }
+    let desc = match qmp.execute("query-migrate", None, timeout).await {
+        Ok(v) => v["error-desc"]
+            .as_str()
+            .unwrap_or("QEMU gave no reason")
+            .to_string(),
+        Err(e) => format!("QEMU's reason could not be read: {e}"),
+    };
+    Err(Box::new(MigrationFailed { status, desc }))
+}
+
+impl Qemu {
+    /// The backend's `save_template` step: stop the vCPUs, migrate the device state to the
+    /// template's `state` file, leave the VM paused. On failure the VM runs on and no state
+    /// file is left.
+    pub(crate) async fn save(
+        &self,
+        vm: &mut QemuSandbox,
+        ctx: Context<'_>,
+    ) -> Result<TemplateFiles> {
+        let Boot::TemplateSource { dir } = &ctx.spec.config.boot else {
+            unreachable!("checked by the lifecycle core");
+        };
+        let files = TemplateFiles::in_dir(dir);
+        let qmp = vm.qmp.clone().expect("running VMs have QMP");
+        let t = self.opts.qmp_timeout;
+        let began = std::time::Instant::now();
+        let state = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(FILE_MODE)
+            .open(&files.state)
+            .map_err(|e| {
+                Error::backend(
+                    format!(
+                        "Creating the template's state file {}",
+                        files.state.display()
+                    ),
+                    e,
+                )
+            })?;
+        let mut events = qmp.subscribe();
+        let saved: std::result::Result<(), (&str, Box<dyn std::error::Error + Send + Sync>)> =
+            async {
+                qmp.execute("stop", None, t)
+                    .await
+                    .map_err(|e| ("Stopping the vCPUs", self.boxed(e)))?;
+                set_capabilities(&qmp, t)
+                    .await
+                    .map_err(|e| ("Setting the migration capabilities", self.boxed(e)))?;
+                qmp.execute_with_fds(
+                    "getfd",
+                    Some(json!({ "fdname": STATE_FD_NAME })),
+                    &[state.as_fd()],
+                    t,
+                )
+                .await
+                .map_err(|e| ("Passing the state file", self.boxed(e)))?;
+                let uri = format!("fd:{STATE_FD_NAME}");
+                qmp.execute("migrate", Some(json!({ "uri": uri })), t)
+                    .await
+                    .map_err(|e| ("Starting the migration", self.boxed(e)))?;
+                wait_migration(&qmp, &mut events, t)
+                    .await
+                    .map_err(|e| ("Migrating the device state", e))?;
+                state
+                    .sync_all()
+                    .map_err(|e| ("Writing the state file to disk", Box::new(e) as _))
+            }
+            .await;
+        if let Err((what, source)) = saved {
+            drop(state);
+            let _ = std::fs::remove_file(&files.state);
+            if !qmp.is_closed() {
+                if let Err(e) = qmp.execute("cont", None, t).await {
+                    warn!(self.log, "could not resume the template source"; "error" => e.to_string());
+                }
+            }
+            let source = match source.downcast::<crate::qmp::QmpError>() {
+                Ok(e) => self.qmp_cause(ctx.lifecycle, *e).await,
+                Err(other) => other,
+            };
+            return Err(Error::Backend {
+                step: format!("Saving the template {}: {what}", files.state.display()),
+                source,
+            });
+        }
+        let size = std::fs::metadata(&files.state)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        info!(self.log, "template saved"; "sandbox" => &ctx.spec.id,
+            "state" => files.state.display().to_string(), "bytes" => size,
+            "ms" => began.elapsed().as_millis() as u64);
+        Ok(files)
+    }
+
+    fn boxed(&self, e: crate::qmp::QmpError) -> Box<dyn std::error::Error + Send + Sync> {
+        Box::new(e)
+    }
+
+    /// A clone's restore at start, after QMP answers: the device state from the inherited
+    /// fd `fd` (the template's `state` file at `path`), then `cont`. A QEMU that exits on a
+    /// bad state file is reported with its own words.
+    pub(crate) async fn restore_template(
+        &self,
+        qmp: &QmpClient,
+        child: &QemuProcess,
+        (fd, path): (i32, PathBuf),
+        timeout: Duration,
+    ) -> Result<()> {
+        let t = self.opts.qmp_timeout;
+        let mut events = qmp.subscribe();
+        let restored: std::result::Result<(), (&str, Box<dyn std::error::Error + Send + Sync>)> =
+            async {
+                set_capabilities(qmp, t)
+                    .await
+                    .map_err(|e| ("Setting the migration capabilities", self.boxed(e)))?;
+                qmp.execute(
+                    "migrate-incoming",
+                    Some(json!({ "uri": format!("fd:{fd}") })),
+                    t,
+                )
+                .await
+                .map_err(|e| ("Starting the incoming migration", self.boxed(e)))?;
+                wait_migration(qmp, &mut events, timeout)
+                    .await
+                    .map_err(|e| ("Loading the device state", e))?;
+                qmp.execute("cont", None, t)
+                    .await
+                    .map_err(|e| ("Resuming the clone", self.boxed(e)))?;
+                Ok(())
+            }
+            .await;
+        let Err((what, source)) = restored else {
+            return Ok(());
+        };
+        // QEMU exits when an incoming migration fails: its own words say why.
+        let mut exited = child.exited.clone();
+        let source = if crate::exit::wait_exited(&mut exited, Duration::from_secs(2)).await {
+            Box::new(early_exit(child)) as _
+        } else {
+            source
+        };
+        Err(Error::Backend {
+            step: format!(
+                "Starting from the template state {}: {what}",
+                path.display()
+            ),
+            source,
+        })
+    }
+}
