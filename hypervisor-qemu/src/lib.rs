@@ -128,6 +128,13 @@ pub struct QemuOptions {
     pub qmp_timeout: Duration,
     /// How long an unplug waits for the guest to release the device.
     pub unplug_timeout: Duration,
+    /// Kernel parameters put after the backend's own (serial console, reboot, panic) and
+    /// before the configuration's `kernel_params`; [`cmdline::LEAN_KERNEL_PARAMS`] by
+    /// default. Empty: the guest gets the backend's own only.
+    pub boot_params: String,
+    /// Firmware of q35 guests (`-bios`): [`cmdline::QBOOT`] by default; `None` leaves
+    /// QEMU's own (SeaBIOS). microvm guests always get QEMU's (its qboot build).
+    pub q35_firmware: Option<PathBuf>,
 }
 
 impl Default for QemuOptions {
@@ -139,6 +146,8 @@ impl Default for QemuOptions {
             stop_grace: Duration::from_secs(1),
             qmp_timeout: Duration::from_secs(10),
             unplug_timeout: Duration::from_secs(30),
+            boot_params: cmdline::LEAN_KERNEL_PARAMS.to_string(),
+            q35_firmware: Some(cmdline::QBOOT.into()),
         }
     }
 }

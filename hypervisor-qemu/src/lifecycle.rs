@@ -91,7 +91,13 @@ impl Backend for Qemu {
             accel,
             matches!(agent, AgentAddress::Vsock { .. }),
         )?;
-        // Likewise a template role's files.
+        // Likewise a template role's files and machine.
+        if machine == Machine::Microvm && spec.config.boot.template_dir().is_some() {
+            return Err(Self::unsupported(
+                "VM templates on microvm",
+                "a template's vmgenid device needs q35's ACPI tables; use machine_type = \"q35\"",
+            ));
+        }
         crate::template::check(&spec.config)?;
         // Likewise a virtio-fs daemon that is missing or is not virtiofsd.
         let daemon = crate::virtiofs::resolve(&spec.config).await?;
@@ -374,7 +380,21 @@ impl Qemu {
             memory_mib: spec.config.memory_mib,
             kernel: files.kernel,
             initrd: files.initrd,
-            kernel_params: spec.config.kernel_params.clone(),
+            kernel_params: self
+                .opts
+                .boot_params
+                .split_whitespace()
+                .map(String::from)
+                .chain(spec.config.kernel_params.iter().cloned())
+                .collect(),
+            firmware: match machine {
+                // qboot stops before the kernel when a vmgenid device is there (it cannot
+                // serve the device's ACPI table); templates and their clones keep SeaBIOS.
+                Machine::Q35 if template.is_some() => None,
+                Machine::Q35 => self.opts.q35_firmware.clone(),
+                Machine::Microvm => None,
+            },
+            free_page_reporting: spec.config.reclaim_guest_freed_memory,
             qmp_fd,
             console_log: files.console,
             fdsets: files.fdsets,

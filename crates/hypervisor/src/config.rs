@@ -192,6 +192,10 @@ pub struct HypervisorConfig {
     /// The cache mode of the shares the runtime creates (Kata's `virtio_fs_cache`); each
     /// device carries its own ([`crate::device::SharedFsConfig::cache`]).
     pub virtio_fs_cache: crate::device::SharedFsCache,
+    /// Give the host back the memory the guest frees (Kata's `reclaim_guest_freed_memory`):
+    /// a virtio-balloon device with free page reporting, through which the guest reports
+    /// free blocks whose pages the host then drops. Backends without one ignore it.
+    pub reclaim_guest_freed_memory: bool,
     /// How the VM comes to run ([`Boot`]); a cold boot unless set.
     pub boot: Boot,
 }
@@ -221,6 +225,7 @@ impl Default for HypervisorConfig {
             virtio_fs_daemon: None,
             virtio_fs_extra_args: Vec::new(),
             virtio_fs_cache: crate::device::SharedFsCache::default(),
+            reclaim_guest_freed_memory: false,
             boot: Boot::Cold,
         }
     }
