@@ -442,6 +442,9 @@ impl<'a> Cx<'a> {
                         self.int(&key, item, i64::from(MIN_MEMORY_MIB), 1 << 20)? as u32;
                 }
                 "disable_vhost_net" => c.disable_vhost_net = self.bool(&key, item)?,
+                "reclaim_guest_freed_memory" => {
+                    c.reclaim_guest_freed_memory = self.bool(&key, item)?
+                }
                 "network_queues" => {
                     c.network_queues = self.int(&key, item, 1, i64::from(MAX_QUEUE_PAIRS))? as u16;
                 }

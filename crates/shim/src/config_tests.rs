@@ -26,6 +26,7 @@ disable_vhost_net = true
 network_queues = 2
 accelerator = "tcg"
 agent_channel = "virtio_serial"
+reclaim_guest_freed_memory = true
 "#;
 
 #[test]
@@ -46,6 +47,7 @@ fn a_full_qemu_table_maps_onto_the_hypervisor_config() {
     assert_eq!(h.machine_type.as_deref(), Some("microvm"));
     assert_eq!((h.vcpus, h.memory_mib, h.network_queues), (2, 512, 2));
     assert!(h.disable_vhost_net);
+    assert!(h.reclaim_guest_freed_memory);
     assert_eq!(h.accelerator, Accelerator::Tcg);
     assert_eq!(h.agent_channel, AgentChannelKind::VirtioSerial);
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
