@@ -216,6 +216,12 @@ pub enum ControlRequest {
         /// The container.
         container_id: String,
     },
+    /// Run a program in the guest itself (outside any container) to its end, through the
+    /// agent: for inspection and debugging.
+    Guest {
+        /// Program and arguments.
+        argv: Vec<String>,
+    },
 }
 
 /// What `sandbox exec` asks for: a container run to its end.
@@ -284,6 +290,15 @@ pub enum ControlResponse {
     Signalled,
     /// A container's processes: pid in the container, pid in the guest, command line.
     Processes(Vec<(u32, u32, String)>),
+    /// A `Guest` program ended: its exit code (`None`: killed by a signal), stdout, stderr.
+    GuestOutput {
+        /// Exit code.
+        exit_code: Option<i32>,
+        /// Its stdout (at most 64 KiB).
+        stdout: String,
+        /// Its stderr (at most 64 KiB).
+        stderr: String,
+    },
     /// The request failed; the text says why.
     Error(String),
 }

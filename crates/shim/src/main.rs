@@ -48,6 +48,7 @@ mod procfs;
 mod records;
 mod sandbox;
 mod task;
+mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -124,8 +125,46 @@ enum SandboxCommand {
     Exec(ExecArgs),
     /// List the processes of a container of a running sandbox.
     Ps(PsArgs),
+    /// Run a command in the guest VM itself (outside any container) through its agent, print
+    /// its output and exit with its status: for inspection and debugging.
+    Guest(GuestArgs),
     /// Check that this host can run a sandbox (with this configuration).
     Check(CheckArgs),
+    /// Manage VM templates (`[factory] enable_template`): create, list, delete.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCommand {
+    /// Boot, save and stop the template of a configuration (nothing when it exists).
+    Create(TemplateConfigArgs),
+    /// List the templates of the configuration's store: digest, state, what they were made of.
+    List(TemplateConfigArgs),
+    /// Delete a template (`--digest`) or all (`--all`); sandboxes restored from it keep running.
+    Delete(TemplateDeleteArgs),
+}
+
+#[derive(Debug, Args)]
+struct TemplateConfigArgs {
+    /// Kata configuration file (its `[factory] template_path` is the store).
+    #[arg(long, short)]
+    config: PathBuf,
+    #[command(flatten)]
+    root: RunRoot,
+}
+
+#[derive(Debug, Args)]
+struct TemplateDeleteArgs {
+    /// Kata configuration file (its `[factory] template_path` is the store).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The template's digest, as `list` prints it.
+    #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+    digest: Option<String>,
+    /// Every template of the store.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +252,18 @@ struct PsArgs {
     container: String,
     #[command(flatten)]
     root: RunRoot,
+}
+
+#[derive(Debug, Args)]
+struct GuestArgs {
+    /// Id of the running sandbox.
+    #[arg(long)]
+    id: String,
+    #[command(flatten)]
+    root: RunRoot,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -374,6 +425,28 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
             })
             .await
         }
+        Command::Sandbox(SandboxCommand::Guest(g)) => {
+            let req = ControlRequest::Guest { argv: g.command };
+            match cli::control::request(&g.root.run_root, &g.id, req).await? {
+                ControlResponse::GuestOutput {
+                    exit_code,
+                    stdout,
+                    stderr,
+                } => {
+                    print!("{stdout}");
+                    eprint!("{stderr}");
+                    match exit_code {
+                        Some(0) => Ok(()),
+                        Some(code) => Err(cli::exec::ContainerExit {
+                            code: u8::try_from(code).unwrap_or(1),
+                        }
+                        .into()),
+                        None => bail!("the command was killed by a signal"),
+                    }
+                }
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
         Command::Sandbox(SandboxCommand::Ps(p)) => {
             let req = ControlRequest::Ps {
                 container_id: p.container,
@@ -389,6 +462,7 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Sandbox(SandboxCommand::Template(t)) => cli::template::run(log, t.into()).await,
         Command::Sandbox(SandboxCommand::Check(c)) => {
             // It runs the VMM binary and opens devices: off the async worker.
             let lines = net::blocking(move || check::run(c.config.as_deref())).await?;
@@ -412,6 +486,23 @@ async fn dispatch(log: &slog::Logger, command: Command) -> Result<()> {
                 println!("ok: this host can run a sandbox");
             }
             Ok(())
+        }
+    }
+}
+
+impl From<TemplateCommand> for cli::template::Request {
+    fn from(t: TemplateCommand) -> Self {
+        use cli::template::Request;
+        match t {
+            TemplateCommand::Create(a) => Request::Create {
+                config: a.config,
+                run_root: a.root.run_root,
+            },
+            TemplateCommand::List(a) => Request::List { config: a.config },
+            TemplateCommand::Delete(a) => Request::Delete {
+                config: a.config,
+                digest: a.digest,
+            },
         }
     }
 }

@@ -75,6 +75,7 @@ use crate::records::{self, Existing, Record, Records};
 pub use containers::{
     copy_stdio, ProcessHandle, SharedMount, StdioOptions, StdioPaths, GUEST_SHARE_DIR,
 };
+pub use guest::connect_agent;
 pub use vmm::ExitWatch;
 
 /// Room of a Unix socket path (`sun_path`), its final NUL included.
@@ -234,6 +235,12 @@ pub struct Sandbox {
     phase: Arc<Mutex<Phase>>,
     /// The shared directory and the containers bound into it.
     shared: containers::Shared,
+    /// The configuration the sandbox was made from (`[factory]`: templates).
+    shim_config: ShimConfig,
+    /// The template the VM is restored from, with `[factory] enable_template`.
+    template: Option<crate::template::Template>,
+    /// NICs of a VM restored from a template, hot-plugged once it runs.
+    deferred: Vec<(hypervisor::DeviceConfig, NicPlan)>,
 }
 
 impl Sandbox {
@@ -293,6 +300,9 @@ impl Sandbox {
             timings: BTreeMap::new(),
             phase: Arc::new(Mutex::new(Phase::Preparing)),
             shared: containers::Shared::default(),
+            shim_config: cfg.clone(),
+            template: None,
+            deferred: Vec::new(),
         })
     }
 

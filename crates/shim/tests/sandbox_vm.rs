@@ -3,111 +3,18 @@
 //! `make guest-assets`; without them they fail with the reason.
 #![cfg(feature = "qemu")]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{config, guest_dir, SHIM};
+use common::{config, guest_dir, ping, shim, stop, Running, SHIM};
 use workspace_tests::require_root;
 
-const READY_LIMIT: Duration = Duration::from_secs(240);
-const EXIT_LIMIT: Duration = Duration::from_secs(60);
-
-fn shim() -> Command {
-    let mut c = Command::new(SHIM);
-    c.env("GUEST_DIR", guest_dir());
-    c
-}
-
-/// A `sandbox run` child, killed if the test fails half-way.
-struct Running {
-    child: Child,
-    facts: serde_json::Value,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Starts `sandbox run --json` and waits for its facts line.
+/// Starts `sandbox run --json` with the repository's QEMU configuration.
 fn start(id: &str, run_root: &Path, extra: &[&str]) -> Running {
-    let mut child = shim()
-        .args(["sandbox", "run", "--json", "--config"])
-        .arg(config("configuration-qemu.toml"))
-        .args(["--id", id, "--run-root"])
-        .arg(run_root)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawning the shim");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let mut running = Running {
-        child,
-        facts: serde_json::Value::Null,
-    };
-    let line = rx
-        .recv_timeout(READY_LIMIT)
-        .unwrap_or_else(|_| panic!("sandbox {id} was not ready within {READY_LIMIT:?}"));
-    running.facts = serde_json::from_str(&line)
-        .unwrap_or_else(|e| panic!("the shim printed no facts ({e}): {line:?}; see its log above"));
-    running
-}
-
-fn ping(netns: &str, ip: &str) -> bool {
-    let began = Instant::now();
-    while began.elapsed() < Duration::from_secs(30) {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", netns, "ping", "-c", "1", "-W", "1", ip])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if ok {
-            return true;
-        }
-    }
-    false
-}
-
-/// Sends SIGTERM and waits for a clean exit.
-fn stop(mut r: Running) {
-    let pid = r.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let began = Instant::now();
-    let status = loop {
-        if let Some(s) = r.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            began.elapsed() < EXIT_LIMIT,
-            "the shim did not exit within {EXIT_LIMIT:?} of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(
-        status.success(),
-        "the shim exited with {status} after SIGTERM"
-    );
+    common::start(&config("configuration-qemu.toml"), id, run_root, extra)
 }
 
 fn unique(prefix: &str) -> String {

@@ -89,6 +89,14 @@ async fn answer(
             Ok(()) => ControlResponse::Signalled,
             Err(e) => ControlResponse::Error(format!("{e:#}")),
         },
+        Ok(ControlRequest::Guest { argv }) => match sb.guest_exec(argv).await {
+            Ok(out) => ControlResponse::GuestOutput {
+                exit_code: out.exit_code,
+                stdout: out.stdout,
+                stderr: out.stderr,
+            },
+            Err(e) => ControlResponse::Error(format!("{e:#}")),
+        },
         Ok(ControlRequest::Ps { container_id }) => match sb.list_processes(&container_id).await {
             Ok(ps) => ControlResponse::Processes(
                 ps.into_iter().map(|p| (p.pid, p.host_pid, p.cmd)).collect(),

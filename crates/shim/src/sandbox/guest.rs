@@ -44,6 +44,20 @@ impl Sandbox {
         info!(self.log, "guest agent ready"; "agent" => address.to_string(),
             "guest_uptime_ms" => health.uptime_ms, "ms" => ms(t.elapsed()));
 
+        if self.template.is_some() {
+            // A VM restored from a template wakes with the template's clock and name.
+            let agent = self.agent.as_ref().expect("set above");
+            agent
+                .sync_clock(Duration::from_secs(10))
+                .await
+                .context("Setting the guest's clock")?;
+            let hostname: String = self.id.chars().take(64).collect();
+            agent
+                .set_hostname(&hostname, Duration::from_secs(10))
+                .await
+                .context("Setting the guest's hostname")?;
+        }
+
         self.mount_share().await?;
 
         let t = Instant::now();
@@ -158,7 +172,29 @@ impl Sandbox {
     }
 }
 
-async fn connect_agent(address: &AgentAddress) -> Result<AgentClient> {
+impl Sandbox {
+    /// Runs `argv` in the guest itself (outside any container) to its end, within 60 s.
+    pub async fn guest_exec(&self, argv: Vec<String>) -> Result<guest_agent::protocol::ExecOutput> {
+        let agent = self
+            .agent
+            .as_ref()
+            .ok_or_else(|| anyhow!("the sandbox's guest agent is not ready"))?;
+        let what = format!("Running {argv:?} in the guest");
+        agent
+            .exec(
+                guest_agent::protocol::ExecRequest {
+                    argv,
+                    timeout_ms: Some(60_000),
+                },
+                Duration::from_secs(70),
+            )
+            .await
+            .context(what)
+    }
+}
+
+/// A client of the guest agent at `address`, connected (not yet waited for).
+pub async fn connect_agent(address: &AgentAddress) -> Result<AgentClient> {
     Ok(match address {
         AgentAddress::VirtioSerial { path } => AgentClient::connect_serial(path).await?,
         AgentAddress::Vsock { cid, port } => AgentClient::connect_vsock(*cid, *port).await?,

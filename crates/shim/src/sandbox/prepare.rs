@@ -43,6 +43,7 @@ impl Sandbox {
         self.spec.netns = Some(self.netns_path().to_path_buf());
         info!(self.log, "network namespace ready"; "netns" => self.netns_path().display().to_string(),
             "owned" => matches!(self.netns, Some(Netns::Owned(_))));
+        self.use_template().await?;
 
         self.hv
             .prepare(&self.spec)
@@ -111,6 +112,34 @@ impl Sandbox {
         Ok(())
     }
 
+    /// With `[factory] enable_template`: the template of this configuration (made now if
+    /// there is none), which the VM is then restored from. A template has no NIC and no
+    /// shared directory: the NICs are hot-plugged once it runs ([`Sandbox::boot`]), and a
+    /// configuration with `shared_fs` is refused (virtio-fs needs guest RAM shared with its
+    /// daemon, which a clone's copy-on-write RAM cannot be).
+    async fn use_template(&mut self) -> Result<()> {
+        if !self.shim_config.factory.enable_template {
+            return Ok(());
+        }
+        if self.spec.config.shared_fs != hypervisor::SharedFsKind::None {
+            bail!(
+                "[factory] enable_template needs shared_fs = \"none\" in [hypervisor.{}]: a VM restored from a template has copy-on-write memory, which virtio-fs cannot share with its daemon",
+                self.backend.name()
+            );
+        }
+        let t = Instant::now();
+        let template =
+            crate::template::ensure(&self.log, &self.shim_config, &self.opts.run_root).await?;
+        self.spec.config.boot = hypervisor::Boot::FromTemplate {
+            dir: template.dir.clone(),
+        };
+        info!(self.log, "starting from a VM template"; "template" => &template.digest,
+            "ms" => ms(t.elapsed()));
+        self.timings.insert("template".to_string(), ms(t.elapsed()));
+        self.template = Some(template);
+        Ok(())
+    }
+
     /// The NICs the VM boots with: one per pod interface, or the sandbox's own TAP.
     async fn plug_nics(&mut self) -> Result<Vec<(DeviceInfo, NicPlan)>> {
         let mut plugged = Vec::new();
@@ -132,6 +161,10 @@ impl Sandbox {
             self.taps
                 .extend(nics.iter().map(|(plan, _)| plan.tap.clone()));
             for (plan, config) in nics {
+                if self.template.is_some() {
+                    self.deferred.push((DeviceConfig::Network(config), plan));
+                    continue;
+                }
                 let info = self
                     .devices
                     .add(DeviceConfig::Network(config))
@@ -148,6 +181,11 @@ impl Sandbox {
         } else {
             let nic = self.new_host_nic().await?;
             let plan = nic.plan();
+            if self.template.is_some() {
+                self.deferred
+                    .push((DeviceConfig::Network(nic.config), plan));
+                return Ok(plugged);
+            }
             let info = self
                 .devices
                 .add(DeviceConfig::Network(nic.config))

@@ -48,6 +48,18 @@ impl Sandbox {
         self.timings
             .insert("vmm_start".to_string(), ms(t.elapsed()));
         info!(self.log, "VMM running"; "pid" => self.vmm_pid, "ms" => ms(t.elapsed()));
+        // A VM restored from a template gets its NICs now (the template had none).
+        for (config, plan) in std::mem::take(&mut self.deferred) {
+            let info = self
+                .devices
+                .add(config)
+                .await
+                .with_context(|| format!("Hot-plugging the NIC on TAP {}", plan.tap))?;
+            self.pending.push((info, plan));
+        }
+        if self.template.is_some() {
+            self.save_state().await?;
+        }
         Ok(())
     }
 
