@@ -14,7 +14,8 @@
 //! file is named `/proc/self/fd/N` (QEMU 7.2 opens a memory backend's `mem-path` with a plain
 //! `open`, which knows no fd sets); that happens before QEMU chroots. QEMU reopens it
 //! read-write there (a private mapping never writes to it), so an unprivileged QEMU
-//! (`rootless`) needs read and write access to it, which prepare checks.
+//! (`rootless`) needs read and write access to it: a source's is created for that user, and
+//! prepare checks a clone's.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -77,12 +78,13 @@ pub(crate) fn check(config: &HypervisorConfig) -> Result<()> {
             .into());
         }
     }
+    // A source's memory file is created at start and given to QEMU's user; a clone's must be
+    // open to it.
+    let Boot::FromTemplate { .. } = config.boot else {
+        return Ok(());
+    };
     if let Some(who) = crate::confine::run_as(config)? {
-        let meta = if files.memory.exists() {
-            std::fs::metadata(&files.memory)
-        } else {
-            std::fs::metadata(dir)
-        };
+        let meta = std::fs::metadata(&files.memory);
         let meta = meta.map_err(|e| {
             ConfigError::new(
                 "boot.dir",
@@ -139,6 +141,15 @@ pub(crate) fn open(
             memory
                 .set_len(u64::from(config.memory_mib) << 20)
                 .map_err(failed)?;
+            // An unprivileged QEMU reopens it (and its clones will): it is that user's.
+            if let Some(user) = crate::confine::run_as(config)? {
+                nix::unistd::fchown(
+                    &memory,
+                    Some(nix::unistd::Uid::from_raw(user.uid)),
+                    Some(nix::unistd::Gid::from_raw(user.gid)),
+                )
+                .map_err(|e| failed(std::io::Error::from(e)))?;
+            }
             Ok(Some(StartTemplate {
                 args: TemplateArgs::Source {
                     mem_path: by_fd(fds, memory),
@@ -233,6 +244,18 @@ async fn wait_migration(
     Err(Box::new(MigrationFailed { status, desc }))
 }
 
+/// Waits (at most `timeout`) until QEMU's run state is no longer `finish-migrate`.
+async fn settled(qmp: &QmpClient, timeout: Duration) -> crate::qmp::Result<()> {
+    let began = std::time::Instant::now();
+    loop {
+        let status = qmp.execute("query-status", None, timeout).await?;
+        if status["status"] != "finish-migrate" || began.elapsed() > timeout {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 impl Qemu {
     /// The backend's `save_template` step: stop the vCPUs, migrate the device state to the
     /// template's `state` file, leave the VM paused. On failure the VM runs on and no state
@@ -288,6 +311,12 @@ impl Qemu {
                 wait_migration(&qmp, &mut events, t)
                     .await
                     .map_err(|e| ("Migrating the device state", e))?;
+                // QEMU says "completed" a moment before its run state leaves
+                // `finish-migrate` for `postmigrate` (no event marks that): the save returns
+                // on a settled VM.
+                settled(&qmp, t)
+                    .await
+                    .map_err(|e| ("Waiting for QEMU to finish the migration", self.boxed(e)))?;
                 state
                     .sync_all()
                     .map_err(|e| ("Writing the state file to disk", Box::new(e) as _))
