@@ -12,6 +12,11 @@
 //! its own sandboxed `virtiofsd` that this crate starts and watches like QEMU, over guest RAM
 //! from a shared memfd; see [`virtiofs`].
 //!
+//! VM templates ([`hypervisor::Boot`]): a template's source keeps its RAM in the template's
+//! memory file, mapped shared; `save_template` saves its device state beside it; a clone maps
+//! the file copy-on-write, restores the state at start and runs with a new `vmgenid`. See
+//! the `template` module. Not with virtio-fs (vhost-user needs shared RAM) nor on microvm.
+//!
 //! QEMU dies with the process that started it (a parent-death signal, see [`process`]), and
 //! runs as confined as the configuration asks: its seccomp filter (`seccomp_sandbox`, on by
 //! default), an unprivileged user (`rootless`), a chroot (`chroot`); it opens no file of the

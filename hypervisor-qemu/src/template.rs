@@ -404,3 +404,92 @@ impl Qemu {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use hypervisor::{Hypervisor, SandboxSpec, Vm, VmState, VmmPids};
+    use serde_json::json;
+
+    use super::*;
+    use crate::QemuOptions;
+
+    #[test]
+    fn clone_guids_are_random_version_4() {
+        let (a, b) = (random_guid().unwrap(), random_guid().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4", "{a}");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
+    }
+
+    /// A migration QEMU fails: the save says QEMU's reason, resumes the source (`cont`),
+    /// removes the state file, and the VM stays running.
+    #[tokio::test]
+    async fn a_failed_migration_names_qemus_reason_and_the_source_runs_on() {
+        let run_root = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (qemu, sandbox, mut fake) = crate::tests::on_fake_qmp(QemuOptions {
+            run_root: run_root.path().to_path_buf(),
+            ..QemuOptions::default()
+        })
+        .await;
+        let spec = SandboxSpec {
+            id: "src".into(),
+            netns: None,
+            config: HypervisorConfig {
+                kernel: "/vmlinuz".into(),
+                boot: Boot::TemplateSource {
+                    dir: dir.path().into(),
+                },
+                ..Default::default()
+            },
+        };
+        let hv = Arc::new(Vm::restored(
+            qemu,
+            spec,
+            run_root.path().join("src"),
+            VmState::Running,
+            VmmPids::default(),
+            sandbox,
+        ));
+        let save = tokio::spawn({
+            let hv = hv.clone();
+            async move { hv.save_template().await }
+        });
+        let ok = |id: Value| json!({ "return": {}, "id": id });
+        let id = fake.expect("stop").await;
+        fake.send(ok(id)).await;
+        let (caps, _) = fake.recv().await;
+        assert_eq!(caps["execute"], "migrate-set-capabilities");
+        assert!(caps.to_string().contains("x-ignore-shared"), "{caps}");
+        fake.send(ok(caps["id"].clone())).await;
+        let (getfd, fds) = fake.recv().await;
+        assert_eq!(getfd["execute"], "getfd");
+        assert_eq!(fds.len(), 1, "the state file's fd comes with getfd");
+        fake.send(ok(getfd["id"].clone())).await;
+        let (migrate, _) = fake.recv().await;
+        assert_eq!(migrate["arguments"]["uri"], "fd:template-state");
+        fake.send(ok(migrate["id"].clone())).await;
+        fake.send(json!({"event": "MIGRATION", "data": {"status": "failed"}}))
+            .await;
+        let id = fake.expect("query-migrate").await;
+        fake.send(json!({"return": {"status": "failed",
+            "error-desc": "Unable to write to file: No space left on device"}, "id": id}))
+            .await;
+        let id = fake.expect("cont").await;
+        fake.send(ok(id)).await;
+        let err = save.await.unwrap().unwrap_err();
+        let text = crate::error_chain(&err);
+        assert!(
+            text.contains("No space left on device") && text.contains("Migrating the device state"),
+            "{text}"
+        );
+        assert_eq!(hv.state().await, VmState::Running);
+        assert!(
+            !dir.path().join("state").exists(),
+            "a half-written state is left"
+        );
+    }
+}
