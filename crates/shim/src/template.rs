@@ -6,9 +6,11 @@
 //! so a clone's private memory is only what it dirties), `state` (the device state, saved
 //! without the RAM) and `meta.json` (what it was made from; written last, so a directory
 //! without it is half-made and never restored). `DIGEST` is the SHA-256 of what makes a
-//! template restorable: the shim's version, the backend, the VMM binary's version line, the
-//! kernel's and initrd's contents, vCPUs, memory, machine type, kernel parameters and agent
-//! channel. A template made by another QEMU, kernel or configuration has another digest, so
+//! template restorable: the shim's version, the backend, the identity of the VMM binary, the
+//! kernel and the initrd (path, device, inode, size and modification time: a file replaced or
+//! rewritten is another file; reading them whole would cost more than the restore), vCPUs,
+//! memory, machine type, kernel parameters and agent channel. A template made by another
+//! QEMU, kernel or configuration has another digest, so
 //! it is never restored: the sandbox gets a new template of its own configuration, and the
 //! old one stays listed as stale until `sandbox template delete` removes it.
 //!
@@ -19,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,20 +49,15 @@ const READY_LIMIT: Duration = Duration::from_secs(180);
 pub struct Inputs(pub BTreeMap<String, String>);
 
 impl Inputs {
-    /// The inputs of configuration `cfg`: reads the VMM's version and digests the kernel and
-    /// initrd (blocking: a few milliseconds per megabyte).
+    /// The inputs of configuration `cfg` (a few `stat`s).
     pub fn of(kind: BackendKind, cfg: &HypervisorConfig) -> Result<Inputs> {
         let mut m = BTreeMap::new();
         m.insert("shim".into(), env!("CARGO_PKG_VERSION").into());
         m.insert("backend".into(), kind.name().into());
-        let binary = cfg
-            .path
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64"));
-        m.insert("vmm".into(), vmm_version(&binary)?);
-        m.insert("kernel".into(), file_digest(&cfg.kernel)?);
+        m.insert("vmm".into(), file_identity(&vmm_binary(cfg))?);
+        m.insert("kernel".into(), file_identity(&cfg.kernel)?);
         if let Some(initrd) = &cfg.initrd {
-            m.insert("initrd".into(), file_digest(initrd)?);
+            m.insert("initrd".into(), file_identity(initrd)?);
         }
         m.insert("vcpus".into(), cfg.vcpus.to_string());
         m.insert("memory_mib".into(), cfg.memory_mib.to_string());
@@ -101,6 +97,9 @@ impl Inputs {
 pub struct Meta {
     /// What it was made from.
     pub inputs: Inputs,
+    /// The VMM's `--version` line.
+    #[serde(default)]
+    pub vmm_version: String,
     /// When it was saved (seconds since the epoch).
     pub created_unix: u64,
     /// How long the template VM took to boot and answer, and to be saved (ms).
@@ -245,8 +244,11 @@ async fn create(
             return Err(e.context(format!("Creating the VM template {digest}")));
         }
     };
+    let binary = vmm_binary(&cfg.hypervisor);
+    let vmm_version = net::blocking(move || vmm_version(&binary)).await??;
     let meta = Meta {
         inputs: inputs.clone(),
+        vmm_version,
         created_unix: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -321,21 +323,26 @@ async fn boot_and_save(
     Ok(times)
 }
 
-/// The SHA-256 of a file, in hex.
-fn file_digest(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("Reading {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("Reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+/// The VMM binary a configuration runs.
+fn vmm_binary(cfg: &HypervisorConfig) -> PathBuf {
+    cfg.path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64"))
+}
+
+/// What tells one file from another: its path, device, inode, size and modification time.
+fn file_identity(path: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).with_context(|| format!("Reading {}", path.display()))?;
+    Ok(format!(
+        "{} dev {} ino {} size {} mtime {}.{:09}",
+        path.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
 }
 
 /// The first line of `BINARY --version`.
@@ -372,6 +379,7 @@ mod tests {
         std::fs::write(dir.join(STATE_FILE), b"s").unwrap();
         let meta = Meta {
             inputs: inputs.clone(),
+            vmm_version: "QEMU emulator version 7.2".into(),
             created_unix: 1,
             boot_ms: 2,
             save_ms: 3,
@@ -410,6 +418,7 @@ mod tests {
         let dir = make(store.path(), &a);
         let other = Meta {
             inputs: inputs("cccc"),
+            vmm_version: String::new(),
             created_unix: 1,
             boot_ms: 2,
             save_ms: 3,

@@ -72,7 +72,7 @@ pub async fn run(log: &slog::Logger, request: Request) -> Result<()> {
                             t.digest,
                             inputs.get("vcpus").map_or("?", String::as_str),
                             inputs.get("memory_mib").map_or("?", String::as_str),
-                            inputs.get("vmm").map_or("?", String::as_str),
+                            t.meta.vmm_version,
                             t.dir.display()
                         );
                     }
