@@ -16,6 +16,11 @@
 //! read-write there (a private mapping never writes to it), so an unprivileged QEMU
 //! (`rootless`) needs read and write access to it: a source's is created for that user, and
 //! prepare checks a clone's.
+//!
+//! That read-write open is QEMU 7.2's: it maps a file private only from one (8.2's
+//! `readonly=on,rom=off` lifts that). So a clone's QEMU could write the template's pages that
+//! other clones have not copied yet: clones of one template must trust each other as much as
+//! they trust the runtime that made it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;

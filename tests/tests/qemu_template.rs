@@ -79,6 +79,35 @@ fn pss_private_dirty(pid: u32) -> Result<(u64, u64)> {
     Ok((field("Pss:")?, field("Private_Dirty:")?))
 }
 
+/// `Rss` and `Private_Dirty` of `pid`'s mappings of `file`, in KiB, from `smaps`: the
+/// guest RAM's share of the clone's memory.
+fn mapping_of(pid: u32, file: &Path) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let file = file.display().to_string();
+    let (mut rss, mut dirty, mut inside) = (0, 0, false);
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            inside = line.ends_with(&file);
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let kib = || {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if first == "Rss:" {
+            rss += kib().unwrap_or(0);
+        } else if first == "Private_Dirty:" {
+            dirty += kib().unwrap_or(0);
+        }
+    }
+    Ok((rss, dirty))
+}
+
 /// Boots a template source in `dir`, waits for its agent, saves it and stops it. The test's
 /// namespace, TAPs and run directory go with it.
 async fn make_template(assets: &GuestAssets, dir: &Path) -> Result<TemplateFiles> {
@@ -197,6 +226,15 @@ fn clones_start_fast_take_their_own_nics_and_outlive_the_template_files() -> Res
             "clone {} idle: Pss {} KiB, Private_Dirty {} KiB",
             a.id, pss, dirty
         );
+        let (ram, ram_dirty) = mapping_of(pid_a, &TemplateFiles::in_dir(dir.path()).memory)?;
+        eprintln!(
+            "clone {} idle: guest RAM mapping Rss {ram} KiB, Private_Dirty {ram_dirty} KiB (the rest is QEMU's own)",
+            a.id
+        );
+        ensure!(
+            ram > 0,
+            "no mapping of the template's memory file in QEMU {pid_a}"
+        );
         let (mut b, pid_b) = clone_of(&backend_b, &assets, dir.path()).await?;
 
         // Each clone has its own generation id, so a guest that watches it reseeds.
@@ -271,9 +309,7 @@ fn two_clones_draw_different_random_numbers() -> Result<()> {
         b.teardown(Some(pid_b)).await?;
         let same: Vec<_> = da.iter().zip(&db).filter(|(x, y)| x == y).collect();
         if !same.is_empty() {
-            let vmgenid = assets
-                .kernel_option("CONFIG_VMGENID")
-                .unwrap_or_else(Some);
+            let vmgenid = assets.kernel_option("CONFIG_VMGENID").unwrap_or_else(Some);
             bail!(
                 "two clones drew the same random numbers {same:?}: the guest did not reseed its RNG on the new vmgenid (guest kernel CONFIG_VMGENID: {})",
                 vmgenid.as_deref().unwrap_or("not set; the guest kernel has no vmgenid driver")
