@@ -273,6 +273,16 @@ impl Qemu {
         let Boot::TemplateSource { dir } = &ctx.spec.config.boot else {
             unreachable!("checked by the lifecycle core");
         };
+        if let Some(hot) = vm.hot.values().find(|d| d.hotplugged) {
+            // A clone starts with the cold devices only: the state of another would not load.
+            return Err(Self::unsupported(
+                "saving a template with hot-plugged devices",
+                format!(
+                    "device {} was hot-plugged into the source, and its clones could not have it; save before hot-plugging",
+                    hot.id
+                ),
+            ));
+        }
         let files = TemplateFiles::in_dir(dir);
         let qmp = vm.qmp.clone().expect("running VMs have QMP");
         let t = self.opts.qmp_timeout;
@@ -429,6 +439,57 @@ mod tests {
         assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
     }
 
+    fn source_spec(dir: &Path) -> SandboxSpec {
+        SandboxSpec {
+            id: "src".into(),
+            netns: None,
+            config: HypervisorConfig {
+                kernel: "/vmlinuz".into(),
+                boot: Boot::TemplateSource { dir: dir.into() },
+                ..Default::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_with_a_hot_plugged_device_is_not_saved() {
+        let run_root = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (qemu, mut sandbox, _fake) = crate::tests::on_fake_qmp(QemuOptions {
+            run_root: run_root.path().to_path_buf(),
+            ..QemuOptions::default()
+        })
+        .await;
+        let id = hypervisor::DeviceId::new("net0").unwrap();
+        sandbox.hot.insert(
+            id.clone(),
+            hypervisor::DeviceInfo {
+                id,
+                kind: hypervisor::DeviceKind::Network,
+                location: hypervisor::device::GuestLocation::Pci {
+                    path: "02/00".into(),
+                },
+                hotplugged: true,
+                mac: None,
+                queue_pairs: Some(1),
+                host: None,
+            },
+        );
+        let hv = Vm::restored(
+            qemu,
+            source_spec(dir.path()),
+            run_root.path().join("src"),
+            VmState::Running,
+            VmmPids::default(),
+            sandbox,
+        );
+        let err = hv.save_template().await.unwrap_err();
+        assert!(err.is_unsupported(), "{err}");
+        assert!(err.to_string().contains("net0"), "{err}");
+        assert_eq!(hv.state().await, VmState::Running);
+        assert!(!dir.path().join("state").exists());
+    }
+
     /// A migration QEMU fails: the save says QEMU's reason, resumes the source (`cont`),
     /// removes the state file, and the VM stays running.
     #[tokio::test]
@@ -440,20 +501,9 @@ mod tests {
             ..QemuOptions::default()
         })
         .await;
-        let spec = SandboxSpec {
-            id: "src".into(),
-            netns: None,
-            config: HypervisorConfig {
-                kernel: "/vmlinuz".into(),
-                boot: Boot::TemplateSource {
-                    dir: dir.path().into(),
-                },
-                ..Default::default()
-            },
-        };
         let hv = Arc::new(Vm::restored(
             qemu,
-            spec,
+            source_spec(dir.path()),
             run_root.path().join("src"),
             VmState::Running,
             VmmPids::default(),

@@ -67,6 +67,26 @@ fn qemu_of(id: &str) -> Vec<u32> {
         .collect()
 }
 
+/// This process's open fds, as `fd -> target` (without the listing's own handle).
+fn own_fds() -> Result<Vec<String>> {
+    let me = std::process::id();
+    let mut fds: Vec<String> = workspace_tests::fd_targets(me)?
+        .into_iter()
+        .map(|(fd, target)| format!("{fd} -> {target}"))
+        .filter(|f| !f.ends_with(&format!("/proc/{me}/fd")))
+        .collect();
+    fds.sort();
+    Ok(fds)
+}
+
+/// Checks this process has the fds it had `before`.
+fn same_fds(before: &[String]) -> Result<()> {
+    let after = own_fds()?;
+    let new: Vec<_> = after.iter().filter(|f| !before.contains(f)).collect();
+    ensure!(new.is_empty(), "fds left open: {new:?}");
+    Ok(())
+}
+
 /// `Pss` and `Private_Dirty` of `pid`, in KiB, from `smaps_rollup`.
 fn pss_private_dirty(pid: u32) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
@@ -214,6 +234,9 @@ fn clones_start_fast_take_their_own_nics_and_outlive_the_template_files() -> Res
     run_alone(async {
         let assets = GuestAssets::find();
         Qemu::Q35.can_boot().map_err(anyhow::Error::msg)?;
+        // Children are reaped through a process-wide SIGCHLD handler, set up with the first.
+        tokio::process::Command::new("true").status().await?;
+        let before = own_fds()?;
         let dir = template_dir()?;
         make_template(&assets, dir.path()).await?;
 
@@ -280,7 +303,7 @@ fn clones_start_fast_take_their_own_nics_and_outlive_the_template_files() -> Res
         b.teardown(Some(pid_b)).await?;
         let left = fds_into(dir.path())?;
         ensure!(left.is_empty(), "fds left into the template: {left:?}");
-        Ok(())
+        same_fds(&before)
     })
 }
 
@@ -325,6 +348,8 @@ fn a_clone_from_a_missing_or_corrupt_state_fails_naming_it_and_leaves_nothing() 
         workspace_tests::require_root();
         let assets = GuestAssets::find();
         Qemu::Q35.can_boot().map_err(anyhow::Error::msg)?;
+        tokio::process::Command::new("true").status().await?;
+        let before = own_fds()?;
         let dir = template_dir()?;
         let files = TemplateFiles::in_dir(dir.path());
         // A template's memory file of the right size, and no state.
@@ -397,6 +422,6 @@ fn a_clone_from_a_missing_or_corrupt_state_fails_naming_it_and_leaves_nothing() 
         );
         let left = fds_into(dir.path())?;
         ensure!(left.is_empty(), "fds left into the template: {left:?}");
-        Ok(())
+        same_fds(&before)
     })
 }
