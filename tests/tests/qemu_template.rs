@@ -99,6 +99,14 @@ fn pss_private_dirty(pid: u32) -> Result<(u64, u64)> {
     Ok((field("Pss:")?, field("Private_Dirty:")?))
 }
 
+/// Every confinement on: an unprivileged user and a chroot (the seccomp filter is on by
+/// default).
+fn confine(config: &mut HypervisorConfig) {
+    config.rootless = true;
+    config.rootless_user = hypervisor::config::DEFAULT_ROOTLESS_USER.into();
+    config.chroot = true;
+}
+
 /// `Rss` and `Private_Dirty` of `pid`'s mappings of `file`, in KiB, from `smaps`: the
 /// guest RAM's share of the clone's memory.
 fn mapping_of(pid: u32, file: &Path) -> Result<(u64, u64)> {
@@ -130,8 +138,12 @@ fn mapping_of(pid: u32, file: &Path) -> Result<(u64, u64)> {
 
 /// Boots a template source in `dir`, waits for its agent, saves it and stops it. The test's
 /// namespace, TAPs and run directory go with it.
-async fn make_template(assets: &GuestAssets, dir: &Path) -> Result<TemplateFiles> {
-    let backend = Kept::new(Qemu::Q35);
+async fn make_template(
+    assets: &GuestAssets,
+    dir: &Path,
+    adjust: fn(&mut HypervisorConfig),
+) -> Result<TemplateFiles> {
+    let backend = Kept::new(Qemu::Q35).adjust(adjust);
     let boot = Boot::TemplateSource { dir: dir.into() };
     let mut sb = Sandbox::prepare(&backend, config(&backend, assets, boot)).await?;
     ensure!(
@@ -238,11 +250,12 @@ fn clones_start_fast_take_their_own_nics_and_outlive_the_template_files() -> Res
         tokio::process::Command::new("true").status().await?;
         let before = own_fds()?;
         let dir = template_dir()?;
-        make_template(&assets, dir.path()).await?;
+        // The source's QEMU runs unprivileged and chrooted, as does the second clone's: the
+        // template's files reach them as fds.
+        make_template(&assets, dir.path(), confine).await?;
 
         let backend_a = Kept::new(Qemu::Q35);
-        // The second clone's QEMU chroots once started: its template files came as fds.
-        let backend_b = Kept::new(Qemu::Q35).adjust(|c| c.chroot = true);
+        let backend_b = Kept::new(Qemu::Q35).adjust(confine);
         let (mut a, pid_a) = clone_of(&backend_a, &assets, dir.path()).await?;
         let (pss, dirty) = pss_private_dirty(pid_a)?;
         eprintln!(
@@ -259,6 +272,20 @@ fn clones_start_fast_take_their_own_nics_and_outlive_the_template_files() -> Res
             "no mapping of the template's memory file in QEMU {pid_a}"
         );
         let (mut b, pid_b) = clone_of(&backend_b, &assets, dir.path()).await?;
+        let status = std::fs::read_to_string(format!("/proc/{pid_b}/status"))?;
+        let uid = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap_or("?");
+        ensure!(
+            !uid.split_whitespace().skip(1).any(|u| u == "0"),
+            "the confined clone's QEMU runs as root: {uid}"
+        );
+        let root = std::fs::read_link(format!("/proc/{pid_b}/root"))?;
+        ensure!(
+            root != Path::new("/"),
+            "the confined clone's QEMU is not chrooted"
+        );
 
         // Each clone has its own generation id, so a guest that watches it reseeds.
         let genid = |kept: &Kept| {
@@ -318,7 +345,7 @@ fn two_clones_draw_different_random_numbers() -> Result<()> {
         let assets = GuestAssets::find();
         Qemu::Q35.can_boot().map_err(anyhow::Error::msg)?;
         let dir = template_dir()?;
-        make_template(&assets, dir.path()).await?;
+        make_template(&assets, dir.path(), |_| {}).await?;
         let (backend_a, backend_b) = (Kept::new(Qemu::Q35), Kept::new(Qemu::Q35));
         let (mut a, pid_a) = clone_of(&backend_a, &assets, dir.path()).await?;
         let (mut b, pid_b) = clone_of(&backend_b, &assets, dir.path()).await?;
