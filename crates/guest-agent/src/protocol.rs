@@ -64,6 +64,9 @@ pub enum RequestBody {
     SetClock(SetClock),
     /// Sets the guest's hostname; answered with [`Done`].
     SetHostname(SetHostname),
+    /// Mixes host randomness into the guest's RNG and reseeds it (a VM restored from a
+    /// template wakes with the template's RNG state); answered with [`Done`].
+    SeedRandom(SeedRandom),
     /// Creates a container whose init waits for `start_container`; answered with
     /// [`ProcessCreated`].
     CreateContainer(CreateContainer),
@@ -105,6 +108,7 @@ impl RequestBody {
             RequestBody::MountShare(_) => "mount_share",
             RequestBody::SetClock(_) => "set_clock",
             RequestBody::SetHostname(_) => "set_hostname",
+            RequestBody::SeedRandom(_) => "seed_random",
             RequestBody::CreateContainer(_) => "create_container",
             RequestBody::StartContainer(_) => "start_container",
             RequestBody::ExecProcess(_) => "exec_process",
@@ -130,6 +134,13 @@ pub struct SetClock {
 pub struct SetHostname {
     /// The hostname (1 to 64 bytes, no NUL).
     pub hostname: String,
+}
+
+/// Arguments of `seed_random`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedRandom {
+    /// Random bytes from the host, base64 (standard alphabet, padded); 16 to 512 bytes.
+    pub data: String,
 }
 
 /// Arguments of `configure_interface`.

@@ -326,6 +326,26 @@ impl AgentClient {
         Ok(())
     }
 
+    /// `seed_random`: mixes 64 bytes of the host's randomness into the guest's RNG, credited,
+    /// and reseeds it.
+    pub async fn seed_random(&self, timeout: Duration) -> Result<()> {
+        use base64::Engine as _;
+        let mut bytes = [0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+            .map_err(|e| {
+                ClientError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("Reading /dev/urandom: {e}"),
+                ))
+            })?;
+        let request = crate::protocol::SeedRandom {
+            data: base64::engine::general_purpose::STANDARD.encode(bytes),
+        };
+        let _: crate::protocol::Done = self.call(RequestBody::SeedRandom(request), timeout).await?;
+        Ok(())
+    }
+
     /// `set_hostname`: sets the guest's hostname.
     pub async fn set_hostname(&self, hostname: &str, timeout: Duration) -> Result<()> {
         let request = crate::protocol::SetHostname {

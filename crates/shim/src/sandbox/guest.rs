@@ -45,12 +45,16 @@ impl Sandbox {
             "guest_uptime_ms" => health.uptime_ms, "ms" => ms(t.elapsed()));
 
         if self.template.is_some() {
-            // A VM restored from a template wakes with the template's clock and name.
+            // A VM restored from a template wakes with the template's clock, RNG state and name.
             let agent = self.agent.as_ref().expect("set above");
             agent
                 .sync_clock(Duration::from_secs(10))
                 .await
                 .context("Setting the guest's clock")?;
+            agent
+                .seed_random(Duration::from_secs(10))
+                .await
+                .context("Reseeding the guest's RNG")?;
             let hostname: String = self.id.chars().take(64).collect();
             agent
                 .set_hostname(&hostname, Duration::from_secs(10))

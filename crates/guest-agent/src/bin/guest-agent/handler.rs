@@ -96,6 +96,7 @@ impl Service for Handler {
             RequestBody::MountShare(mount) => reply(id, share::mount(&mount)),
             RequestBody::SetClock(clock) => reply(id, identity::set_clock(&clock)),
             RequestBody::SetHostname(name) => reply(id, identity::set_hostname(&name)),
+            RequestBody::SeedRandom(seed) => reply(id, identity::seed_random(&seed)),
             body => reply(id, self.containers(body, ctx)),
         }
     }

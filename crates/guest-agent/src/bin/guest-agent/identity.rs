@@ -1,7 +1,11 @@
-//! `set_clock` and `set_hostname`: what makes a VM restored from a template its own machine
-//! (it wakes with the template's clock and name).
+//! `set_clock`, `set_hostname` and `seed_random`: what makes a VM restored from a template its
+//! own machine (it wakes with the template's clock, name and RNG state; a guest kernel
+//! without `CONFIG_VMGENID`, as Debian's cloud kernel is, does not reseed on its own).
 
-use guest_agent::protocol::{Done, SetClock, SetHostname};
+use std::os::fd::AsRawFd;
+
+use base64::Engine as _;
+use guest_agent::protocol::{Done, SeedRandom, SetClock, SetHostname};
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
 
@@ -30,6 +34,48 @@ pub fn set_hostname(request: &SetHostname) -> Result<Done, String> {
     Ok(Done {})
 }
 
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Adds the host's bytes to the input pool, credited, and reseeds the CRNG from it.
+pub fn seed_random(request: &SeedRandom) -> Result<Done, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&request.data)
+        .map_err(|e| format!("The seed is not base64: {e}"))?;
+    if !(16..=512).contains(&bytes.len()) {
+        return Err(format!("The seed has {} bytes, not 16 to 512", bytes.len()));
+    }
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info: Vec<u8> = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(&bytes);
+    let urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("Opening /dev/urandom: {e}"))?;
+    // SAFETY: `info` is a rand_pool_info whose buf_size bytes follow its header, alive for
+    // the call; the kernel only reads it.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
+    if rc != 0 {
+        return Err(format!(
+            "Adding the seed to the RNG (RNDADDENTROPY): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) };
+    if rc != 0 {
+        return Err(format!(
+            "Reseeding the RNG (RNDRESEEDCRNG): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(Done {})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,6 +88,18 @@ mod tests {
             })
             .unwrap_err();
             assert!(err.contains("1 to 64 bytes"), "{err}");
+        }
+    }
+
+    #[test]
+    fn seeds_of_the_wrong_size_or_encoding_are_refused() {
+        let short = base64::engine::general_purpose::STANDARD.encode([0u8; 8]);
+        for (data, want) in [("%%", "not base64"), (short.as_str(), "8 bytes")] {
+            let err = seed_random(&SeedRandom {
+                data: data.to_string(),
+            })
+            .unwrap_err();
+            assert!(err.contains(want), "{err}");
         }
     }
 }
