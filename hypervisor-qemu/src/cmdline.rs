@@ -215,6 +215,9 @@ pub struct CmdlineSpec {
     pub kernel_params: Vec<String>,
     /// Firmware (`-bios`); `None`: QEMU's default for the machine.
     pub firmware: Option<PathBuf>,
+    /// Under TCG, the size of the translation buffer in MiB (`-accel tcg,tb-size=N`; QEMU's
+    /// default reserves 1 GiB, of which a boot fills about 48 MiB, all of it resident).
+    pub tb_size_mib: Option<u32>,
     /// A virtio-balloon device with free page reporting: the guest hands pages it frees back
     /// to the host (Kata's `reclaim_guest_freed_memory`).
     pub free_page_reporting: bool,
@@ -265,13 +268,16 @@ impl CmdlineSpec {
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        // QEMU refuses `-accel` beside `-machine accel=`: the accelerator is given once.
+        let tb_size = self.tb_size_mib.filter(|_| self.accel == Accel::Tcg);
+        let accel = match tb_size {
+            Some(_) => String::new(),
+            None => format!(",accel={}", self.accel.as_str()),
+        };
         let mut machine = match self.machine {
-            Machine::Q35 => format!("q35,accel={}", self.accel.as_str()),
+            Machine::Q35 => format!("q35{accel}"),
             // isa-serial for the console; ACPI describes the virtio-mmio devices to the guest.
-            Machine::Microvm => format!(
-                "microvm,accel={},isa-serial=on,rtc=on,pit=on,pic=on",
-                self.accel.as_str()
-            ),
+            Machine::Microvm => format!("microvm{accel},isa-serial=on,rtc=on,pit=on,pic=on"),
         };
         if self.shared_memory || self.template.is_some() {
             machine.push_str(",memory-backend=mem");
@@ -287,6 +293,9 @@ impl CmdlineSpec {
             push(&["-chroot", &dir.display().to_string()]);
         }
         push(&["-machine", &machine]);
+        if let Some(mib) = tb_size {
+            push(&["-accel", &format!("tcg,tb-size={mib}")]);
+        }
         if let Some(firmware) = &self.firmware {
             push(&["-bios", &firmware.display().to_string()]);
         }
@@ -533,6 +542,7 @@ mod tests {
             initrd: Some("/g/initramfs.img".into()),
             kernel_params: vec!["agent.port=1024".into()],
             firmware: None,
+            tb_size_mib: None,
             free_page_reporting: false,
             qmp_fd: 3,
             console_log: "/run/s1/console.log".into(),
@@ -617,6 +627,26 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_tcg_translation_buffer_size_moves_the_accelerator_to_accel() {
+        let mut s = spec();
+        s.tb_size_mib = Some(32);
+        let a = s.args();
+        assert_eq!(after(&a, "-machine"), ["q35"]);
+        assert_eq!(after(&a, "-accel"), ["tcg,tb-size=32"]);
+        s.machine = Machine::Microvm;
+        assert_eq!(
+            after(&s.args(), "-machine"),
+            ["microvm,isa-serial=on,rtc=on,pit=on,pic=on"]
+        );
+        // Under KVM there is no translation buffer: the option is left out.
+        s.machine = Machine::Q35;
+        s.accel = Accel::Kvm;
+        let a = s.args();
+        assert_eq!(after(&a, "-machine"), ["q35,accel=kvm"]);
+        assert!(after(&a, "-accel").is_empty());
     }
 
     #[test]

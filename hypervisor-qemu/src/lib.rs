@@ -118,6 +118,11 @@ pub const BACKEND: &str = "qemu";
 /// A QEMU VM: the lifecycle core over the [`Qemu`] backend.
 pub type QemuHypervisor = Vm<Qemu>;
 
+/// The TCG translation buffer's default size, MiB: a boot of the `make guest-assets` guest
+/// fills about 48 MiB of QEMU's 1 GiB default; with 32 it used 14 MiB less and its boot took
+/// no measurably longer.
+pub const DEFAULT_TB_SIZE_MIB: u32 = 32;
+
 /// Options of this backend that are not part of the VM's configuration.
 #[derive(Debug, Clone)]
 pub struct QemuOptions {
@@ -140,6 +145,10 @@ pub struct QemuOptions {
     /// Firmware of q35 guests (`-bios`): [`cmdline::QBOOT`] by default; `None` leaves
     /// QEMU's own (SeaBIOS). microvm guests always get QEMU's (its qboot build).
     pub q35_firmware: Option<PathBuf>,
+    /// Under TCG, the translation buffer's size in MiB: [`DEFAULT_TB_SIZE_MIB`] by default.
+    /// QEMU's own default reserves 1 GiB, and every page of it the guest's code ever filled
+    /// stays resident; `None` leaves QEMU's.
+    pub tcg_tb_size_mib: Option<u32>,
 }
 
 impl Default for QemuOptions {
@@ -153,6 +162,7 @@ impl Default for QemuOptions {
             unplug_timeout: Duration::from_secs(30),
             boot_params: cmdline::LEAN_KERNEL_PARAMS.to_string(),
             q35_firmware: Some(cmdline::QBOOT.into()),
+            tcg_tb_size_mib: Some(DEFAULT_TB_SIZE_MIB),
         }
     }
 }

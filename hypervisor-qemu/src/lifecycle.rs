@@ -394,6 +394,7 @@ impl Qemu {
                 Machine::Q35 => self.opts.q35_firmware.clone(),
                 Machine::Microvm => None,
             },
+            tb_size_mib: self.opts.tcg_tb_size_mib,
             free_page_reporting: spec.config.reclaim_guest_freed_memory,
             qmp_fd,
             console_log: files.console,

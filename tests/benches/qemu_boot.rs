@@ -10,10 +10,11 @@
 //! benchmark runs (its numbers are not results).
 //!
 //! A third side is the layer with the q35 guest as it was before the lean cold boot: the
-//! backend's own kernel parameters only (no [`LEAN_KERNEL_PARAMS`]) and QEMU's default
-//! firmware (SeaBIOS, not qboot), set through [`QemuOptions`], and the same initramfs
-//! gzip-compressed (`gzip -6n`) as `make guest-assets` wrote it then. The other two sides
-//! boot the current default (lean parameters, qboot, the initramfs uncompressed).
+//! backend's own kernel parameters only (no [`LEAN_KERNEL_PARAMS`]), QEMU's default
+//! firmware (SeaBIOS, not qboot) and translation buffer size, set through [`QemuOptions`],
+//! and the same initramfs gzip-compressed (`gzip -6n`) as `make guest-assets` wrote it then.
+//! The other two sides boot the current default (lean parameters, qboot, a 32 MiB
+//! translation buffer under TCG, the initramfs uncompressed).
 //!
 //! It ends with the issues' goals: the layer adds less than 50 ms to a boot and less than
 //! 100 ms to a NIC hotplug, each the difference of the p50s of the same span on the layer's
@@ -32,7 +33,7 @@ use hypervisor::{Accelerator, AgentChannelKind};
 use hypervisor_qemu::cmdline::{Accel, LEAN_KERNEL_PARAMS, QBOOT};
 use hypervisor_qemu::host::HostFeatures;
 use hypervisor_qemu::qmp::QmpClient;
-use hypervisor_qemu::QemuOptions;
+use hypervisor_qemu::{QemuOptions, DEFAULT_TB_SIZE_MIB};
 use serde_json::json;
 use workspace_tests::bench::Samples;
 use workspace_tests::qemu::{Kept, Qemu};
@@ -66,6 +67,7 @@ fn old_default_backend() -> Kept {
         .options(|root| QemuOptions {
             boot_params: String::new(),
             q35_firmware: None,
+            tcg_tb_size_mib: None,
             ..Qemu::options(root)
         })
         .adjust(|config| {
@@ -262,8 +264,13 @@ async fn by_hand_once(s: &mut Samples, host: &HostChoice) -> Result<()> {
     let agent_sock = dir.path().join("agent.sock");
     let qmp_sock = dir.path().join("qmp.sock");
     let mut cmd = tokio::process::Command::new("ip");
-    cmd.args(["netns", "exec", &n, "qemu-system-x86_64"])
-        .args(["-machine", &format!("q35,accel={}", host.accel.as_str())]);
+    cmd.args(["netns", "exec", &n, "qemu-system-x86_64"]);
+    match host.accel {
+        Accel::Tcg => cmd
+            .args(["-machine", "q35", "-accel"])
+            .arg(format!("tcg,tb-size={DEFAULT_TB_SIZE_MIB}")),
+        Accel::Kvm => cmd.args(["-machine", "q35,accel=kvm"]),
+    };
     if host.accel == Accel::Kvm {
         cmd.args(["-cpu", "host"]);
     }
@@ -405,10 +412,10 @@ async fn main() -> Result<()> {
         if host.vhost { "on" } else { "off" }
     );
     println!(
-        "this layer and by hand: -bios {QBOOT}, kernel parameters \"{BASE_PARAMS} {LEAN_KERNEL_PARAMS}\""
+        "this layer and by hand: -bios {QBOOT}, tb-size={DEFAULT_TB_SIZE_MIB} under TCG, kernel parameters \"{BASE_PARAMS} {LEAN_KERNEL_PARAMS}\""
     );
     println!(
-        "old q35 default: QEMU's default firmware, kernel parameters \"{BASE_PARAMS}\", the initramfs gzip -6n"
+        "old q35 default: QEMU's default firmware and tb-size, kernel parameters \"{BASE_PARAMS}\", the initramfs gzip -6n"
     );
     println!("load average before: {}", load_average());
 
