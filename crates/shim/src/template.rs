@@ -6,7 +6,8 @@
 //! so a clone's private memory is only what it dirties), `state` (the device state, saved
 //! without the RAM) and `meta.json` (what it was made from; written last, so a directory
 //! without it is half-made and never restored). `DIGEST` is the SHA-256 of what makes a
-//! template restorable: the shim's version, the backend, the identity of the VMM binary, the
+//! template restorable: the shim's version and binary (the command line it gives the VMM
+//! comes with it), the backend, the identity of the VMM binary, the
 //! kernel and the initrd (path, device, inode, size and modification time: a file replaced or
 //! rewritten is another file; reading them whole would cost more than the restore), vCPUs,
 //! memory, machine type, kernel parameters and agent channel. A template made by another
@@ -53,6 +54,10 @@ impl Inputs {
     pub fn of(kind: BackendKind, cfg: &HypervisorConfig) -> Result<Inputs> {
         let mut m = BTreeMap::new();
         m.insert("shim".into(), env!("CARGO_PKG_VERSION").into());
+        // The shim's own build: the command line it gives the VMM (built-in kernel
+        // parameters, firmware, device layout) may change with it.
+        let exe = std::env::current_exe().context("Finding the shim's own binary")?;
+        m.insert("shim_binary".into(), file_identity(&exe)?);
         m.insert("backend".into(), kind.name().into());
         m.insert("vmm".into(), file_identity(&vmm_binary(cfg))?);
         m.insert("kernel".into(), file_identity(&cfg.kernel)?);
