@@ -15,6 +15,9 @@ use crate::backend;
 use crate::facts::{NicFacts, SandboxFacts};
 use crate::net::{self, NicPlan};
 
+/// How often the agent is asked whether the guest shows a plugged NIC yet (a listing is a
+/// few `/sys` reads in the guest; the wait is most of a restored sandbox's start).
+const NIC_POLL: Duration = Duration::from_millis(10);
 /// How long the guest may take to show a NIC after it was plugged.
 const GUEST_NIC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -138,7 +141,7 @@ impl Sandbox {
                     "the guest did not show a NIC with MAC {mac} within {GUEST_NIC_TIMEOUT:?} (see the console log)"
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(NIC_POLL).await;
         }
         let done = agent
             .configure_interface(
