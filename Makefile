@@ -21,7 +21,7 @@ SHIM_FEATSETS := "" "--features qemu" "--features dragonball" "--features qemu,d
 
 export GUEST_DIR
 
-.PHONY: help build install test check demo bench soak footprint guest-assets test-guest deps tools clean
+.PHONY: help build install test check demo bench soak footprint guest-assets guest-kernel test-guest deps tools clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,9 @@ tools: ## Install the cargo tools `make check` runs (cargo-deny, pinned)
 
 guest-assets: deps ## Build the guest kernel + initramfs (with the agent) into .cache/guest
 	@scripts/guest-assets.sh
+
+guest-kernel: ## (Optional, untested) Build a guest kernel with virtio, vsock, virtio-fs, overlay built in into .cache/guest/kernel-custom
+	@scripts/guest-kernel.sh
 
 test-guest: deps ## Build the freestanding test guest into .cache/testguest (Dragonball VM tests)
 	$(MAKE) -C guest/testguest OUT=$(CURDIR)/.cache/testguest
