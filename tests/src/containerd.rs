@@ -703,8 +703,8 @@ pub fn run_with_timeout(cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -
     }
 }
 
-/// Every process's pid and argv.
-fn processes() -> Vec<(u32, Vec<String>)> {
+/// Every process's pid and argv (from `/proc`).
+pub fn processes() -> Vec<(u32, Vec<String>)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {

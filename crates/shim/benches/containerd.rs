@@ -30,7 +30,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use workspace_tests::bench::Samples;
-use workspace_tests::containerd::{Containerd, Image, Options, KATA_RUNTIME, RUNC_RUNTIME};
+use workspace_tests::containerd::{
+    processes, Containerd, Image, Options, KATA_RUNTIME, RUNC_RUNTIME,
+};
 use workspace_tests::{machine, require_root, unique_name, GuestAssets};
 
 /// The binary under test.
@@ -346,28 +348,6 @@ fn stop_task(ctrd: &Containerd, id: &str) -> Result<()> {
     ensure!(deleted.code() == Some(0), "{deleted}");
     ctrd.ctr_ok(&["container", "rm", id])?;
     Ok(())
-}
-
-/// Every process's pid and argv.
-fn processes() -> Vec<(u32, Vec<String>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let argv: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if !argv.is_empty() {
-            out.push((pid, argv));
-        }
-    }
-    out
 }
 
 fn process_name(argv: &[String]) -> String {

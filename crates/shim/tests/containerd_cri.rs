@@ -564,25 +564,14 @@ fn wait_ping(node: &netdev::NetNs, ip: &str, limit: Duration) -> Result<()> {
 
 /// QEMU and virtiofsd processes whose command line names `id`: `(pid, command line)`.
 fn vmm_processes(id: &str) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let argv: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let Some(first) = argv.first() else { continue };
-        let name = first.rsplit('/').next().unwrap_or(first);
-        let line = argv.join(" ");
-        if (name.starts_with("qemu-system") || name.ends_with("virtiofsd")) && line.contains(id) {
-            out.push((pid, format!("{name} {line}")));
-        }
-    }
-    out
+    workspace_tests::containerd::processes()
+        .into_iter()
+        .filter_map(|(pid, argv)| {
+            let first = argv.first()?;
+            let name = first.rsplit('/').next().unwrap_or(first).to_string();
+            let line = argv.join(" ");
+            ((name.starts_with("qemu-system") || name.ends_with("virtiofsd")) && line.contains(id))
+                .then(|| (pid, format!("{name} {line}")))
+        })
+        .collect()
 }
