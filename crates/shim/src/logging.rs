@@ -54,14 +54,7 @@ pub fn init(format: LogFormat, level: LogLevel) -> (slog::Logger, slog_async::As
         ),
     };
     let drain = drain.filter_level(level.slog()).fuse();
-    let (drain, guard) = slog_async::Async::new(drain)
-        .chan_size(4096)
-        .build_with_guard();
-    let log = slog::Logger::root(
-        drain.fuse(),
-        slog::o!("source" => "containerd-shim-kata-v2", "pid" => std::process::id()),
-    );
-    (log, guard)
+    root(drain)
 }
 
 /// The logger of the shim daemon containerd starts: logfmt lines (`time="..." level=info
@@ -93,6 +86,14 @@ pub fn fifo(path: &std::path::Path, level: LogLevel) -> (slog::Logger, slog_asyn
         .ignore_res()
         .filter_level(level.slog())
         .fuse();
+    root(drain)
+}
+
+/// The root logger over `drain`, written by a background thread, with the shim's keys.
+fn root<D>(drain: D) -> (slog::Logger, slog_async::AsyncGuard)
+where
+    D: Drain<Ok = (), Err = slog::Never> + Send + 'static,
+{
     let (drain, guard) = slog_async::Async::new(drain)
         .chan_size(4096)
         .build_with_guard();
