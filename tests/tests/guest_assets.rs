@@ -76,23 +76,30 @@ fn sha256(path: &Path) -> Result<String> {
         .to_string())
 }
 
-/// Unpacks an initramfs into `dir`.
+/// Unpacks an initramfs (a newc archive, gzip-compressed or not) into `dir`.
 fn unpack_initramfs(image: &Path, dir: &Path) -> Result<()> {
+    let mut magic = [0u8; 2];
+    std::io::Read::read_exact(&mut std::fs::File::open(image)?, &mut magic)?;
+    let reader = if magic == [0x1f, 0x8b] {
+        "gzip -dc"
+    } else {
+        "cat"
+    };
     let status = Command::new("sh")
         .arg("-c")
-        .arg(format!("gzip -dc '{}' | cpio -id --quiet", image.display()))
+        .arg(format!("{reader} '{}' | cpio -id --quiet", image.display()))
         .current_dir(dir)
         .status()?;
     ensure!(status.success(), "unpacking {}", image.display());
     Ok(())
 }
 
-/// Packs `dir` into a gzip-compressed newc initramfs at `image`.
+/// Packs `dir` into an uncompressed newc initramfs at `image`, as `make guest-assets` does.
 fn pack_initramfs(dir: &Path, image: &Path) -> Result<()> {
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 | gzip -1n > '{}'",
+            "find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 > '{}'",
             image.display()
         ))
         .current_dir(dir)

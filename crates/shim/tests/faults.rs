@@ -740,7 +740,7 @@ fn guest_with_a_broken_module(dir: &Path) {
     };
     sh(
         format!(
-            "gzip -dc '{}' | cpio -id --quiet",
+            "f='{}'; if gzip -t \"$f\" 2>/dev/null; then gzip -dc \"$f\"; else cat \"$f\"; fi | cpio -id --quiet",
             guest.join("initramfs.img").display()
         ),
         &root,
@@ -753,7 +753,7 @@ fn guest_with_a_broken_module(dir: &Path) {
     std::fs::write(&module, b"not a kernel module\n").unwrap();
     sh(
         format!(
-            "find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 | gzip -1n > '{}'",
+            "find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 > '{}'",
             dir.join("initramfs.img").display()
         ),
         &root,
