@@ -145,17 +145,23 @@ impl Backend for Qemu {
         if let Some(qmp) = vm.qmp.clone() {
             // Graceful first: ACPI power button, then QEMU's own quit. A QEMU that does not
             // answer is killed without waiting more; one that exits ends the wait at once
-            // (its QMP connection closes).
+            // (its QMP connection closes). A guest whose vCPUs are stopped (paused, or a
+            // saved template) cannot see the button: straight to quit.
+            let t = self.opts.qmp_timeout;
             let answered = |r: &crate::qmp::Result<_>| !matches!(r, Err(e) if e.is_timeout());
+            let status = qmp.execute("query-status", None, t).await;
+            let running = match &status {
+                Ok(s) => s.get("running").and_then(serde_json::Value::as_bool) != Some(false),
+                Err(_) => true,
+            };
             if !qmp.is_closed()
-                && answered(
-                    &qmp.execute("system_powerdown", None, self.opts.qmp_timeout)
-                        .await,
-                )
-                && !wait_exited(&mut exited, self.opts.stop_grace).await
+                && answered(&status)
+                && (!running
+                    || (answered(&qmp.execute("system_powerdown", None, t).await)
+                        && !wait_exited(&mut exited, self.opts.stop_grace).await))
                 && !qmp.is_closed()
             {
-                let _ = qmp.execute("quit", None, self.opts.qmp_timeout).await;
+                let _ = qmp.execute("quit", None, t).await;
             }
         }
         if !wait_exited(&mut exited, Duration::from_secs(3)).await {
@@ -183,15 +189,6 @@ impl Backend for Qemu {
         ctx: Context<'_>,
         device: Device,
     ) -> Result<DeviceInfo> {
-        if ctx.spec.config.boot.template_dir().is_some()
-            && device.config.kind() == hypervisor::DeviceKind::Network
-        {
-            // A clone must have the template's devices; a NIC is the clone's own.
-            return Err(Self::unsupported(
-                "a cold-plugged NIC in a VM template or its clone",
-                "templates have no NIC, so that every clone can have its own: hot-plug the NIC after start",
-            ));
-        }
         self.plug(vm, ctx, device, PlugMode::Cold).await
     }
 

@@ -178,6 +178,7 @@ fn host_choice() -> Result<HostChoice> {
 fn guest_nic(mac: &str, ip: &str) -> InterfaceConfig {
     InterfaceConfig {
         mac: mac.into(),
+        set_mac: None,
         addresses: vec![format!("{ip}/24")],
         mtu: None,
         routes: vec![],

@@ -469,6 +469,7 @@ impl Sandbox {
             .configure_interface(
                 guest_agent::protocol::InterfaceConfig {
                     mac: nic.mac.to_string(),
+                    set_mac: None,
                     addresses: vec![format!("{}/24", nic.guest_ip)],
                     mtu: None,
                     routes: vec![],

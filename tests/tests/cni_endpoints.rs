@@ -40,6 +40,7 @@ async fn pod_on(net: &CniNetwork) -> Result<Pod> {
             .configure_interface(
                 InterfaceConfig {
                     mac: ep.guest.mac.to_string(),
+                    set_mac: None,
                     addresses: ep.guest.addresses.clone(),
                     mtu: Some(ep.guest.mtu),
                     routes: ep

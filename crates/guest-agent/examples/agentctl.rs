@@ -46,6 +46,7 @@ fn parse_configure(args: &[String]) -> Result<InterfaceConfig> {
     let (mac, mut rest) = args.split_first().context("configure needs a MAC")?;
     let mut config = InterfaceConfig {
         mac: mac.clone(),
+        set_mac: None,
         addresses: Vec::new(),
         mtu: None,
         routes: Vec::new(),

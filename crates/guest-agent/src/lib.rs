@@ -5,7 +5,7 @@
 //! on the virtio-serial port `agent.0` and, when the guest has a vsock device, on
 //! AF_VSOCK port 1024 (`agent.port=` on the kernel command line changes it).
 //! It reports health, lists and configures network interfaces, runs programs, mounts
-//! virtio-fs shares and runs OCI containers whose stdio it streams (protocol 2: concurrent
+//! virtio-fs shares and runs OCI containers whose stdio it streams (protocol 3: concurrent
 //! requests, credit-limited byte streams); see `PROTOCOL.md` beside this crate's manifest.
 //! When the guest cannot serve, its init says why on the console ([`console`]).
 //!

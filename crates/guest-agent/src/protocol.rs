@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const SERIAL_PORT_NAME: &str = "agent.0";
 
 /// Version of the protocol this crate speaks; `health` reports the agent's.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Vsock port the agent listens on unless `agent.port=` is on the kernel command line.
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;
@@ -148,6 +148,10 @@ pub struct SeedRandom {
 pub struct InterfaceConfig {
     /// MAC address that selects the interface (case-insensitive), e.g. `02:00:00:00:00:10`.
     pub mac: String,
+    /// A MAC address to give the interface first (a VM restored from a template wakes with
+    /// the template's NIC and its MAC). Since protocol 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_mac: Option<String>,
     /// Addresses in CIDR notation (`10.0.0.2/24`, `fd00::2/64`); they replace existing ones.
     #[serde(default)]
     pub addresses: Vec<String>,
@@ -343,6 +347,7 @@ mod tests {
     fn configure_interface_request_round_trips_with_flat_fields() {
         let body = RequestBody::ConfigureInterface(InterfaceConfig {
             mac: "02:00:00:00:00:10".into(),
+            set_mac: None,
             addresses: vec!["10.0.0.2/24".into()],
             mtu: Some(1400),
             routes: vec![RouteConfig {
@@ -369,6 +374,7 @@ mod tests {
             panic!("wrong type")
         };
         assert!(config.addresses.is_empty() && config.routes.is_empty() && config.mtu.is_none());
+        assert!(config.set_mac.is_none());
 
         let request: Request =
             serde_json::from_str(r#"{"id":4,"type":"exec","argv":["true"]}"#).unwrap();

@@ -640,14 +640,14 @@ async fn an_agent_of_another_protocol_is_named() {
             error,
             ClientError::ProtocolMismatch {
                 agent: 1,
-                client: 2
+                client: 3
             }
         ),
         "{error:?}"
     );
     assert_eq!(
         error.to_string(),
-        "The agent speaks protocol 1; this client speaks protocol 2"
+        "The agent speaks protocol 1; this client speaks protocol 3"
     );
     agent.finish(client).await;
 }

@@ -98,8 +98,11 @@ pub enum Boot {
     },
     /// Start from the template in `dir`: RAM mapped copy-on-write (private) from
     /// `dir/memory`, device state restored from `dir/state`; running when `start` returns.
-    /// The configuration must be the template's (the caller checks that), and devices beyond
-    /// the template's are hot-plugged after start.
+    /// The configuration must be the template's (the caller checks that), and so must the
+    /// cold-plugged devices, added in the same order with the same properties; only their
+    /// host side may differ (a NIC's TAP). What the guest holds comes from the template: a
+    /// NIC keeps the template's MAC until the guest sets another. Devices beyond the
+    /// template's are hot-plugged after start.
     FromTemplate {
         /// The template's directory.
         dir: PathBuf,

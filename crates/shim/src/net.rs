@@ -139,6 +139,9 @@ pub struct NicPlan {
     pub host_address: Option<String>,
     /// The pod interface the TAP is redirected to.
     pub pod_interface: Option<String>,
+    /// The MAC the guest NIC has until it is configured, when not `mac`: a VM restored from
+    /// a template has the template's NIC (see [`crate::template`]).
+    pub template_mac: Option<MacAddress>,
 }
 
 impl NicPlan {
@@ -176,6 +179,7 @@ impl HostNic {
             routes: Vec::new(),
             host_address: Some(format!("{}/24", self.subnet.host(1))),
             pod_interface: None,
+            template_mac: None,
         }
     }
 }
@@ -274,6 +278,31 @@ pub async fn create_tap(
     })
 }
 
+/// A NIC on a TAP that carries nothing: down, without an address, not persistent (it goes
+/// when its last fd closes: the VMM's), in `netns`. A VM template's source boots with one
+/// ([`crate::template`]).
+pub async fn spare_nic(netns: &Path, queues: u16, mac: MacAddress) -> Result<NetworkConfig> {
+    let builder = netdev::TapBuilder::new("tap%d")
+        .queues(usize::from(queues))
+        .multi_queue(queues > 1)
+        .persist(false)
+        .netns(netns)
+        .up(false);
+    let tap = blocking(move || builder.create())
+        .await?
+        .with_context(|| format!("Creating a spare TAP in {}", netns.display()))?;
+    Ok(NetworkConfig {
+        backend: NetworkBackend::TapFds {
+            name: tap.name().to_string(),
+            queues: tap.into_queues().into_iter().map(Arc::new).collect(),
+        },
+        guest_mac: mac,
+        queue_pairs: queues,
+        queue_size: None,
+        mtu: None,
+    })
+}
+
 /// Names of the TUN/TAP devices in the namespace of `ns`.
 pub async fn taps_in(ns: &NetnsHandle) -> Result<Vec<String>> {
     Ok(endpoint::address::tun_devices(ns).await?)
@@ -319,6 +348,7 @@ mod tests {
             }],
             host_address: None,
             pod_interface: Some("eth0".into()),
+            template_mac: None,
         };
         assert_eq!(plan.guest_ip(), "10.88.0.5");
         assert_eq!(plan.routes_human(), ["default via 10.88.0.1"]);

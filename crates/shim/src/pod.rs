@@ -94,6 +94,7 @@ pub fn plan(ep: &Endpoint) -> NicPlan {
             .collect(),
         host_address: None,
         pod_interface: Some(ep.interface.name.clone()),
+        template_mac: None,
     }
 }
 

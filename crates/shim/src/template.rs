@@ -10,15 +10,20 @@
 //! comes with it), the backend, the identity of the VMM binary, the
 //! kernel and the initrd (path, device, inode, size and modification time: a file replaced or
 //! rewritten is another file; reading them whole would cost more than the restore), vCPUs,
-//! memory, machine type, kernel parameters and agent channel. A template made by another
+//! memory, machine type, kernel parameters, agent channel and NIC queues. A template made by another
 //! QEMU, kernel or configuration has another digest, so
 //! it is never restored: the sandbox gets a new template of its own configuration, and the
 //! old one stays listed as stale until `sandbox template delete` removes it.
 //!
 //! Creating a template (`sandbox template create`, or the first sandbox that needs it) boots a
-//! VM with no NIC and no shared directory, waits for its agent, saves it and stops it, all in
+//! VM with one NIC and no shared directory, waits for its agent, saves it and stops it, all in
 //! `DIGEST.new-PID/`, renamed into place once complete; a lock file serialises creators of
-//! one digest.
+//! one digest. The NIC's host side is a TAP that carries nothing ([`net::spare_nic`]), in a
+//! namespace of its own (`kata-template-PID`, deleted with it). A clone binds that NIC to its
+//! first TAP (a restored VM has its template's devices; only their host side differs), so its
+//! first NIC needs no hot-plug: the guest has probed it already, and the agent gives it the
+//! clone's MAC (the template's is [`Meta::nic_mac`]) with its addresses. Further NICs are
+//! hot-plugged once the clone runs.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -26,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use hypervisor::{Boot, HypervisorConfig, SandboxSpec};
+use hypervisor::{Boot, DeviceConfig, DeviceManager, HypervisorConfig, MacAddress, SandboxSpec};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use slog::info;
@@ -76,6 +81,7 @@ impl Inputs {
             format!("{:?} port {}", cfg.agent_channel, cfg.agent_port),
         );
         m.insert("accelerator".into(), format!("{:?}", cfg.accelerator));
+        m.insert("nic_queues".into(), cfg.network_queues.to_string());
         Ok(Inputs(m))
     }
 
@@ -111,6 +117,9 @@ pub struct Meta {
     pub boot_ms: u64,
     /// Saving time (ms).
     pub save_ms: u64,
+    /// The MAC of the template's NIC, which a clone's guest has until its agent sets the
+    /// clone's.
+    pub nic_mac: MacAddress,
 }
 
 /// A complete template.
@@ -241,7 +250,8 @@ async fn create(
     let work = store.join(format!("{digest}.new-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).with_context(|| format!("Creating {}", work.display()))?;
-    let made = boot_and_save(log, cfg, run_root, &work, &digest).await;
+    let nic_mac = MacAddress::local_from_seed(format!("template/{digest}").as_bytes());
+    let made = boot_and_save(log, cfg, run_root, &work, &digest, nic_mac).await;
     let (boot_ms, save_ms) = match made {
         Ok(t) => t,
         Err(e) => {
@@ -260,6 +270,7 @@ async fn create(
             .as_secs(),
         boot_ms,
         save_ms,
+        nic_mac,
     };
     crate::records::write_private(
         &work.join(META_FILE),
@@ -274,15 +285,22 @@ async fn create(
     read(&dir).with_context(|| format!("Reading the template just made in {}", dir.display()))
 }
 
-/// Boots the template VM in `work`, waits for its agent, saves it, stops it. Returns the
-/// boot and save times.
+/// Boots the template VM in `work` with one NIC of MAC `nic_mac`, waits for its agent,
+/// saves it, stops it. Returns the boot and save times.
 async fn boot_and_save(
     log: &slog::Logger,
     cfg: &ShimConfig,
     run_root: &Path,
     work: &Path,
     digest: &str,
+    nic_mac: MacAddress,
 ) -> Result<(u64, u64)> {
+    sweep_namespaces(log);
+    let ns_name = format!("{NETNS_PREFIX}{}", std::process::id());
+    let create = ns_name.clone();
+    let netns = net::blocking(move || netdev::NetNs::create(&create))
+        .await?
+        .with_context(|| format!("Creating network namespace {ns_name} for the template VM"))?;
     let hv = backend::create(
         cfg.backend,
         log,
@@ -296,7 +314,7 @@ async fn boot_and_save(
     };
     let spec = SandboxSpec {
         id: format!("template-{digest}-{}", std::process::id()),
-        netns: None,
+        netns: Some(netns.path().to_path_buf()),
         config,
     };
     let t = Instant::now();
@@ -304,6 +322,11 @@ async fn boot_and_save(
         hv.prepare(&spec)
             .await
             .context("Preparing the template VM")?;
+        let nic = net::spare_nic(netns.path(), cfg.hypervisor.network_queues, nic_mac).await?;
+        DeviceManager::new(hv.clone())
+            .add(DeviceConfig::Network(nic))
+            .await
+            .context("Adding the template VM's NIC")?;
         hv.start(READY_LIMIT)
             .await
             .context("Starting the template VM")?;
@@ -322,10 +345,41 @@ async fn boot_and_save(
     .await;
     let stopped = hv.stop().await;
     let cleaned = hv.cleanup().await;
+    let deleted = net::blocking(move || netns.delete()).await?;
     let times = saved?;
     stopped.context("Stopping the template VM")?;
     cleaned.context("Removing the template VM's run directory")?;
+    deleted.context("Deleting the template VM's network namespace")?;
     Ok(times)
+}
+
+/// Namespaces of template VMs are named this, then the creator's pid.
+const NETNS_PREFIX: &str = "kata-template-";
+
+/// Deletes the namespaces of template creators that died before they deleted theirs.
+fn sweep_namespaces(log: &slog::Logger) {
+    let Ok(entries) = std::fs::read_dir(netdev::NETNS_RUN_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            match netdev::netns::delete_path(&entry.path()) {
+                Ok(()) => {
+                    info!(log, "deleted a dead template creator's namespace"; "netns" => &name)
+                }
+                Err(e) => slog::warn!(log, "cannot delete a dead template creator's namespace";
+                    "netns" => &name, "error" => e.to_string()),
+            }
+        }
+    }
 }
 
 /// The VMM binary a configuration runs.
@@ -388,6 +442,7 @@ mod tests {
             created_unix: 1,
             boot_ms: 2,
             save_ms: 3,
+            nic_mac: MacAddress([2, 0, 0, 0, 0, 1]),
         };
         std::fs::write(dir.join(META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
         dir
@@ -427,6 +482,7 @@ mod tests {
             created_unix: 1,
             boot_ms: 2,
             save_ms: 3,
+            nic_mac: MacAddress([2, 0, 0, 0, 0, 1]),
         };
         std::fs::write(dir.join(META_FILE), serde_json::to_string(&other).unwrap()).unwrap();
         assert!(find(store.path(), &a).is_none());

@@ -16,7 +16,7 @@ use workspace_tests::{require_root, run, unique_name};
 
 mod common;
 
-use common::{config, guest_dir, SHIM};
+use common::{config, guest_dir, template_config, SHIM};
 
 const READY_LIMIT: Duration = Duration::from_secs(240);
 const EXIT_LIMIT: Duration = Duration::from_secs(60);
@@ -73,8 +73,25 @@ fn link_facts(netns: &str, ifname: &str) -> (String, Vec<String>) {
 
 #[test]
 fn sandbox_run_on_a_cni_bridge_pod_answers_on_the_cni_address_and_leaves_cni_state_intact() {
+    on_a_cni_bridge_pod(false);
+}
+
+/// The same from a VM template: the clone's NIC is the template's, bound to the pod's TAP,
+/// and the guest must take the pod interface's MAC for the bridge's frames to reach it.
+#[test]
+fn a_clone_of_a_template_on_a_cni_bridge_pod_takes_the_pod_mac_and_answers() {
+    on_a_cni_bridge_pod(true);
+}
+
+fn on_a_cni_bridge_pod(from_template: bool) {
     require_root();
     let guest = guest_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let config = if from_template {
+        template_config(dir.path(), &guest)
+    } else {
+        config("configuration-qemu.toml")
+    };
     let net = CniNetwork::bridge("10.93.0.0/24").unwrap();
     let node = net.node.name().to_string();
     let pod = netdev::NetNs::create(&unique_name("pod")).unwrap();
@@ -92,7 +109,7 @@ fn sandbox_run_on_a_cni_bridge_pod_answers_on_the_cni_address_and_leaves_cni_sta
     let id = unique_name("cnisb");
     let mut child = Command::new(SHIM)
         .args(["sandbox", "run", "--json", "--config"])
-        .arg(config("configuration-qemu.toml"))
+        .arg(&config)
         .args(["--id", &id, "--netns"])
         .arg(pod.path())
         .arg("--run-root")
@@ -133,6 +150,20 @@ fn sandbox_run_on_a_cni_bridge_pod_answers_on_the_cni_address_and_leaves_cni_sta
         "no {default:?} in {nic}"
     );
     assert_eq!(facts["netns_owned"], false);
+    if from_template {
+        assert!(
+            facts["timings_ms"]["template"].is_u64(),
+            "not a clone: {facts}"
+        );
+        assert_eq!(nic["hotplugged"], false, "not the template's NIC: {nic}");
+        let name = nic["guest_interface"].as_str().unwrap();
+        let seen = common::guest(
+            run_root.path(),
+            &id,
+            &["cat", &format!("/sys/class/net/{name}/address")],
+        );
+        assert_eq!(seen.trim(), eth0_before.0, "the guest NIC's MAC");
+    }
     let tap = nic["tap"].as_str().unwrap().to_string();
     let filters = run(
         "tc",

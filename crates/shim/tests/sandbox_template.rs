@@ -3,33 +3,13 @@
 //! not usable). Needs root and the guest assets of `make guest-assets`.
 #![cfg(feature = "qemu")]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 mod common;
 
-use common::{config, guest_dir, ping, shim, start, stop, Running};
+use common::{guest, guest_dir, ping, shim, start, stop, template_config, Running};
 use workspace_tests::require_root;
-
-/// A configuration with templates on, its store in `dir/templates`, no shared directory
-/// (templates refuse it), the guest of `guest` (a directory with vmlinuz and initramfs.img).
-fn template_config(dir: &Path, guest: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(config("configuration-qemu.toml")).unwrap();
-    let text = text
-        .replace("${GUEST_DIR}", &guest.display().to_string())
-        .replace("shared_fs = \"virtio-fs\"", "shared_fs = \"none\"");
-    assert!(
-        text.contains("shared_fs = \"none\""),
-        "the shipped config changed"
-    );
-    let text = format!(
-        "{text}\n[factory]\nenable_template = true\ntemplate_path = \"{}\"\n",
-        dir.join("templates").display()
-    );
-    let file = dir.join("configuration.toml");
-    std::fs::write(&file, text).unwrap();
-    file
-}
 
 fn template(config: &Path, args: &[&str]) -> String {
     let out = shim()
@@ -48,23 +28,6 @@ fn template(config: &Path, args: &[&str]) -> String {
         "template {args:?}: {stdout}\n{stderr}"
     );
     stdout
-}
-
-/// The output of `argv` run in the guest (`sandbox guest`).
-fn guest(run_root: &Path, id: &str, argv: &[&str]) -> String {
-    let out = shim()
-        .args(["sandbox", "guest", "--id", id, "--run-root"])
-        .arg(run_root)
-        .arg("--")
-        .args(argv)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sandbox guest {argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn netns(r: &Running) -> String {
@@ -109,6 +72,19 @@ fn clones_are_distinct_machines_and_outlive_their_template() {
     assert_eq!(guest(&run_root, &a_id, &["hostname"]).trim(), a_id);
     assert_eq!(guest(&run_root, &b_id, &["hostname"]).trim(), b_id);
     assert_ne!(a.facts["nics"][0]["mac"], b.facts["nics"][0]["mac"]);
+    // Each clone's first NIC is the template's (not hot-plugged), with the clone's MAC
+    // in the guest.
+    for (r, id) in [(&a, &a_id), (&b, &b_id)] {
+        let nic = &r.facts["nics"][0];
+        assert_eq!(nic["hotplugged"], false, "{nic}");
+        let name = nic["guest_interface"].as_str().unwrap();
+        let seen = guest(
+            &run_root,
+            id,
+            &["cat", &format!("/sys/class/net/{name}/address")],
+        );
+        assert_eq!(seen.trim(), nic["mac"].as_str().unwrap());
+    }
     let uuid = ["cat", "/proc/sys/kernel/random/uuid"];
     let (ua, ub) = (
         guest(&run_root, &a_id, &uuid),

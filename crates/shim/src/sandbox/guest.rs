@@ -122,31 +122,35 @@ impl Sandbox {
         let mac = plan.mac;
         let agent = self.agent.as_mut().ok_or_else(|| anyhow!("no agent"))?;
         // A hot-plugged NIC shows up once the guest has probed the PCI device: wait for the
-        // agent to list its MAC before configuring it.
-        let wanted = mac.to_string();
-        let deadline = Instant::now() + GUEST_NIC_TIMEOUT;
-        loop {
-            let ifaces = agent
-                .list_interfaces(Duration::from_secs(10))
-                .await
-                .context("Listing the guest's interfaces")?;
-            if ifaces
-                .iter()
-                .any(|i| i.mac.as_deref() == Some(wanted.as_str()))
-            {
-                break;
+        // agent to list its MAC before configuring it. A template's NIC is there from the
+        // start, with the template's MAC until the agent sets this one's: no wait.
+        let wanted = plan.template_mac.unwrap_or(mac).to_string();
+        if plan.template_mac.is_none() {
+            let deadline = Instant::now() + GUEST_NIC_TIMEOUT;
+            loop {
+                let ifaces = agent
+                    .list_interfaces(Duration::from_secs(10))
+                    .await
+                    .context("Listing the guest's interfaces")?;
+                if ifaces
+                    .iter()
+                    .any(|i| i.mac.as_deref() == Some(wanted.as_str()))
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the guest did not show a NIC with MAC {wanted} within {GUEST_NIC_TIMEOUT:?} (see the console log)"
+                    );
+                }
+                tokio::time::sleep(NIC_POLL).await;
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "the guest did not show a NIC with MAC {mac} within {GUEST_NIC_TIMEOUT:?} (see the console log)"
-                );
-            }
-            tokio::time::sleep(NIC_POLL).await;
         }
         let done = agent
             .configure_interface(
                 InterfaceConfig {
                     mac: wanted,
+                    set_mac: plan.template_mac.map(|_| mac.to_string()),
                     addresses: plan.addresses.clone(),
                     mtu: plan.mtu,
                     routes: plan.routes.clone(),

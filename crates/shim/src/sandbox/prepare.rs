@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use hypervisor::device::NetworkConfig;
 use hypervisor::device::VsockConfig;
 use hypervisor::{AgentChannelSource, DeviceConfig, DeviceInfo, MacAddress};
 use slog::{info, warn};
@@ -113,10 +114,11 @@ impl Sandbox {
     }
 
     /// With `[factory] enable_template`: the template of this configuration (made now if
-    /// there is none), which the VM is then restored from. A template has no NIC and no
-    /// shared directory: the NICs are hot-plugged once it runs ([`Sandbox::boot`]), and a
-    /// configuration with `shared_fs` is refused (virtio-fs needs guest RAM shared with its
-    /// daemon, which a clone's copy-on-write RAM cannot be).
+    /// there is none), which the VM is then restored from. A template has one NIC and no
+    /// shared directory: the first NIC is bound to the template's ([`Sandbox::plug_nics`]),
+    /// the others are hot-plugged once it runs ([`Sandbox::boot`]), and a configuration
+    /// with `shared_fs` is refused (virtio-fs needs guest RAM shared with its daemon, which
+    /// a clone's copy-on-write RAM cannot be).
     async fn use_template(&mut self) -> Result<()> {
         if !self.shim_config.factory.enable_template {
             return Ok(());
@@ -140,9 +142,10 @@ impl Sandbox {
         Ok(())
     }
 
-    /// The NICs the VM boots with: one per pod interface, or the sandbox's own TAP.
+    /// The NICs the VM boots with: one per pod interface, or the sandbox's own TAP. A VM
+    /// restored from a template boots with the template's NIC only, bound to the first TAP
+    /// (there is always one); the rest wait for [`Sandbox::boot`].
     async fn plug_nics(&mut self) -> Result<Vec<(DeviceInfo, NicPlan)>> {
-        let mut plugged = Vec::new();
         if let Some(Netns::Given(path)) = &self.netns {
             let path = path.clone();
             let opts = endpoint::AttachOptions {
@@ -152,45 +155,42 @@ impl Sandbox {
             let records = self.records.as_mut().expect("claimed");
             self.pod = pod::attach(&self.log, &path, &opts, records).await?;
         }
-        if let Some(pod) = &self.pod {
-            let nics: Vec<_> = pod
+        let nics: Vec<(NicPlan, NetworkConfig)> = match &self.pod {
+            Some(pod) => pod
                 .endpoints
                 .iter()
                 .map(|ep| (pod::plan(ep), ep.network.clone()))
-                .collect();
+                .collect(),
+            None => {
+                let nic = self.new_host_nic().await?;
+                vec![(nic.plan(), nic.config)]
+            }
+        };
+        if let Some(pod) = &self.pod {
             self.taps
-                .extend(nics.iter().map(|(plan, _)| plan.tap.clone()));
-            for (plan, config) in nics {
-                if self.template.is_some() {
+                .extend(pod.endpoints.iter().map(|ep| ep.tap_name.clone()));
+        }
+        let template_mac = self.template.as_ref().map(|t| t.meta.nic_mac);
+        let mut plugged = Vec::new();
+        for (mut plan, config) in nics {
+            if template_mac.is_some() {
+                // The template's NIC is taken: this one is hot-plugged.
+                if !plugged.is_empty() {
                     self.deferred.push((DeviceConfig::Network(config), plan));
                     continue;
                 }
-                let info = self
-                    .devices
-                    .add(DeviceConfig::Network(config))
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "Adding the NIC on TAP {} (pod interface {})",
-                            plan.tap,
-                            plan.pod_interface.as_deref().unwrap_or_default()
-                        )
-                    })?;
-                plugged.push((info, plan));
-            }
-        } else {
-            let nic = self.new_host_nic().await?;
-            let plan = nic.plan();
-            if self.template.is_some() {
-                self.deferred
-                    .push((DeviceConfig::Network(nic.config), plan));
-                return Ok(plugged);
+                plan.template_mac = template_mac;
             }
             let info = self
                 .devices
-                .add(DeviceConfig::Network(nic.config))
+                .add(DeviceConfig::Network(config))
                 .await
-                .with_context(|| format!("Adding the NIC on TAP {}", plan.tap))?;
+                .with_context(|| match &plan.pod_interface {
+                    Some(iface) => {
+                        format!("Adding the NIC on TAP {} (pod interface {iface})", plan.tap)
+                    }
+                    None => format!("Adding the NIC on TAP {}", plan.tap),
+                })?;
             plugged.push((info, plan));
         }
         Ok(plugged)

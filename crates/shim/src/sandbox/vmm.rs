@@ -48,7 +48,7 @@ impl Sandbox {
         self.timings
             .insert("vmm_start".to_string(), ms(t.elapsed()));
         info!(self.log, "VMM running"; "pid" => self.vmm_pid, "ms" => ms(t.elapsed()));
-        // A VM restored from a template gets its NICs now (the template had none).
+        // A VM restored from a template gets its further NICs now (it has the template's).
         for (config, plan) in std::mem::take(&mut self.deferred) {
             let info = self
                 .devices

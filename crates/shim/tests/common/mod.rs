@@ -137,3 +137,40 @@ pub fn stop(mut r: Running) {
         "the shim exited with {status} after SIGTERM"
     );
 }
+
+/// A configuration with templates on, its store in `dir/templates`, no shared directory
+/// (templates refuse it), the guest of `guest` (a directory with vmlinuz and initramfs.img).
+pub fn template_config(dir: &Path, guest: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(config("configuration-qemu.toml")).unwrap();
+    let text = text
+        .replace("${GUEST_DIR}", &guest.display().to_string())
+        .replace("shared_fs = \"virtio-fs\"", "shared_fs = \"none\"");
+    assert!(
+        text.contains("shared_fs = \"none\""),
+        "the shipped config changed"
+    );
+    let text = format!(
+        "{text}\n[factory]\nenable_template = true\ntemplate_path = \"{}\"\n",
+        dir.join("templates").display()
+    );
+    let file = dir.join("configuration.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// The output of `argv` run in the guest (`sandbox guest`).
+pub fn guest(run_root: &Path, id: &str, argv: &[&str]) -> String {
+    let out = shim()
+        .args(["sandbox", "guest", "--id", id, "--run-root"])
+        .arg(run_root)
+        .arg("--")
+        .args(argv)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sandbox guest {argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

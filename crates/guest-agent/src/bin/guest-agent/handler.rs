@@ -134,11 +134,11 @@ mod tests {
 
     #[test]
     fn a_host_of_another_protocol_gets_an_error_naming_both() {
-        let response = answer(r#"{"id":1,"type":"health","protocol":3}"#);
+        let response = answer(r#"{"id":1,"type":"health","protocol":99}"#);
         let message = response.into_result::<HealthInfo>().unwrap_err();
         assert_eq!(
             message,
-            "The host speaks agent protocol 3; this agent speaks protocol 2"
+            "The host speaks agent protocol 99; this agent speaks protocol 3"
         );
     }
 

@@ -11,12 +11,16 @@ use crate::interfaces;
 /// The `ip` program; `PATH` is searched.
 const IP: &str = "ip";
 
-/// Finds the interface with `config.mac` and applies `config`: MTU, then the
-/// addresses (replacing existing ones), link up, then routes.
+/// Finds the interface with `config.mac` and applies `config`: its new MAC, MTU, then
+/// the addresses (replacing existing ones), link up, then routes. An interface that has
+/// `set_mac` already (a repeated request) is the one.
 pub fn configure(sys_root: &Path, config: &InterfaceConfig) -> Result<ConfiguredInterface, String> {
     let commands = plan_for_validated(config)?;
-    let name = interfaces::find_by_mac(sys_root, &config.mac)?
-        .ok_or_else(|| format!("No interface has MAC {}", config.mac))?;
+    let mut name = interfaces::find_by_mac(sys_root, &config.mac)?;
+    if let (None, Some(new)) = (&name, &config.set_mac) {
+        name = interfaces::find_by_mac(sys_root, new)?;
+    }
+    let name = name.ok_or_else(|| format!("No interface has MAC {}", config.mac))?;
     for args in commands(&name) {
         run_ip(&args)?;
     }
@@ -27,6 +31,9 @@ pub fn configure(sys_root: &Path, config: &InterfaceConfig) -> Result<Configured
 fn plan_for_validated(
     config: &InterfaceConfig,
 ) -> Result<impl Fn(&str) -> Vec<Vec<String>> + '_, String> {
+    if let Some(mac) = &config.set_mac {
+        check_unicast_mac(mac)?;
+    }
     for address in &config.addresses {
         parse_cidr(address)
             .ok_or_else(|| format!("Address {address:?} is not in CIDR notation"))?;
@@ -60,6 +67,9 @@ fn plan(config: &InterfaceConfig, name: &str) -> Vec<Vec<String>> {
             .collect::<Vec<_>>()
     };
     let mut commands = Vec::new();
+    if let Some(mac) = &config.set_mac {
+        commands.push(words(&["link", "set", "dev", name, "address", mac]));
+    }
     if let Some(mtu) = config.mtu {
         commands.push(words(&[
             "link",
@@ -86,6 +96,31 @@ fn plan(config: &InterfaceConfig, name: &str) -> Vec<Vec<String>> {
     commands
 }
 
+/// `mac` is six colon-separated hex octets naming one host (the group bit clear).
+fn check_unicast_mac(mac: &str) -> Result<(), String> {
+    let octets: Vec<Option<u8>> = mac
+        .split(':')
+        .map(|o| {
+            (o.len() == 2)
+                .then(|| u8::from_str_radix(o, 16).ok())
+                .flatten()
+        })
+        .collect();
+    match octets.as_slice() {
+        [Some(first), rest @ ..] if rest.len() == 5 && rest.iter().all(Option::is_some) => {
+            if first & 1 == 1 {
+                return Err(format!(
+                    "MAC {mac} is a multicast address; an interface needs a unicast one"
+                ));
+            }
+            Ok(())
+        }
+        _ => Err(format!(
+            "MAC {mac:?} is not six colon-separated hex octets (02:00:00:00:00:10)"
+        )),
+    }
+}
+
 fn run_ip(args: &[String]) -> Result<(), String> {
     let shown = format!("{IP} {}", args.join(" "));
     let output = Command::new(IP)
@@ -110,6 +145,7 @@ mod tests {
     fn config() -> InterfaceConfig {
         InterfaceConfig {
             mac: "02:00:00:00:00:10".into(),
+            set_mac: None,
             addresses: vec!["10.0.0.2/24".into(), "fd00::2/64".into()],
             mtu: Some(1400),
             routes: vec![
@@ -156,7 +192,28 @@ mod tests {
         let mut bad = config();
         bad.routes[0].gateway = Some("gw; reboot".into());
         assert!(plan_for_validated(&bad).err().unwrap().contains("gateway"));
+        for (mac, says) in [
+            ("03:00:00:00:00:10", "multicast"),
+            ("02:00:00:00:00", "six"),
+            ("02:00:00:00:00:1g", "six"),
+            ("02:00:00:00:00:100", "six"),
+            ("02:00:00:00:00:10 up", "six"),
+        ] {
+            let mut bad = config();
+            bad.set_mac = Some(mac.into());
+            let e = plan_for_validated(&bad).err().unwrap();
+            assert!(e.contains(says), "{mac}: {e}");
+        }
         assert!(plan_for_validated(&config()).is_ok());
+    }
+
+    #[test]
+    fn a_new_mac_is_set_before_anything_else() {
+        let mut c = config();
+        c.set_mac = Some("02:aa:00:00:00:01".into());
+        let commands = joined(plan(&c, "eth0"));
+        assert_eq!(commands[0], "link set dev eth0 address 02:aa:00:00:00:01");
+        assert_eq!(commands[1], "link set dev eth0 mtu 1400");
     }
 
     #[test]
