@@ -375,8 +375,14 @@ impl Qemu {
             accel,
             vcpus: spec.config.vcpus,
             memory_mib: spec.config.memory_mib,
-            kernel: files.kernel,
-            initrd: files.initrd,
+            kernel: template
+                .as_ref()
+                .and_then(|t| t.kernel.clone())
+                .unwrap_or(files.kernel),
+            initrd: match template.as_ref().and_then(|t| t.kernel.as_ref()) {
+                Some(_) => None,
+                None => files.initrd,
+            },
             kernel_params: self
                 .opts
                 .boot_params

@@ -52,6 +52,9 @@ pub(crate) struct StartTemplate {
     pub args: TemplateArgs,
     /// A clone's state file: its fd number in QEMU, and its path for errors.
     pub incoming: Option<(i32, PathBuf)>,
+    /// A clone's `-kernel` ([`stub_kernel`]), which replaces the configuration's kernel and
+    /// initrd.
+    pub kernel: Option<PathBuf>,
 }
 
 /// Checks, at prepare, what QEMU will need of a template role's files: a clone's memory file
@@ -160,6 +163,7 @@ pub(crate) fn open(
                     mem_path: by_fd(fds, memory),
                 },
                 incoming: None,
+                kernel: None,
             }))
         }
         Boot::FromTemplate { dir } => {
@@ -171,15 +175,46 @@ pub(crate) fn open(
             };
             let memory = open(&files.memory)?;
             let state = open(&files.state)?;
+            let kernel =
+                stub_kernel().map_err(|e| Error::backend("Creating the clone's stub kernel", e))?;
             Ok(Some(StartTemplate {
                 args: TemplateArgs::Clone {
                     mem_path: by_fd(fds, memory),
                     vmgenid: random_guid()?,
                 },
                 incoming: Some((fds.push(OwnedFd::from(state)), files.state)),
+                kernel: Some(PathBuf::from(format!("/proc/self/fd/{}", fds.push(kernel)))),
             }))
         }
     }
+}
+
+/// A clone's `-kernel`: a Linux boot protocol 2.06 header and nothing else, in a memfd.
+///
+/// A clone never boots: its guest runs on from the template's state. Its QEMU needs a
+/// `-kernel` all the same, since the option ROM that loads one (`linuxboot_dma.bin`) is part
+/// of the machine whose state it restores. But QEMU keeps the kernel it loads in its own
+/// heap for the VM's life (to serve it to the firmware again on a reset): the
+/// configuration's bzImage would cost every clone its size in private memory (13.5 MiB for
+/// the `make guest-assets` kernel), and its initrd a mapping. This header makes QEMU add
+/// the same option ROM and keeps one sector. The guest does not reboot into it: QEMU runs
+/// with `-no-reboot`, so a reboot ends the clone.
+fn stub_kernel() -> std::io::Result<OwnedFd> {
+    use std::io::Write;
+    // One setup sector after the boot sector, then one sector of "kernel".
+    let mut image = vec![0u8; 3 * 512];
+    image[0x1f1] = 1; // setup_sects
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes()); // boot_flag
+    image[0x202..0x206].copy_from_slice(b"HdrS"); // header magic
+    image[0x206..0x208].copy_from_slice(&0x0206u16.to_le_bytes()); // protocol version
+    image[0x211] = 0x01; // loadflags: LOADED_HIGH
+    image[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+    image[0x238..0x23c].copy_from_slice(&4096u32.to_le_bytes()); // cmdline_size
+    let fd = nix::sys::memfd::memfd_create(c"clone-kernel", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let mut file = File::from(fd);
+    file.write_all(&image)?;
+    Ok(OwnedFd::from(file))
 }
 
 /// A random (version 4) GUID for a clone's `vmgenid`.

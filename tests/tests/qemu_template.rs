@@ -271,6 +271,30 @@ fn clones_start_fast_take_their_own_nics_and_outlive_the_template_files() -> Res
             ram > 0,
             "no mapping of the template's memory file in QEMU {pid_a}"
         );
+        // Nor does a clone hold a copy of the kernel: its QEMU got a stub in a memfd as
+        // `-kernel`, and no initrd.
+        let argv: Vec<String> = std::fs::read(format!("/proc/{pid_a}/cmdline"))?
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        ensure!(
+            !argv.iter().any(|a| a == "-initrd"),
+            "a clone got an initrd: {argv:?}"
+        );
+        let kernel = argv
+            .iter()
+            .skip_while(|a| *a != "-kernel")
+            .nth(1)
+            .context("a clone's QEMU has no -kernel")?;
+        let fd = kernel
+            .strip_prefix("/proc/self/fd/")
+            .with_context(|| format!("a clone's -kernel {kernel} is not an fd"))?;
+        let target = std::fs::read_link(format!("/proc/{pid_a}/fd/{fd}"))?;
+        ensure!(
+            target.to_string_lossy().starts_with("/memfd:clone-kernel"),
+            "a clone's -kernel is {}, not the stub",
+            target.display()
+        );
         let (mut b, pid_b) = clone_of(&backend_b, &assets, dir.path()).await?;
         let status = std::fs::read_to_string(format!("/proc/{pid_b}/status"))?;
         let uid = status

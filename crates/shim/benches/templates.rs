@@ -1,6 +1,7 @@
 //! Sandboxes started from a VM template (`[factory] enable_template`) against cold-booted ones,
 //! through `containerd-shim-kata-v2 sandbox run` (real QEMU, under TCG where KVM is not
-//! usable; a TAP in a network namespace of its own per sandbox, hot-plugged into a clone).
+//! usable; a TAP in a network namespace of its own per sandbox, bound to the template's NIC in
+//! a clone).
 //!
 //! 1. Sandbox ready: the spawn of `sandbox run --ready-file F` to `F` written (its
 //!    modification time), template and cold alternating, one sandbox at a time, each stopped
@@ -43,7 +44,7 @@ const EXIT_LIMIT: Duration = Duration::from_secs(120);
 
 const READY: &str = "ready: spawn -> ready file written";
 const LAUNCH: &str = "  spawn -> the shim's clock starts (ready - total)";
-const REST: &str = "  total - the timed steps (NIC hot-plug, clock, hostname, facts)";
+const REST: &str = "  total - the timed steps (clock, hostname, facts)";
 const STOP: &str = "stop: SIGTERM -> shim exited";
 /// The shim's `timings_ms` keys, in the order its steps run.
 const STEPS: [(&str, &str); 6] = [
