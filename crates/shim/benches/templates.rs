@@ -85,7 +85,7 @@ fn main() -> Result<()> {
     println!("machine: {}", machine());
     println!(
         "{}; configs/configuration-qemu.toml with shared_fs = \"none\" (q35, 1 vCPU, 256 MiB, \
-         one hot-plugged NIC on a clone); store on tmpfs; load average before: {}",
+         a clone's first NIC the template's, bound to its TAP); store on tmpfs; load average before: {}",
         workspace_tests::run("qemu-system-x86_64", &["--version"])?
             .lines()
             .next()
