@@ -1,6 +1,7 @@
 //! VM templates on real QEMU (TCG): a template source booted, saved and stopped; clones started
 //! from it, reached through their agents and by ping over hot-plugged NICs; what a clone keeps
-//! when the template's files go; and a clone from a bad template failing with nothing left.
+//! when the template's files go; pause, resume, stop and a killed QEMU on a clone; and a clone
+//! from a bad template failing with nothing left.
 //!
 //! The cases run one at a time (a lock below): the machine has two cores for TCG guests, and
 //! the cases compare this process's fd table.
@@ -474,5 +475,56 @@ fn a_clone_from_a_missing_or_corrupt_state_fails_naming_it_and_leaves_nothing() 
         let left = fds_into(dir.path())?;
         ensure!(left.is_empty(), "fds left into the template: {left:?}");
         same_fds(&before)
+    })
+}
+
+/// A clone behaves as a cold-booted VM: it pauses (and stops answering), resumes, stops
+/// with its guest powering itself off, and a `kill -9` of its QEMU is reported by
+/// `wait_exit`; nothing is left after either.
+#[test]
+fn a_clone_pauses_resumes_stops_and_reports_a_kill_as_a_cold_boot_does() -> Result<()> {
+    run_alone(async {
+        let assets = GuestAssets::find();
+        Qemu::Q35.can_boot().map_err(anyhow::Error::msg)?;
+        let dir = template_dir()?;
+        make_template(&assets, dir.path(), |_| {}).await?;
+        let (backend_a, backend_b) = (Kept::new(Qemu::Q35), Kept::new(Qemu::Q35));
+
+        let (mut a, pid_a) = clone_of(&backend_a, &assets, dir.path()).await?;
+        nic_and_ping(&mut a, 53).await?;
+        let ip = "10.53.0.2";
+        a.hv.pause().await.context("pausing a clone")?;
+        ensure!(a.hv.state().await == VmState::Paused);
+        for _ in 0..3 {
+            ensure!(!a.ping_once(ip).await, "a paused clone answered ping");
+        }
+        a.hv.resume().await.context("resuming a clone")?;
+        a.wait_ping(ip, Duration::from_secs(20)).await?;
+        a.hv.stop().await?;
+        let exit = a.hv.wait_exit().await?;
+        ensure!(
+            exit.reason == hypervisor::ExitReason::Stopped,
+            "a clone's stop: {exit:?}"
+        );
+        let console = a.hv.console_log().await.context("no console log")?;
+        let text = String::from_utf8_lossy(&std::fs::read(&console)?).into_owned();
+        ensure!(
+            text.contains("reboot: Power down"),
+            "the clone's guest did not power off by itself; console tail: {}",
+            &text[text.len().saturating_sub(400)..]
+        );
+        a.teardown(Some(pid_a)).await?;
+
+        let (b, pid_b) = clone_of(&backend_b, &assets, dir.path()).await?;
+        workspace_tests::run("kill", &["-9", &pid_b.to_string()])?;
+        let exit = tokio::time::timeout(Duration::from_secs(20), b.hv.wait_exit())
+            .await
+            .context("wait_exit did not return after kill -9 of a clone")??;
+        ensure!(
+            exit.reason == hypervisor::ExitReason::Killed && exit.signal == Some(9),
+            "a killed clone: {exit:?}"
+        );
+        ensure!(b.hv.state().await == VmState::Stopped);
+        b.teardown(Some(pid_b)).await
     })
 }
