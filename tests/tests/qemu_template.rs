@@ -196,6 +196,14 @@ async fn make_template(
 }
 
 /// A clone of the template in `dir`, its agent answering; prints spawn to agent-ready.
+/// A template made unconfined in a directory of its own, and two backends for its clones.
+async fn plain_template(assets: &GuestAssets) -> Result<(tempfile::TempDir, Kept, Kept)> {
+    Qemu::Q35.can_boot().map_err(anyhow::Error::msg)?;
+    let dir = template_dir()?;
+    make_template(assets, dir.path(), |_| {}).await?;
+    Ok((dir, Kept::new(Qemu::Q35), Kept::new(Qemu::Q35)))
+}
+
 async fn clone_of(backend: &Kept, assets: &GuestAssets, dir: &Path) -> Result<(Sandbox, u32)> {
     let boot = Boot::FromTemplate { dir: dir.into() };
     let mut sb = Sandbox::prepare(backend, config(backend, assets, boot)).await?;
@@ -368,10 +376,7 @@ fn clones_start_fast_take_their_own_nics_and_outlive_the_template_files() -> Res
 fn two_clones_draw_different_random_numbers() -> Result<()> {
     run_alone(async {
         let assets = GuestAssets::find();
-        Qemu::Q35.can_boot().map_err(anyhow::Error::msg)?;
-        let dir = template_dir()?;
-        make_template(&assets, dir.path(), |_| {}).await?;
-        let (backend_a, backend_b) = (Kept::new(Qemu::Q35), Kept::new(Qemu::Q35));
+        let (dir, backend_a, backend_b) = plain_template(&assets).await?;
         let (mut a, pid_a) = clone_of(&backend_a, &assets, dir.path()).await?;
         let (mut b, pid_b) = clone_of(&backend_b, &assets, dir.path()).await?;
         let (da, db) = (draws(&mut a).await?, draws(&mut b).await?);
@@ -485,10 +490,7 @@ fn a_clone_from_a_missing_or_corrupt_state_fails_naming_it_and_leaves_nothing() 
 fn a_clone_pauses_resumes_stops_and_reports_a_kill_as_a_cold_boot_does() -> Result<()> {
     run_alone(async {
         let assets = GuestAssets::find();
-        Qemu::Q35.can_boot().map_err(anyhow::Error::msg)?;
-        let dir = template_dir()?;
-        make_template(&assets, dir.path(), |_| {}).await?;
-        let (backend_a, backend_b) = (Kept::new(Qemu::Q35), Kept::new(Qemu::Q35));
+        let (dir, backend_a, backend_b) = plain_template(&assets).await?;
 
         let (mut a, pid_a) = clone_of(&backend_a, &assets, dir.path()).await?;
         nic_and_ping(&mut a, 53).await?;
