@@ -6,7 +6,9 @@
 # nothing is left: no QEMU or virtiofsd process, no namespace, no TAP, no mount, no run
 # directory. Then containerd runs a container in a VM through the shim: a private containerd
 # (its own root, state and sockets in the demo's temp dir) and `ctr run --rm --runtime
-# io.containerd.kata.v2`, and again nothing is left.
+# io.containerd.kata.v2`, and again nothing is left. Last, VM templates: a template made once
+# (`sandbox template create`), a sandbox restored from it (its own MAC, hostname and clock),
+# stopped, and the template deleted.
 #
 # `make demo` first installs what is missing (`make deps`) and builds the guest
 # (`make guest-assets`). Needs root. Env: GUEST_DIR, CARGO, DEMO_CONFIG.
@@ -52,8 +54,9 @@ cleanup() {
     fi
     # What a dead shim left is in its record: the shim's own cleanup removes it.
     if [ $rc -ne 0 ] && [ -x "$SHIM" ]; then
-        "$SHIM" sandbox cleanup --id "$ID" --run-root "$RUN_ROOT" >&2 || true
+        "$SHIM" sandbox cleanup --id "${current_id:-$ID}" --run-root "$RUN_ROOT" >&2 || true
     fi
+    [ -n "${TSTORE:-}" ] && rm -rf "$TSTORE"
     if [ $rc -ne 0 ] && [ -f "$LOG" ]; then
         echo "--- shim log ($LOG) ---" >&2; tail -n 30 "$LOG" >&2
     fi
@@ -77,17 +80,35 @@ build_ms=$(ms "$t")
 say "checking the host"
 "$SHIM" sandbox check --config "$CONFIG"
 
+# Starts `sandbox run` for id $1 with configuration $2 in the background (pid in shim_pid)
+# and waits for its ready file $3; its stderr goes to $4.
+start_sandbox() {
+    current_id=$1
+    "$SHIM" sandbox run --config "$2" --id "$1" --run-root "$RUN_ROOT" \
+        --ready-file "$3" >"$WORK/facts.txt" 2>"$4" &
+    shim_pid=$!
+    for _ in $(seq $((READY_LIMIT * 10))); do
+        [ -s "$3" ] && return 0
+        kill -0 "$shim_pid" 2>/dev/null || die "the shim exited before the sandbox was ready"
+        sleep 0.1
+    done
+    die "the sandbox was not ready within ${READY_LIMIT}s"
+}
+
+# Stops the sandbox of shim_pid with SIGTERM and waits for the shim to exit with status 0.
+stop_sandbox() {
+    kill -TERM "$shim_pid"
+    for _ in $(seq $((STOP_LIMIT * 10))); do kill -0 "$shim_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$shim_pid" 2>/dev/null && die "the shim did not exit within ${STOP_LIMIT}s of SIGTERM"
+    local rc=0
+    wait "$shim_pid" || rc=$?
+    shim_pid=""
+    [ $rc -eq 0 ] || die "the shim exited with status $rc"
+}
+
 say "starting sandbox $ID in the background"
 t=$(now)
-"$SHIM" sandbox run --config "$CONFIG" --id "$ID" --run-root "$RUN_ROOT" \
-    --ready-file "$READY" >"$WORK/facts.txt" 2>"$LOG" &
-shim_pid=$!
-for _ in $(seq $((READY_LIMIT * 10))); do
-    [ -s "$READY" ] && break
-    kill -0 "$shim_pid" 2>/dev/null || die "the shim exited before the sandbox was ready"
-    sleep 0.1
-done
-[ -s "$READY" ] || die "the sandbox was not ready within ${READY_LIMIT}s"
+start_sandbox "$ID" "$CONFIG" "$READY" "$LOG"
 ready_ms=$(ms "$t")
 cat "$WORK/facts.txt"
 ns=$(field netns_name "$READY")
@@ -132,13 +153,8 @@ echo "  sh -c 'exit 7' in a container: sandbox exec exited with $rc"
 
 say "stopping the sandbox (SIGTERM to $shim_pid)"
 t=$(now)
-kill -TERM "$shim_pid"
-for _ in $(seq $((STOP_LIMIT * 10))); do kill -0 "$shim_pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$shim_pid" 2>/dev/null && die "the shim did not exit within ${STOP_LIMIT}s of SIGTERM"
-rc=0; wait "$shim_pid" || rc=$?
-shim_pid=""
+stop_sandbox
 stop_ms=$(ms "$t")
-[ $rc -eq 0 ] || die "the shim exited with status $rc"
 
 say "checking that nothing is left behind"
 left=()
@@ -197,6 +213,34 @@ grep -qF " $CTD/" /proc/self/mountinfo && left+=("mounts under $CTD")
 [ ${#left[@]} -eq 0 ] || die "left behind: ${left[*]}"
 echo "  no shim, QEMU, namespace, mount or run directory left"
 
+say "VM templates: one made once, a sandbox restored from it"
+TCONFIG=$WORK/configuration-template.toml
+TSTORE=$(mktemp -d /dev/shm/kata-demo-templates.XXXXXX)
+sed 's/^shared_fs = "virtio-fs"/shared_fs = "none"/' "$CONFIG" >"$TCONFIG"
+printf '\n[factory]\nenable_template = true\ntemplate_path = "%s"\n' "$TSTORE" >>"$TCONFIG"
+t=$(now)
+"$SHIM" sandbox template create --config "$TCONFIG" 2>"$WORK/template.log"
+template_ms=$(ms "$t")
+TID=demo-tpl-$$
+t=$(now)
+start_sandbox "$TID" "$TCONFIG" "$WORK/ready-tpl.json" "$WORK/shim-tpl.log"
+clone_ms=$(ms "$t")
+tns=$(field netns_name "$WORK/ready-tpl.json")
+tguest=$(field guest_ip "$WORK/ready-tpl.json")
+echo "  restored from the template, ready in $clone_ms ms: $(grep -o '"timings_ms":{[^}]*}' "$WORK/ready-tpl.json")"
+ip netns exec "$tns" ping -c 1 -W 2 "$tguest" >/dev/null || die "the sandbox from the template does not answer ping"
+guest_says=$("$SHIM" sandbox guest --id "$TID" --run-root "$RUN_ROOT" -- \
+    sh -c 'echo "hostname $(hostname), eth0 $(cat /sys/class/net/eth0/address), clock $(date +%s)"')
+echo "  the guest answers ping at $tguest and says: $guest_says (host clock $(date +%s))"
+echo "$guest_says" | grep -q "hostname $TID," || die "the restored guest has not its own hostname"
+stop_sandbox
+"$SHIM" sandbox template delete --config "$TCONFIG" --all
+rmdir "$TSTORE"
+TSTORE=""
+[ -e "/run/netns/$tns" ] && die "namespace $tns left"
+pgrep -f "qemu-system.*-name sandbox-$TID" >/dev/null && die "QEMU of $TID left"
+echo "  sandbox stopped and template deleted: no QEMU, namespace or template left"
+
 echo
 say "summary"
 printf '  %-34s %6s ms\n' \
@@ -207,5 +251,7 @@ printf '  %-34s %6s ms\n' \
     "sandbox exec (create..delete)" "$exec_ms" \
     "SIGTERM -> everything removed" "$stop_ms" \
     "ctr run --rm (VM boot..removed)" "$ctr_ms" \
+    "sandbox template create" "$template_ms" \
+    "sandbox run from the template" "$clone_ms" \
     "demo total" "$(ms "$t0")"
 say "OK"
