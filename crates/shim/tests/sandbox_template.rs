@@ -169,7 +169,18 @@ fn a_template_of_another_kernel_is_rebuilt_not_restored() {
         std::fs::copy(guest_dir().join(f), guest.join(f)).unwrap();
     }
     let cfg = template_config(dir.path(), &guest);
+    // The namespace a creator that died left (no process has a pid above pid_max) goes
+    // when the next template is made.
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stale = netdev::NetNs::create(&format!("kata-template-{}", pid_max + 1))
+        .unwrap()
+        .into_path();
     let first = template(&cfg, &["create"]);
+    assert!(!stale.exists(), "{} was not swept", stale.display());
     let digest = first.split_whitespace().nth(1).unwrap().to_string();
 
     // Same kernel, one byte appended (it still boots): another template.
