@@ -43,7 +43,7 @@ tools: ## Install the cargo tools `make check` runs (cargo-deny, pinned)
 guest-assets: deps ## Build the guest kernel + initramfs (with the agent) into .cache/guest
 	@scripts/guest-assets.sh
 
-guest-kernel: guest-assets ## (Optional, ~30 min) A guest kernel for the job (virtio, vsock, virtio-fs, overlay built in; no modules) and its initramfs into .cache/guest/kernel-custom
+guest-kernel: guest-assets ## (Optional, ~6 min) A guest kernel for the job (virtio, vsock, virtio-fs, overlay built in; no modules) and its initramfs into .cache/guest/kernel-custom
 	@scripts/guest-kernel.sh
 
 test-guest: deps ## Build the freestanding test guest into .cache/testguest (Dragonball VM tests)
