@@ -58,6 +58,19 @@ fn kata_containerd_with(config: &Path, images: &[&Image]) -> Containerd {
 }
 
 /// A private containerd (runc only), with `images` imported.
+/// A case of both runtimes, run with runc: the busybox image on a containerd of its own.
+fn on_runc(case: fn(Containerd, &str, &Image)) {
+    let image = Image::busybox("1");
+    case(runc_containerd(&[&image]), RUNC_RUNTIME, &image);
+}
+
+/// The same case with this shim, one VM case at a time.
+fn on_kata(case: fn(Containerd, &str, &Image)) {
+    let _vm = vm_lock();
+    let image = Image::busybox("1");
+    case(kata_containerd(&[&image]), KATA_RUNTIME, &image);
+}
+
 fn runc_containerd(images: &[&Image]) -> Containerd {
     let ctrd = Containerd::start(Options::default()).unwrap();
     for image in images {
@@ -294,17 +307,12 @@ fn kata_run_pipes_stdin_through_cat() {
 
 #[test]
 fn runc_detached_task_is_listed_exec_d_and_killed_with_sigterm_then_sigkill() {
-    let image = Image::busybox("1");
-    let ctrd = runc_containerd(&[&image]);
-    detached_task_is_listed_exec_d_and_killed(ctrd, RUNC_RUNTIME, &image);
+    on_runc(detached_task_is_listed_exec_d_and_killed);
 }
 
 #[test]
 fn kata_detached_task_is_listed_exec_d_and_killed_with_sigterm_then_sigkill() {
-    let _vm = vm_lock();
-    let image = Image::busybox("1");
-    let ctrd = kata_containerd(&[&image]);
-    detached_task_is_listed_exec_d_and_killed(ctrd, KATA_RUNTIME, &image);
+    on_kata(detached_task_is_listed_exec_d_and_killed);
 }
 
 /// `run -d`, `task ls`, `task ps`, `task exec` (with and without a terminal), `task pause` and
@@ -425,10 +433,7 @@ fn shell_words(cmd: &std::process::Command) -> String {
 
 #[test]
 fn kata_run_with_a_terminal_gives_the_container_a_tty() {
-    let _vm = vm_lock();
-    let image = Image::busybox("1");
-    let ctrd = kata_containerd(&[&image]);
-    run_with_a_terminal(ctrd, KATA_RUNTIME, &image);
+    on_kata(run_with_a_terminal);
 }
 
 /// `run -t` under `script`: the container's stdin is a terminal, `tty` names it.
@@ -480,17 +485,12 @@ fn run_with_a_terminal(ctrd: Containerd, runtime: &str, image: &Image) {
 
 #[test]
 fn runc_shim_killed_is_reported_exited_and_task_delete_leaves_nothing() {
-    let image = Image::busybox("1");
-    let ctrd = runc_containerd(&[&image]);
-    shim_killed_is_reported_exited(ctrd, RUNC_RUNTIME, &image);
+    on_runc(shim_killed_is_reported_exited);
 }
 
 #[test]
 fn kata_shim_killed_is_reported_exited_and_task_delete_leaves_nothing() {
-    let _vm = vm_lock();
-    let image = Image::busybox("1");
-    let ctrd = kata_containerd(&[&image]);
-    shim_killed_is_reported_exited(ctrd, KATA_RUNTIME, &image);
+    on_kata(shim_killed_is_reported_exited);
 }
 
 /// `kill -9` of the task's shim: containerd publishes the task's exit; `task delete` then
@@ -599,17 +599,12 @@ fn shim_killed_is_reported_exited(ctrd: Containerd, runtime: &str, image: &Image
 
 #[test]
 fn runc_task_survives_a_containerd_restart() {
-    let image = Image::busybox("1");
-    let ctrd = runc_containerd(&[&image]);
-    task_survives_a_containerd_restart(ctrd, RUNC_RUNTIME, &image);
+    on_runc(task_survives_a_containerd_restart);
 }
 
 #[test]
 fn kata_task_survives_a_containerd_restart() {
-    let _vm = vm_lock();
-    let image = Image::busybox("1");
-    let ctrd = kata_containerd(&[&image]);
-    task_survives_a_containerd_restart(ctrd, KATA_RUNTIME, &image);
+    on_kata(task_survives_a_containerd_restart);
 }
 
 /// `run -d`, a containerd restart, then the same shim serves the task.
