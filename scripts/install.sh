@@ -2,9 +2,8 @@
 # `make install`: the shim, the guest assets and the default configuration, in Kata's places.
 #
 #   $PREFIX/bin/containerd-shim-kata-v2                 the binary (target/release, `make build`)
-#   /usr/share/kata-containers/{vmlinuz,initramfs.img}  the guest: the kernel for the job of
-#       `make guest-kernel` with its initramfs when it has been built (it boots faster and
-#       holds less memory: BENCHMARKS.md), else that of `make guest-assets`
+#   /usr/share/kata-containers/{vmlinuz,initramfs.img}  the guest of `make guest-assets`
+#       (GUEST_DIR): the kernel built for the job and its initramfs
 #   /usr/share/defaults/kata-containers/configuration-<backend>.toml for each backend built in,
 #       with ${GUEST_DIR} replaced by the directory above, and configuration.toml pointing at
 #       HYPERVISOR's (the shipped default; /etc/kata-containers/configuration.toml, if an
@@ -28,15 +27,10 @@ die() { echo "install: $*" >&2; exit 1; }
 for f in vmlinuz initramfs.img; do
     [ -f "$GUEST_DIR/$f" ] || die "$GUEST_DIR/$f is missing: run make guest-assets first"
 done
-GUEST=$GUEST_DIR
-if [ -f "$GUEST_DIR/kernel-custom/vmlinuz" ] && [ -f "$GUEST_DIR/kernel-custom/initramfs.img" ]; then
-    GUEST=$GUEST_DIR/kernel-custom
-    echo "install: the guest is the kernel for the job in $GUEST (make guest-kernel)"
-fi
 
 install -D -m 0755 "$BIN" "$DESTDIR$PREFIX/bin/containerd-shim-kata-v2"
-install -D -m 0644 "$GUEST/vmlinuz" "$DESTDIR$SHARE/vmlinuz"
-install -D -m 0644 "$GUEST/initramfs.img" "$DESTDIR$SHARE/initramfs.img"
+install -D -m 0644 "$GUEST_DIR/vmlinuz" "$DESTDIR$SHARE/vmlinuz"
+install -D -m 0644 "$GUEST_DIR/initramfs.img" "$DESTDIR$SHARE/initramfs.img"
 backends=$("$BIN" --version | sed -n 's/^backends: //p' | tr -d ' ' | tr ',' ' ')
 installed=()
 for b in $backends; do

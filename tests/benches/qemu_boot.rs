@@ -5,18 +5,19 @@
 //! setting the layer picks on this host, and the same guest hardware.
 //!
 //! Run: `cargo bench -p workspace-tests --bench qemu_boot` (as root, after
-//! `make guest-assets`). `BOOTS=N` sets the number of boots per side (default 5);
+//! `make guest-assets guest-assets-debian`). `BOOTS=N` sets the number of boots per side (default 5);
 //! `BENCH_QUICK=1` does one boot per side unless `BOOTS` says otherwise, to check that the
 //! benchmark runs (its numbers are not results).
 //!
-//! A third side is the layer with the q35 guest as it was before the lean cold boot: the
-//! backend's own kernel parameters only (no [`LEAN_KERNEL_PARAMS`]), QEMU's default
-//! firmware (SeaBIOS, not qboot) and translation buffer size, set through [`QemuOptions`],
-//! and the same initramfs gzip-compressed (`gzip -6n`) as `make guest-assets` wrote it then.
-//! The other two sides boot the current default (lean parameters, qboot, a 32 MiB
-//! translation buffer under TCG, the initramfs uncompressed). When `make guest-kernel` has
-//! built a kernel for the job (`$GUEST_DIR/kernel-custom`), a fourth side is the layer's
-//! default with that kernel and its initramfs without modules.
+//! A third side is the layer with the q35 guest as it was before the lean cold boot:
+//! Debian's packaged cloud kernel with its modules (`make guest-assets-debian`), the
+//! backend's own kernel parameters only (no [`LEAN_KERNEL_PARAMS`]), QEMU's default firmware
+//! (SeaBIOS, not qboot) and translation buffer size, set through [`QemuOptions`], and the
+//! initramfs gzip-compressed (`gzip -6n`) as `make guest-assets` wrote it then. The layer's
+//! and the by-hand sides boot the current default (the kernel built for the job, lean
+//! parameters, qboot, a 32 MiB translation buffer under TCG, the initramfs uncompressed). A
+//! fourth side is the layer's default with Debian's kernel instead: what the kernel built for
+//! the job is worth on its own, against the kernel a user would otherwise pick.
 //!
 //! It ends with the issues' goals: the layer adds less than 50 ms to a boot and less than
 //! 100 ms to a NIC hotplug, each the difference of the p50s of the same span on the layer's
@@ -62,8 +63,8 @@ fn layer_backend() -> Kept {
         .adjust(|config| config.agent_channel = AgentChannelKind::VirtioSerial)
 }
 
-/// The layer's side with the q35 guest as it booted before the lean cold boot: no lean
-/// kernel parameters, QEMU's default firmware.
+/// The layer's side with the q35 guest as it booted before the lean cold boot: Debian's
+/// kernel, no lean kernel parameters, QEMU's default firmware.
 fn old_default_backend() -> Kept {
     layer_backend()
         .options(|root| QemuOptions {
@@ -74,23 +75,22 @@ fn old_default_backend() -> Kept {
         })
         .adjust(|config| {
             config.agent_channel = AgentChannelKind::VirtioSerial;
+            config.kernel = GuestAssets::debian().kernel;
             config.initrd = OLD_INITRD.get().cloned();
         })
 }
 
-/// The guest's initramfs gzip-compressed, as the old default booted it (made by [`main`]).
+/// The Debian guest's initramfs gzip-compressed, as the old default booted it (made by
+/// [`main`]).
 static OLD_INITRD: OnceLock<PathBuf> = OnceLock::new();
 
-/// The kernel of `make guest-kernel` and its initramfs, when built (found by [`main`]).
-static CUSTOM: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-
-/// The layer's side with the kernel built for the job.
-fn custom_kernel_backend() -> Kept {
+/// The layer's default with Debian's packaged kernel and its modules.
+fn debian_kernel_backend() -> Kept {
     layer_backend().adjust(|config| {
-        let (kernel, initrd) = CUSTOM.get().cloned().expect("set before it is used");
+        let debian = GuestAssets::debian();
         config.agent_channel = AgentChannelKind::VirtioSerial;
-        config.kernel = kernel;
-        config.initrd = Some(initrd);
+        config.kernel = debian.kernel;
+        config.initrd = Some(debian.initrd);
     })
 }
 
@@ -422,43 +422,27 @@ async fn main() -> Result<()> {
     }
     println!("machine: {}", machine());
     println!(
-        "QEMU under {} ({}), vhost-net {}, q35, 1 vCPU, 256 MiB, virtio-serial agent, on every side; guest: Debian cloud kernel + busybox initramfs",
+        "QEMU under {} ({}), vhost-net {}, q35, 1 vCPU, 256 MiB, virtio-serial agent, on every side; guest: busybox initramfs with the agent",
         host.accel.as_str().to_uppercase(),
         host.why,
         if host.vhost { "on" } else { "off" }
     );
     println!(
-        "this layer and by hand: -bios {QBOOT}, tb-size={DEFAULT_TB_SIZE_MIB} under TCG, kernel parameters \"{BASE_PARAMS} {LEAN_KERNEL_PARAMS}\""
+        "this layer and by hand: the kernel built for the job (make guest-assets), -bios {QBOOT}, tb-size={DEFAULT_TB_SIZE_MIB} under TCG, kernel parameters \"{BASE_PARAMS} {LEAN_KERNEL_PARAMS}\""
     );
     println!(
-        "old q35 default: QEMU's default firmware and tb-size, kernel parameters \"{BASE_PARAMS}\", the initramfs gzip -6n"
+        "old q35 default: Debian's kernel and its modules, QEMU's default firmware and tb-size, kernel parameters \"{BASE_PARAMS}\", the initramfs gzip -6n"
     );
-    let assets = GuestAssets::find();
-    let custom_dir = assets
-        .kernel
-        .parent()
-        .context("the kernel's directory")?
-        .join("kernel-custom");
-    let custom = (custom_dir.join("vmlinuz"), custom_dir.join("initramfs.img"));
-    if custom.0.is_file() && custom.1.is_file() {
-        println!(
-            "kernel built for the job: the default with {} and {} (make guest-kernel)",
-            custom.0.display(),
-            custom.1.display()
-        );
-        CUSTOM
-            .set(custom)
-            .map_err(|_| anyhow::anyhow!("the custom kernel is set once"))?;
-    } else {
-        println!(
-            "SKIPPED side: no kernel built for the job in {} (make guest-kernel builds one)",
-            custom_dir.display()
-        );
-    }
+    let debian = GuestAssets::debian();
+    println!(
+        "Debian's kernel: {} and {} (make guest-assets-debian)",
+        debian.kernel.display(),
+        debian.initrd.display()
+    );
     println!("load average before: {}", load_average());
 
     let old_dir = tempfile::tempdir()?;
-    let old_initrd = gzip_initrd(&GuestAssets::find().initrd, old_dir.path())?;
+    let old_initrd = gzip_initrd(&debian.initrd, old_dir.path())?;
     OLD_INITRD
         .set(old_initrd)
         .map_err(|_| anyhow::anyhow!("the old initramfs is set once"))?;
@@ -466,7 +450,7 @@ async fn main() -> Result<()> {
     let mut layer = Samples::default();
     let mut by_hand = Samples::default();
     let mut old = Samples::default();
-    let mut lean = Samples::default();
+    let mut packaged = Samples::default();
     // Interleaved, so drift in the machine's load hits every side alike.
     for i in 0..boots {
         layer_once(&mut layer, layer_backend())
@@ -478,17 +462,15 @@ async fn main() -> Result<()> {
         layer_once(&mut old, old_default_backend())
             .await
             .with_context(|| format!("old-default boot {i}"))?;
-        if CUSTOM.get().is_some() {
-            layer_once(&mut lean, custom_kernel_backend())
-                .await
-                .with_context(|| format!("custom-kernel boot {i}"))?;
-        }
+        layer_once(&mut packaged, debian_kernel_backend())
+            .await
+            .with_context(|| format!("Debian-kernel boot {i}"))?;
     }
     println!("load average after: {}", load_average());
 
     println!();
     println!(
-        "| metric | this layer p50 (min-max) | by hand p50 (min-max) | this layer, old q35 default p50 (min-max) | this layer, kernel built for the job p50 (min-max) |"
+        "| metric | this layer p50 (min-max) | by hand p50 (min-max) | this layer, old q35 default p50 (min-max) | this layer, Debian's kernel p50 (min-max) |"
     );
     println!("| --- | --- | --- | --- | --- |");
     let mut seen = Vec::new();
@@ -515,7 +497,7 @@ async fn main() -> Result<()> {
             cell(&layer),
             cell(&by_hand),
             cell(&old),
-            cell(&lean)
+            cell(&packaged)
         );
     }
 
@@ -542,10 +524,7 @@ async fn main() -> Result<()> {
         }
     }
     let goal = "a cold boot to agent ready at least 25% faster than the old q35 default";
-    for (side, samples) in [
-        ("now", &layer),
-        ("with the kernel built for the job", &lean),
-    ] {
+    for (side, samples) in [("now", &layer), ("with Debian's kernel", &packaged)] {
         match (samples.p50(READY_SPAN), old.p50(READY_SPAN)) {
             (Some((new, ..)), Some((before, ..))) => {
                 let cut = 100.0 * (before - new) / before;

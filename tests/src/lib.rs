@@ -55,12 +55,13 @@ pub fn hardware_virtualization() -> bool {
     hypervisor::host::probe_hardware_virtualization().unwrap_or(false)
 }
 
-/// The guest kernel and initramfs built by `make guest-assets`.
+/// The guest kernel and initramfs built by `make guest-assets` (or `make
+/// guest-assets-debian`).
 #[derive(Debug, Clone)]
 pub struct GuestAssets {
     /// bzImage.
     pub kernel: PathBuf,
-    /// initramfs with busybox, modules and the agent.
+    /// initramfs with busybox, the agent (and with Debian's kernel, its modules).
     pub initrd: PathBuf,
 }
 
@@ -82,12 +83,29 @@ pub fn test_guest() -> PathBuf {
 }
 
 impl GuestAssets {
-    /// Finds them in `$GUEST_DIR` or the repository's `.cache/guest`; fails the test with the
-    /// command to run when they are missing.
+    /// The default guest (its kernel built for the job): in `$GUEST_DIR` or the repository's
+    /// `.cache/guest`; fails the test with the command to run when it is missing.
     pub fn find() -> GuestAssets {
-        let dir = std::env::var_os("GUEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/guest"));
+        Self::find_in("GUEST_DIR", "guest", "make guest-assets")
+    }
+
+    /// The guest on Debian's packaged kernel, with its modules: in `$GUEST_DEBIAN_DIR` or the
+    /// repository's `.cache/guest-debian`; fails the test with the command to run when it is
+    /// missing.
+    pub fn debian() -> GuestAssets {
+        Self::find_in(
+            "GUEST_DEBIAN_DIR",
+            "guest-debian",
+            "make guest-assets-debian",
+        )
+    }
+
+    fn find_in(var: &str, cache: &str, make: &str) -> GuestAssets {
+        let dir = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../.cache")
+                .join(cache)
+        });
         let dir = dir.canonicalize().unwrap_or(dir);
         let assets = GuestAssets {
             kernel: dir.join("vmlinuz"),
@@ -95,27 +113,26 @@ impl GuestAssets {
         };
         assert!(
             assets.kernel.exists() && assets.initrd.exists(),
-            "guest assets are missing in {}: run `make guest-assets` first",
+            "guest assets are missing in {}: run `{make}` first",
             dir.display()
         );
         assets
     }
 
-    /// The kernel's build configuration: `$GUEST_KERNEL_CONFIG`, or the `config-*` file that
-    /// `make guest-assets` extracted beside the kernel (`kernel-root/boot/`).
+    /// The directory the guest was built in (its `VERSION` manifest, `config`, `rootfs`).
+    pub fn dir(&self) -> &Path {
+        self.kernel
+            .parent()
+            .expect("the kernel is a file in the guest directory")
+    }
+
+    /// The kernel's build configuration: `$GUEST_KERNEL_CONFIG`, or the `config` that
+    /// `make guest-assets` writes beside the kernel.
     pub fn kernel_config(&self) -> Option<PathBuf> {
         if let Some(path) = std::env::var_os("GUEST_KERNEL_CONFIG") {
             return Some(PathBuf::from(path));
         }
-        let boot = self.kernel.parent()?.join("kernel-root/boot");
-        std::fs::read_dir(boot)
-            .ok()?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("config-"))
-            })
+        Some(self.dir().join("config")).filter(|p| p.is_file())
     }
 
     /// The value of `option` (`CONFIG_...`) in the kernel's build configuration: `Ok(None)`

@@ -1,6 +1,8 @@
-//! The guest assets `scripts/guest-assets.sh` builds: rebuilt from their content, never a
-//! kernel from one package beside modules from another; and a guest whose modules do not
-//! match its kernel fails its boot at once, naming the module.
+//! The guest assets `scripts/guest-assets.sh` builds: the default guest's kernel built for
+//! the job from Debian's kernel source, without modules; both kinds rebuilt from their
+//! content, never a kernel from one source or package beside an initramfs from another; and
+//! a guest whose modules do not match its kernel (Debian's packaged kernel) fails its boot at
+//! once, naming the module.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,15 +19,38 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// A guest directory of its own, seeded with the packages `make guest-assets` downloaded so
-/// that the script does not fetch them again.
-fn scratch_guest_dir() -> Result<tempfile::TempDir> {
+/// The two kinds of guest kernel `scripts/guest-assets.sh` makes (`GUEST_KERNEL`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// Built for the job from Debian's linux-source (`make guest-assets`).
+    Built,
+    /// Debian's packaged cloud kernel and its modules (`make guest-assets-debian`).
+    Debian,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Built => "built",
+            Kind::Debian => "debian",
+        }
+    }
+
+    fn assets(self) -> GuestAssets {
+        match self {
+            Kind::Built => GuestAssets::find(),
+            Kind::Debian => GuestAssets::debian(),
+        }
+    }
+}
+
+/// A guest directory of its own, seeded with the packages `make guest-assets` (or `make
+/// guest-assets-debian`) downloaded so that the script does not fetch them again. The built
+/// kernel's tree is shared (`.cache/kernel-build`): built from the same source and
+/// configuration, make finds nothing to do there.
+fn scratch_guest_dir(kind: Kind) -> Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
-    let debs = GuestAssets::find()
-        .kernel
-        .parent()
-        .expect("the kernel is in the guest directory")
-        .join("debs");
+    let debs = kind.assets().dir().join("debs");
     std::fs::create_dir(dir.path().join("debs"))?;
     for entry in std::fs::read_dir(&debs).with_context(|| format!("reading {}", debs.display()))? {
         let entry = entry?;
@@ -38,10 +63,12 @@ fn scratch_guest_dir() -> Result<tempfile::TempDir> {
 }
 
 /// Runs the script on `guest_dir`; returns what it logged.
-fn guest_assets(guest_dir: &Path) -> Result<String> {
+fn guest_assets(kind: Kind, guest_dir: &Path) -> Result<String> {
     let out = Command::new(repo().join("scripts/guest-assets.sh"))
         .env("GUEST_DIR", guest_dir)
+        .env("GUEST_KERNEL", kind.name())
         .env_remove("KERNEL_PACKAGE")
+        .env_remove("KERNEL_SOURCE_PACKAGE")
         .output()
         .context("running scripts/guest-assets.sh")?;
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -108,65 +135,152 @@ fn pack_initramfs(dir: &Path, image: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The outputs agree with each other and with the manifest: vmlinuz is the unpacked
-/// package's own bzImage, of the manifest's kernel version, every module in the initramfs
-/// is built for that version, and the recorded digests are the files'.
-fn assert_consistent(guest_dir: &Path) -> Result<()> {
+/// Lists the `.ko` files of the initramfs unpacked in `root`, and its module load order.
+fn initramfs_modules(root: &Path) -> Result<(Vec<PathBuf>, String)> {
+    let modules = root.join("lib/modules");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&modules)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "ko") {
+            found.push(path);
+        }
+    }
+    let order = std::fs::read_to_string(modules.join("load-order"))?;
+    Ok((found, order))
+}
+
+/// The outputs agree with each other and with the manifest: vmlinuz (and vmlinux) is the
+/// manifest's kernel version, built for the job with what a guest needs built in and no
+/// modules, or the unpacked package's own bzImage with every module in the initramfs built
+/// for it; and the recorded digests are the files'.
+fn assert_consistent(kind: Kind, guest_dir: &Path) -> Result<()> {
     let m = manifest(guest_dir)?;
+    ensure!(
+        field(&m, "GUEST_KERNEL")? == kind.name(),
+        "{} holds a {} guest, not {}",
+        guest_dir.display(),
+        field(&m, "GUEST_KERNEL")?,
+        kind.name()
+    );
     let kver = field(&m, "KERNEL_VERSION")?;
     let vmlinuz = guest_dir.join("vmlinuz");
-    let packaged = guest_dir.join(format!("kernel-root/boot/vmlinuz-{kver}"));
-    ensure!(
-        std::fs::read(&vmlinuz)? == std::fs::read(&packaged)?,
-        "vmlinuz is not the bzImage of the unpacked kernel package {}",
-        field(&m, "KERNEL_PACKAGE")?
-    );
     let what = run("file", &["-b", &vmlinuz.display().to_string()])?;
     ensure!(
         what.contains(&format!("version {kver} ")),
         "vmlinuz is not kernel {kver}: {what}"
     );
+    let config = std::fs::read_to_string(guest_dir.join("config"))?;
     let unpacked = tempfile::tempdir()?;
     unpack_initramfs(&guest_dir.join("initramfs.img"), unpacked.path())?;
-    let modules = unpacked.path().join("lib/modules");
-    let mut count = 0;
-    for entry in std::fs::read_dir(&modules)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "ko") {
-            let magic = run("modinfo", &["-F", "vermagic", &path.display().to_string()])?;
+    let (modules, order) = initramfs_modules(unpacked.path())?;
+    let mut outputs = vec![
+        ("VMLINUZ", "vmlinuz"),
+        ("CONFIG", "config"),
+        ("INITRAMFS", "initramfs.img"),
+    ];
+    match kind {
+        Kind::Built => {
+            let source = field(&m, "KERNEL_SOURCE_VERSION")?;
             ensure!(
-                magic.starts_with(&format!("{kver} ")),
-                "{} is built for {magic}, not {kver}",
-                path.display()
+                source.starts_with(&format!("{kver}-")),
+                "kernel {kver} built from linux-source {source}"
             );
-            count += 1;
+            for option in [
+                "CONFIG_VIRTIO_PCI",
+                "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",
+                "CONFIG_VIRTIO_NET",
+                "CONFIG_VIRTIO_VSOCKETS",
+                "CONFIG_VIRTIO_CONSOLE",
+                "CONFIG_VIRTIO_FS",
+                "CONFIG_OVERLAY_FS",
+                "CONFIG_VIRTIO_BALLOON",
+                "CONFIG_VMGENID",
+                "CONFIG_HOTPLUG_PCI_PCIE",
+            ] {
+                ensure!(
+                    config.lines().any(|l| l == format!("{option}=y")),
+                    "{option} is not built in"
+                );
+            }
+            ensure!(
+                config.lines().any(|l| l == "# CONFIG_MODULES is not set"),
+                "the kernel built for the job loads modules"
+            );
+            ensure!(
+                modules.is_empty() && order.trim().is_empty(),
+                "the initramfs of a kernel without modules has modules: {modules:?}, load order {order:?}"
+            );
+            let vmlinux = std::fs::read(guest_dir.join("vmlinux"))?;
+            let banner = format!("Linux version {kver} ");
+            ensure!(
+                vmlinux
+                    .windows(banner.len())
+                    .any(|w| w == banner.as_bytes()),
+                "vmlinux is not kernel {kver}"
+            );
+            outputs.push(("VMLINUX", "vmlinux"));
+        }
+        Kind::Debian => {
+            let packaged = guest_dir.join("kernel-root/boot");
+            ensure!(
+                std::fs::read(&vmlinuz)?
+                    == std::fs::read(packaged.join(format!("vmlinuz-{kver}")))?,
+                "vmlinuz is not the bzImage of the unpacked kernel package {}",
+                field(&m, "KERNEL_PACKAGE")?
+            );
+            ensure!(
+                config == std::fs::read_to_string(packaged.join(format!("config-{kver}")))?,
+                "config is not the packaged kernel's"
+            );
+            for path in &modules {
+                let magic = run("modinfo", &["-F", "vermagic", &path.display().to_string()])?;
+                ensure!(
+                    magic.starts_with(&format!("{kver} ")),
+                    "{} is built for {magic}, not {kver}",
+                    path.display()
+                );
+            }
+            ensure!(
+                modules.len() >= 10 && order.lines().count() == modules.len(),
+                "{} modules in the initramfs, {} in its load order",
+                modules.len(),
+                order.lines().count()
+            );
+            ensure!(
+                !guest_dir.join("vmlinux").exists(),
+                "a vmlinux beside Debian's kernel"
+            );
         }
     }
-    ensure!(count >= 10, "only {count} modules in the initramfs");
-    ensure!(
-        field(&m, "VMLINUZ_OUTPUT_SHA256")? == sha256(&vmlinuz)?
-            && field(&m, "INITRAMFS_OUTPUT_SHA256")? == sha256(&guest_dir.join("initramfs.img"))?,
-        "VERSION's output digests are not the files'"
-    );
+    for (key, file) in outputs {
+        ensure!(
+            field(&m, &format!("{key}_OUTPUT_SHA256"))? == sha256(&guest_dir.join(file))?,
+            "VERSION's digest of {file} is not the file's"
+        );
+    }
     Ok(())
 }
 
-#[test]
-fn a_changed_kernel_package_rebuilds_vmlinuz_and_initramfs_together() {
-    require_root(); // apt-get download, as `make guest-assets` runs it
-    let dir = scratch_guest_dir().unwrap();
+/// What an `apt-get update` used to leave behind (a manifest naming another kernel source or
+/// package, and an older kernel whose mtime says it is newer than everything) is rebuilt,
+/// kernel and initramfs together; nothing is rebuilt when nothing changed; an output that no
+/// longer matches its digest is rebuilt.
+fn a_changed_kernel_rebuilds_kernel_and_initramfs_together(kind: Kind) {
+    let dir = scratch_guest_dir(kind).unwrap();
     let g = dir.path();
-    guest_assets(g).unwrap();
-    assert_consistent(g).unwrap();
+    guest_assets(kind, g).unwrap();
+    assert_consistent(kind, g).unwrap();
 
-    // What an `apt-get update` used to leave behind: a manifest naming another kernel
-    // package, and an older kernel whose mtime says it is newer than everything.
+    let (version_key, digest_key) = match kind {
+        Kind::Built => ("KERNEL_SOURCE_VERSION", "KERNEL_SOURCE_DEB_SHA256"),
+        Kind::Debian => ("KERNEL_PACKAGE_VERSION", "KERNEL_DEB_SHA256"),
+    };
     let text = std::fs::read_to_string(g.join("VERSION")).unwrap();
     let edited: String = text
         .lines()
         .map(|l| match l.split_once('=') {
-            Some(("KERNEL_PACKAGE_VERSION", _)) => "KERNEL_PACKAGE_VERSION=6.1.0-old".to_string(),
-            Some(("KERNEL_DEB_SHA256", _)) => format!("KERNEL_DEB_SHA256={}", "0".repeat(64)),
+            Some((k, _)) if k == version_key => format!("{k}=6.1.0-old"),
+            Some((k, _)) if k == digest_key => format!("{k}={}", "0".repeat(64)),
             _ => l.to_string(),
         })
         .map(|l| l + "\n")
@@ -181,20 +295,20 @@ fn a_changed_kernel_package_rebuilds_vmlinuz_and_initramfs_together() {
         .set_modified(future)
         .unwrap();
 
-    let log = guest_assets(g).unwrap();
+    let log = guest_assets(kind, g).unwrap();
     assert!(
-        log.contains("rebuilding: KERNEL_PACKAGE_VERSION KERNEL_DEB_SHA256"),
+        log.contains(&format!("rebuilding: {version_key} {digest_key}")),
         "the script did not say what changed:\n{log}"
     );
-    assert_consistent(g).unwrap();
+    assert_consistent(kind, g).unwrap();
 
     // Nothing changed: nothing is rebuilt.
     let before = std::fs::metadata(g.join("initramfs.img"))
         .unwrap()
         .modified()
         .unwrap();
-    let log = guest_assets(g).unwrap();
-    assert!(log.contains("are up to date"), "{log}");
+    let log = guest_assets(kind, g).unwrap();
+    assert!(log.contains("is up to date"), "{log}");
     let after = std::fs::metadata(g.join("initramfs.img"))
         .unwrap()
         .modified()
@@ -204,12 +318,48 @@ fn a_changed_kernel_package_rebuilds_vmlinuz_and_initramfs_together() {
     // An output that no longer matches its digest is rebuilt even if the inputs did not
     // change.
     std::fs::write(g.join("initramfs.img"), b"truncated").unwrap();
-    let log = guest_assets(g).unwrap();
+    let log = guest_assets(kind, g).unwrap();
     assert!(
         log.contains("an output no longer matches its recorded digest"),
         "{log}"
     );
-    assert_consistent(g).unwrap();
+    assert_consistent(kind, g).unwrap();
+}
+
+#[test]
+fn a_changed_kernel_source_rebuilds_the_built_kernel_and_initramfs_together() {
+    require_root(); // apt-get download, as `make guest-assets` runs it
+    a_changed_kernel_rebuilds_kernel_and_initramfs_together(Kind::Built);
+}
+
+#[test]
+fn a_changed_kernel_package_rebuilds_debians_kernel_and_initramfs_together() {
+    require_root(); // apt-get download, as `make guest-assets-debian` runs it
+    a_changed_kernel_rebuilds_kernel_and_initramfs_together(Kind::Debian);
+}
+
+#[test]
+fn an_unknown_kernel_kind_is_refused_naming_the_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(repo().join("scripts/guest-assets.sh"))
+        .env("GUEST_DIR", dir.path())
+        .env("GUEST_KERNEL", "stock")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "GUEST_KERNEL=stock was accepted:\n{log}"
+    );
+    assert!(
+        log.contains("GUEST_KERNEL=stock") && log.contains("built") && log.contains("debian"),
+        "{log}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "a refused run left {left:?}");
 }
 
 /// Flips the CRC the module at `path` records for `module_layout` (its `__versions` entry),
@@ -281,7 +431,7 @@ fn strip_signature(module: &mut Vec<u8>) -> Result<()> {
 async fn a_module_that_does_not_match_the_kernel_fails_the_boot_naming_it() {
     require_root();
     Qemu::Q35.can_boot().unwrap();
-    let assets = GuestAssets::find();
+    let assets = GuestAssets::debian();
     let work = tempfile::tempdir().unwrap();
     let root = work.path().join("root");
     std::fs::create_dir(&root).unwrap();
@@ -315,10 +465,19 @@ async fn a_module_that_does_not_match_the_kernel_fails_the_boot_naming_it() {
     sb.teardown(pid).await.unwrap();
 }
 
-/// The guest the other VM tests boot is itself consistent.
+/// The guest the other VM tests boot is itself consistent, and is the kernel built for the
+/// job.
 #[test]
-fn the_built_guest_has_one_kernel_for_vmlinuz_and_modules() {
+fn the_default_guest_is_the_kernel_built_for_the_job() {
     let assets = GuestAssets::find();
-    let dir = assets.kernel.parent().expect("in the guest directory");
-    assert_consistent(dir).unwrap_or_else(|e| panic!("{e:#} (run `make guest-assets` to rebuild)"));
+    assert_consistent(Kind::Built, assets.dir())
+        .unwrap_or_else(|e| panic!("{e:#} (run `make guest-assets` to rebuild)"));
+}
+
+/// The guest on Debian's kernel has one kernel for vmlinuz and modules.
+#[test]
+fn the_debian_guest_has_one_kernel_for_vmlinuz_and_modules() {
+    let assets = GuestAssets::debian();
+    assert_consistent(Kind::Debian, assets.dir())
+        .unwrap_or_else(|e| panic!("{e:#} (run `make guest-assets-debian` to rebuild)"));
 }

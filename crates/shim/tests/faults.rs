@@ -725,8 +725,8 @@ fn a_live_sandbox_is_neither_started_twice_nor_cleaned_up() {
     assert_nothing_left(&before, &id, root.path(), None);
 }
 
-/// A copy of the guest in `dir` whose `virtio_net` module is not a module.
-fn guest_with_a_broken_module(dir: &Path) {
+/// A copy of the guest in `dir` whose agent exits with status 3 as soon as it starts.
+fn guest_with_a_broken_agent(dir: &Path) {
     let guest = guest_dir();
     let root = dir.join("root");
     std::fs::create_dir(&root).unwrap();
@@ -745,12 +745,15 @@ fn guest_with_a_broken_module(dir: &Path) {
         ),
         &root,
     );
-    let module = root.join("lib/modules/virtio_net.ko");
-    assert!(
-        module.exists(),
-        "the guest has no virtio_net module to break"
-    );
-    std::fs::write(&module, b"not a kernel module\n").unwrap();
+    let agent = root.join("sbin/guest-agent");
+    assert!(agent.exists(), "the guest has no agent to break");
+    std::fs::remove_file(&agent).unwrap();
+    std::fs::write(
+        &agent,
+        b"#!/bin/sh\necho 'guest-agent: broken on purpose'\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     sh(
         format!(
             "find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 > '{}'",
@@ -765,7 +768,7 @@ fn guest_with_a_broken_module(dir: &Path) {
 fn a_guest_init_failure_fails_the_run_at_once_naming_it() {
     let (_one, id, root, before) = begin("fgi");
     let guest = tempfile::tempdir().unwrap();
-    guest_with_a_broken_module(guest.path());
+    guest_with_a_broken_agent(guest.path());
     let mut child = Command::new(SHIM)
         .env("GUEST_DIR", guest.path())
         .args(["sandbox", "run", "--config"])
@@ -788,7 +791,7 @@ fn a_guest_init_failure_fails_the_run_at_once_naming_it() {
         .unwrap_or_else(|| panic!("no error line: {stderr}"));
     assert!(
         error.contains("the VM exited before the guest agent answered")
-            && error.contains("the guest init failed: module virtio_net did not load"),
+            && error.contains("the guest init failed: guest-agent exited with status 3"),
         "{error}"
     );
     assert!(
