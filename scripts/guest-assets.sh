@@ -4,8 +4,8 @@
 # The kernel (GUEST_KERNEL):
 #   built    (default) built for the job by scripts/guest-kernel.sh from Debian's
 #            linux-source package: virtio, vsock, virtio-fs, overlay, vmgenid built in,
-#            no modules. It boots about 40% faster than the packaged kernel and QEMU holds
-#            about 90 MiB less for it (BENCHMARKS.md). From nothing the build takes about
+#            no modules. A guest boots about 20% faster with it than with the packaged
+#            kernel, and QEMU holds about 60 MiB less (BENCHMARKS.md). From nothing the build takes about
 #            6 minutes on 2 cores; its tree is kept in KERNEL_BUILD_DIR (default
 #            $REPO/.cache/kernel-build) and rebuilt only where something changed.
 #   debian   Debian's packaged cloud kernel (linux-image-cloud-amd64), with the virtio,
