@@ -12,7 +12,8 @@
 //!
 //! - `CONFIG_SERIAL_8250=y`, `CONFIG_SERIAL_8250_CONSOLE=y` for `console=ttyS0`;
 //! - `CONFIG_VIRTIO_MMIO=y` and `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y` for
-//!   `virtio_mmio.device=SIZE@ADDR:IRQ` (Debian's kernels lack the second: build your own);
+//!   `virtio_mmio.device=SIZE@ADDR:IRQ` (Debian's kernels lack the second; the kernel `make
+//!   guest-assets` builds has it);
 //! - `CONFIG_X86_MPPARSE=y` to find the vCPUs and the IOAPIC in the MP table (Debian's
 //!   cloud kernel lacks it too: it then boots on one CPU with the legacy PIC);
 //! - `CONFIG_SERIO_I8042=y` (or `reboot=k` works without the driver) so that a reboot or

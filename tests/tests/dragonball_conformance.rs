@@ -14,8 +14,9 @@
 //!   them a stock kernel executes slowly and dies on an instruction KVM cannot emulate
 //!   (`lock cmpxchg16b`) soon after its banner;
 //! - a guest kernel with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y` (and `CONFIG_VIRTIO_MMIO`),
-//!   since devices are announced as `virtio_mmio.device=` on the command line. Debian's cloud
-//!   kernel does not set it: build one, point `GUEST_DIR` at it and `GUEST_KERNEL_CONFIG` at
+//!   since devices are announced as `virtio_mmio.device=` on the command line. The kernel
+//!   `make guest-assets` builds sets it (its `config` is read beside it); Debian's cloud
+//!   kernel does not. For another kernel point `GUEST_DIR` at it and `GUEST_KERNEL_CONFIG` at
 //!   its `.config`.
 #![cfg(feature = "dragonball")]
 

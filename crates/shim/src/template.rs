@@ -369,8 +369,10 @@ fn sweep_namespaces(log: &slog::Logger) {
         else {
             continue;
         };
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-        if !alive {
+        // Only "no such process" means dead: EPERM is a live process of another user.
+        let dead = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH);
+        if dead {
             match netdev::netns::delete_path(&entry.path()) {
                 Ok(()) => {
                     info!(log, "deleted a dead template creator's namespace"; "netns" => &name)

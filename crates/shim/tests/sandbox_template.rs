@@ -179,8 +179,15 @@ fn a_template_of_another_kernel_is_rebuilt_not_restored() {
     let stale = netdev::NetNs::create(&format!("kata-template-{}", pid_max + 1))
         .unwrap()
         .into_path();
+    // One a live process is named for stays.
+    let live = netdev::NetNs::create(&format!("kata-template-{}", std::process::id())).unwrap();
     let first = template(&cfg, &["create"]);
     assert!(!stale.exists(), "{} was not swept", stale.display());
+    assert!(
+        live.path().exists(),
+        "the namespace of a live process was swept"
+    );
+    live.delete().unwrap();
     let digest = first.split_whitespace().nth(1).unwrap().to_string();
 
     // Same kernel, one byte appended (it still boots): another template.
