@@ -1,6 +1,6 @@
 //! The shared VM scenarios (`workspace_tests::scenarios`) run against the Dragonball backend.
 //!
-//! They boot the Debian guest of `make guest-assets`, ping it through a TAP from the sandbox's
+//! They boot the guest of `make guest-assets`, ping it through a TAP from the sandbox's
 //! namespace and talk to its agent over hybrid vsock. The backend opens its TAP by name in that
 //! namespace, so the scenarios hand it a persistent TAP (and delete it after checking the VMM
 //! let go); the VMM runs in this process, so teardown checks its threads, not a process.
