@@ -5,9 +5,9 @@
 #   built    (default) built for the job by scripts/guest-kernel.sh from Debian's
 #            linux-source package: virtio, vsock, virtio-fs, overlay, vmgenid built in,
 #            no modules. A guest boots about 20% faster with it than with the packaged
-#            kernel, and QEMU holds about 60 MiB less (BENCHMARKS.md). From nothing the build takes about
-#            6 minutes on 2 cores; its tree is kept in KERNEL_BUILD_DIR (default
-#            $REPO/.cache/kernel-build) and rebuilt only where something changed.
+#            kernel, and QEMU holds about 60 MiB less (BENCHMARKS.md). From nothing the
+#            build takes about 6 minutes on 2 cores; its tree is kept in KERNEL_BUILD_DIR
+#            (default $REPO/.cache/kernel-build) and rebuilt only where something changed.
 #   debian   Debian's packaged cloud kernel (linux-image-cloud-amd64), with the virtio,
 #            vsock, virtio-fs and overlay modules in the initramfs, loaded by /init. The
 #            benchmarks boot it as the alternative (make guest-assets-debian puts it in
