@@ -19,22 +19,48 @@ pub struct ProcessStamp {
     pub start_time: u64,
 }
 
-/// State letter and start time of `pid`, when it exists.
-fn stat(pid: u32) -> Option<(char, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// `PF_EXITING` in the kernel's per-task flags: the task has begun to exit.
+const PF_EXITING: u64 = 0x4;
+
+/// What `/proc/PID/stat` says of a process.
+#[derive(Debug, PartialEq)]
+struct Stat {
+    /// State letter (field 3): `Z` for a zombie.
+    state: char,
+    /// Kernel flags (field 9).
+    flags: u64,
+    /// Start time (field 22).
+    start_time: u64,
+}
+
+/// Parses a `/proc/PID/stat` line.
+fn parse_stat(text: &str) -> Option<Stat> {
     // The command name (field 2) may hold spaces and parentheses: fields after the last ')'.
     let (_, rest) = text.rsplit_once(')')?;
     let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state); flags are field 9, the start time field 22.
     let state = fields.next()?.chars().next()?;
-    // `rest` starts at field 3 (state); the start time is field 22.
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some((state, start_time))
+    let flags = fields.nth(5)?.parse().ok()?;
+    let start_time = fields.nth(12)?.parse().ok()?;
+    Some(Stat {
+        state,
+        flags,
+        start_time,
+    })
+}
+
+/// `/proc/PID/stat` of `pid`, when it exists.
+fn stat(pid: u32) -> Option<Stat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 impl ProcessStamp {
     /// The stamp of the running process `pid`.
     pub fn of(pid: u32) -> Option<ProcessStamp> {
-        stat(pid).map(|(_, start_time)| ProcessStamp { pid, start_time })
+        stat(pid).map(|s| ProcessStamp {
+            pid,
+            start_time: s.start_time,
+        })
     }
 
     /// This process.
@@ -42,9 +68,19 @@ impl ProcessStamp {
         ProcessStamp::of(std::process::id()).expect("/proc/self/stat is readable")
     }
 
-    /// Whether this very process still runs (not exited, not a zombie, pid not reused).
+    /// Whether this very process still exists (not exited, not a zombie, pid not reused); it
+    /// may be exiting.
     pub fn is_alive(&self) -> bool {
-        matches!(stat(self.pid), Some((state, start)) if start == self.start_time && state != 'Z')
+        matches!(stat(self.pid), Some(s) if s.start_time == self.start_time && s.state != 'Z')
+    }
+
+    /// Whether this very process runs and is not exiting. A process killed with SIGKILL
+    /// closes its fds (its sockets) before it is a zombie: whoever saw its socket close may
+    /// look before then, and must take it for dead.
+    pub fn is_running(&self) -> bool {
+        matches!(stat(self.pid), Some(s) if s.start_time == self.start_time
+            && s.state != 'Z'
+            && s.flags & PF_EXITING == 0)
     }
 
     /// Sends SIGKILL if this very process still runs, and waits up to `limit` for it to be
@@ -141,12 +177,28 @@ mod tests {
     #[test]
     fn this_process_is_alive_and_a_changed_start_time_is_not() {
         let me = ProcessStamp::current();
-        assert!(me.is_alive());
+        assert!(me.is_alive() && me.is_running());
         let reused = ProcessStamp {
             start_time: me.start_time + 1,
             ..me
         };
-        assert!(!reused.is_alive());
+        assert!(!reused.is_alive() && !reused.is_running());
+    }
+
+    #[test]
+    fn stat_fields_are_read_after_the_command_name() {
+        // A command name with spaces and parentheses; flags 0x404044 (PF_EXITING set).
+        let line = "4242 (a (b) c) R 1 4242 4242 0 -1 4211012 0 0 0 0 1 2 0 0 20 0 3 0 987654 \
+                    0 0 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(Stat {
+                state: 'R',
+                flags: 4_211_012,
+                start_time: 987_654
+            })
+        );
+        assert_ne!(4_211_012 & PF_EXITING, 0);
     }
 
     #[tokio::test]

@@ -144,7 +144,7 @@ pub enum Existing {
     None,
     /// A run directory whose owner still runs.
     Alive(Record),
-    /// A run directory whose owner is gone.
+    /// A run directory whose owner is gone (or exiting: killed, its fds closing).
     Dead(Record),
     /// A run directory without a readable record (left by an older shim, or damaged).
     Unrecorded(String),
@@ -161,7 +161,7 @@ pub fn existing(state_dir: &Path) -> Existing {
         Err(e) => return Existing::Unrecorded(format!("reading {}: {e}", path.display())),
     };
     match serde_json::from_str::<Record>(&text) {
-        Ok(r) if r.owner.is_alive() => Existing::Alive(r),
+        Ok(r) if r.owner.is_running() => Existing::Alive(r),
         Ok(r) => Existing::Dead(r),
         Err(e) => Existing::Unrecorded(format!("parsing {}: {e}", path.display())),
     }

@@ -156,6 +156,9 @@ fn runc_runs_the_offline_image_with_its_config_and_exit_code() {
     let plain = Image::busybox("1");
     let ctrd = runc_containerd(&[&plain, &image]);
     let id = unique_name("rc");
+    // A container of its own: a run that reused the first id at once was seen to lose its
+    // output with runc's shim (as in containerd issue 770).
+    let second = unique_name("rc");
 
     let out = run_rm(
         &ctrd,
@@ -174,7 +177,7 @@ fn runc_runs_the_offline_image_with_its_config_and_exit_code() {
         RUNC_RUNTIME,
         &[],
         &image,
-        &id,
+        &second,
         &["sh", "-c", "echo $GREETING; pwd; id -u; id -g; id -un"],
         None,
     );
@@ -189,7 +192,7 @@ fn runc_runs_the_offline_image_with_its_config_and_exit_code() {
     );
 
     assert_nothing_listed(&ctrd);
-    ctrd.finish(&[&id]).unwrap();
+    ctrd.finish(&[&id, &second]).unwrap();
 }
 
 #[test]
